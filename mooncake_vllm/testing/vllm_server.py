@@ -1,0 +1,176 @@
+"""Start and stop a real `vllm serve` process on loopback: for tests, the demo and benchmarks.
+
+The server runs the same command a user types (`vllm serve MODEL ...`, the console script next
+to this interpreter), so tests cover what users run. Its output goes to a log file whose tail
+is quoted in every error, because "the server did not come up" is useless without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def vllm_command() -> list[str]:
+    """`vllm` from this interpreter's environment (what users type)."""
+    script = Path(sys.executable).parent / "vllm"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+# Small, deterministic, CPU-friendly defaults. float32: bf16 picks an AMX kernel that dies with
+# SIGILL on some hosts, and float32 avoids exact top-1/top-2 ties that flip with batch shape.
+DEFAULT_ARGS: tuple[str, ...] = (
+    "--dtype", "float32",
+    "--max-model-len", "4096",
+    "--block-size", "32",  # the CPU attention backend needs a multiple of 32
+    "--seed", "0",
+    # Eager mode starts in ~30 s instead of ~50-90 s (no torch.compile warm-up), same tokens.
+    "--enforce-eager",
+)
+DEFAULT_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_LOGGING_LEVEL": "INFO",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class VllmServer:
+    """One `vllm serve` subprocess. Use as a context manager, or start()/wait_ready()/stop()."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        kv_transfer_config: dict[str, Any] | None = None,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        cpus: Sequence[int] | None = None,
+        name: str = "vllm",
+    ) -> None:
+        self.model = str(model)
+        self.host = host
+        self.port = port or free_port(host)
+        self.kv_transfer_config = kv_transfer_config
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.cpus = list(cpus) if cpus is not None else None
+        self.name = name
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [*vllm_command(), "serve", self.model, "--host", self.host, "--port", str(self.port)]
+        cmd += list(DEFAULT_ARGS)
+        if self.kv_transfer_config is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
+        return cmd + self.extra_args
+
+    def start(self) -> VllmServer:
+        env = {**os.environ, **DEFAULT_ENV, **self.env}
+        if self.cpus is not None:
+            # vLLM's CPU backend binds its OpenMP threads itself; tell it which cores are ours.
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, self.cpus)))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # stop() signals the whole group: engine core included
+        )
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+    def wait_ready(self, timeout_s: float = 240.0) -> VllmServer:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(
+                    f"{self.name} ({self.url}) exited with {code} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"{self.name} ({self.url}) not ready after {timeout_s:.0f}s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, for failure tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VllmServer:
+        return self.start().wait_ready()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def post_json(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+    """POST a JSON body and return the decoded answer; errors carry the server's message."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return dict(json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url} -> {e.code}: {e.read().decode(errors='replace')}") from e
