@@ -1,0 +1,159 @@
+"""ConnectorConfig: the connector's settings, parsed once and validated.
+
+Sources, later wins: defaults, `MOONCAKE_VLLM_<KEY>` environment variables, then vLLM's
+`kv_connector_extra_config` (the explicit per-instance configuration beats the ambient one).
+Every error names the key, where it came from and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "MOONCAKE_VLLM_"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and value."""
+
+
+def _default_hostname() -> str:
+    # vLLM's own knob for "the address other nodes reach me at"; loopback keeps a single-host
+    # set-up working with nothing configured.
+    return os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    # "p2p": no store, D sends its segment descriptor inside the registration.
+    # "etcd://host:port[,host:port]": segments and instances are published in etcd.
+    metadata_server: str = "p2p"
+    namespace: str = "default"
+    # Transfer engine.
+    protocol: str = "tcp"  # "tcp" | "rdma" | "auto"
+    hostname: str = field(default_factory=_default_hostname)
+    engine_port: int = 0
+    cluster_token: str | None = None
+    connections_per_peer: int = 4
+    rdma_devices: tuple[str, ...] | None = None
+    # Control channel: base port of the workers' pyzmq sockets (rank r binds base + r);
+    # 0 picks free ports.
+    control_port: int = 0
+    # The instance's HTTP URL, published in etcd so the proxy can route to it.
+    advertise_url: str = ""
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Deadlines (seconds).
+    registration_timeout_s: float = 30.0  # P: wait for D's registration
+    transfer_timeout_s: float = 60.0  # D: registration sent -> "done" received
+    abort_ack_timeout_s: float = 10.0  # D: abort sent -> P confirms no more writes
+    engine_timeout_s: float = 30.0  # one batch of writes
+    metadata_ttl_s: float = 10.0
+    # GPU KV over TCP goes through pinned host staging buffers ("auto": when KV is on a
+    # device and the transport cannot read device memory).
+    staging: str = "auto"  # "auto" | "on" | "off"
+    staging_buffer_mb: int = 256
+    # Benchmark only: after the overlapped transfer, send the same bytes again (before telling
+    # D "done", so D's blocks are not in use) and report how long that takes.
+    measure_non_overlapped: bool = False
+
+    @property
+    def uses_etcd(self) -> bool:
+        return self.metadata_server.startswith("etcd://")
+
+    @classmethod
+    def from_sources(
+        cls, extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> ConnectorConfig:
+        env = os.environ if env is None else env
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name in known:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _coerce(name, raw, f"environment {ENV_PREFIX}{name.upper()}")
+        for key, raw in (extra or {}).items():
+            if key not in known:
+                raise ConfigError(
+                    f"kv_connector_extra_config: unknown key {key!r} (value {raw!r}); "
+                    f"known keys: {', '.join(sorted(known))}"
+                )
+            values[key] = _coerce(key, raw, "kv_connector_extra_config")
+        cfg = cls(**values)
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        if self.metadata_server != "p2p" and not self.uses_etcd:
+            raise bad("metadata_server", "expected 'p2p' or 'etcd://host:port'")
+        if self.protocol not in ("tcp", "rdma", "auto"):
+            raise bad("protocol", "expected 'tcp', 'rdma' or 'auto'")
+        if self.staging not in ("auto", "on", "off"):
+            raise bad("staging", "expected 'auto', 'on' or 'off'")
+        for key in ("engine_port", "control_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise bad(key, "a TCP port is 0..65535")
+        for key in (
+            "registration_timeout_s",
+            "transfer_timeout_s",
+            "abort_ack_timeout_s",
+            "engine_timeout_s",
+            "metadata_ttl_s",
+        ):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be a positive number of seconds")
+        if self.connections_per_peer < 1:
+            raise bad("connections_per_peer", "must be >= 1")
+        if self.staging_buffer_mb < 1:
+            raise bad("staging_buffer_mb", "must be >= 1")
+        if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
+            raise bad("advertise_url", "expected an http:// or https:// URL")
+        if not self.hostname:
+            raise bad("hostname", "must not be empty")
+
+    def http_url(self, default_port: int = 8000) -> str:
+        """The URL the proxy should use for this instance."""
+        return self.advertise_url or f"http://{self.hostname}:{default_port}"
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+
+
+def _coerce(key: str, raw: Any, source: str) -> Any:
+    target = {f.name: f.type for f in dataclasses.fields(ConnectorConfig)}[key]
+    where = f"{source}: {key}={raw!r}"
+    try:
+        if target == "bool":
+            if isinstance(raw, bool):
+                return raw
+            word = str(raw).strip().lower()
+            if word not in _BOOL_WORDS:
+                raise ValueError("expected true/false")
+            return _BOOL_WORDS[word]
+        if target == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if target == "float":
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if target == "str | None":
+            return None if raw is None else str(raw)
+        if target == "tuple[str, ...] | None":
+            if raw is None:
+                return None
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if not isinstance(raw, str | int | float):
+            raise ValueError("expected a string")
+        return str(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e

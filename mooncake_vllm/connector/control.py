@@ -1,0 +1,142 @@
+"""The control channel: one pyzmq thread per worker.
+
+A ROUTER socket bound at this worker's control endpoint receives from peers (registrations on
+P, nothing unsolicited on D); one DEALER per remote endpoint sends to peers and receives their
+replies. zmq sockets are not thread-safe, so only the channel thread touches them; other
+threads enqueue and wake it through an inproc pair. Handlers run on the channel thread, and a
+tick callback runs every `tick_s` for deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import zmq
+
+from mooncake_vllm.connector import messages as m
+
+logger = logging.getLogger("mooncake_vllm.connector")
+
+# (reply_to, message): reply_to is a ROUTER identity (bytes) or a DEALER endpoint (str).
+Handler = Callable[[bytes | str, m.Message], None]
+
+
+class ControlChannel:
+    def __init__(self, host: str, port: int, on_message: Handler,
+                 on_tick: Callable[[], None], tick_s: float = 0.05) -> None:
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        if port:
+            self._router.bind(f"tcp://{host}:{port}")
+        else:
+            port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        wake_addr = f"inproc://mooncake-wake-{uuid.uuid4().hex}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+        self._out: queue.SimpleQueue[tuple[bytes | str, bytes]] = queue.SimpleQueue()
+        self._dealers: dict[str, zmq.Socket] = {}
+        self._on_message, self._on_tick, self._tick_s = on_message, on_tick, tick_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mooncake-control", daemon=True)
+        self._thread.start()
+
+    def send(self, to: bytes | str, msg: m.Message) -> None:
+        """Queue a message to a ROUTER identity (a reply) or an endpoint; returns at once."""
+        self._out.put((to, m.encode(msg)))
+        with self._wake_lock:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._wake_lock, contextlib.suppress(zmq.ZMQError):
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        self._thread.join(timeout=5)
+        for s in [self._router, self._wake_rx, self._wake_tx, *self._dealers.values()]:
+            s.close(linger=0)
+        self._ctx.term()
+
+    # ---- channel thread ----
+
+    def _dealer(self, endpoint: str, poller: zmq.Poller) -> zmq.Socket:
+        s = self._dealers.get(endpoint)
+        if s is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            # A dead peer must not make messages pile up without bound.
+            s.setsockopt(zmq.SNDHWM, 10000)
+            s.connect(endpoint)
+            poller.register(s, zmq.POLLIN)
+            self._dealers[endpoint] = s
+        return s
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        next_tick = time.monotonic() + self._tick_s
+        while not self._stop.is_set():
+            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            try:
+                ready = dict(poller.poll(timeout_ms))
+            except zmq.ZMQError as e:
+                logger.error("control channel poll failed: %s", e)
+                return
+            if self._wake_rx in ready:
+                while self._wake_rx.poll(0):
+                    self._wake_rx.recv()
+            self._flush_out(poller)
+            if self._router in ready:
+                while self._router.poll(0):
+                    frames = self._router.recv_multipart()
+                    if len(frames) != 2:
+                        logger.warning("control: refused a frame set of %d parts (want 2)",
+                                       len(frames))
+                        continue
+                    self._dispatch(frames[0], frames[1])
+            for endpoint, s in list(self._dealers.items()):
+                if s in ready:
+                    while s.poll(0):
+                        self._dispatch(endpoint, s.recv())
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self._tick_s
+                self._call(self._on_tick)
+
+    def _flush_out(self, poller: zmq.Poller) -> None:
+        while True:
+            try:
+                to, frame = self._out.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if isinstance(to, bytes):
+                    self._router.send_multipart([to, frame], zmq.NOBLOCK)
+                else:
+                    self._dealer(to, poller).send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                # The deadline on the other side turns a lost message into a known failure.
+                logger.warning("control: could not send to %r: %s", to, e)
+
+    def _dispatch(self, sender: bytes | str, frame: bytes) -> None:
+        try:
+            msg = m.decode(frame)
+        except m.BadMessage as e:
+            logger.warning("control: refused a message from %r: %s", sender, e)
+            return
+        self._call(self._on_message, sender, msg)
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:  # one bad message or tick must not kill the channel
+            logger.exception("control: handler failed")

@@ -1,0 +1,39 @@
+"""The connector's use of the metadata service: segments (workers) and the instance (scheduler)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mooncake_vllm.config import ConnectorConfig
+
+logger = logging.getLogger("mooncake_vllm.connector")
+
+
+def open_store(config: ConnectorConfig) -> Any:
+    from mooncake_vllm.metadata import open_metadata
+
+    return open_metadata(config.metadata_server, namespace=config.namespace,
+                         ttl_s=config.metadata_ttl_s)
+
+
+def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
+                      remote_control: dict[str, Any], rank0: Any, model: str) -> Any:
+    """Publish this instance so a proxy can find it; returns the open store (close to leave)."""
+    from mooncake_vllm.metadata import InstanceInfo
+    from mooncake_vllm.metadata.base import KVLayout
+
+    lay = dict(rank0.layout)
+    store = open_store(config)
+    info = InstanceInfo(
+        instance_id=config.instance_id, role=role,  # type: ignore[arg-type]
+        http_url=config.http_url(), control_endpoint=rank0.control, model=model,
+        engine_id=str(remote_control.get("engine_id", "")), segment_name=rank0.segment_name,
+        kv_layout=KVLayout(num_layers=lay["num_layers"], block_size=lay["block_size"],
+                           dtype=lay["dtype"], num_kv_heads=lay["num_kv_heads"],
+                           head_size=lay["head_size"], tp_rank=0, tp_size=lay["tp_size"]),
+        remote_control=remote_control)
+    store.register_instance(info)
+    logger.info("MooncakeVllmConnector: registered instance %s (%s) at %s in %s",
+                config.instance_id, role, info.http_url, config.metadata_server)
+    return store

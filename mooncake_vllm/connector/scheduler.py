@@ -1,0 +1,230 @@
+"""Scheduler half: decides what is remote, holds blocks while they are in flight.
+
+Prefill side (request has `do_remote_decode`): every step, tell the workers which of the
+request's blocks this step computes (they push each layer as it is computed); when the request
+finishes, keep its blocks (`request_finished` returns True) until the workers report the
+transfer done, refused, released or timed out; answer with `remote_control` so a proxy can
+reach the workers.
+
+Decode side (`do_remote_prefill`): report the prompt tokens it lacks as an asynchronous
+external hit; once blocks are allocated, hand the registration to the workers, which send it
+to the prefill workers and report the request received (or failed) later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from mooncake_vllm.config import ConnectorConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("mooncake_vllm.connector")
+
+
+@dataclass
+class SaveSpec:
+    """P: this step computes tokens [computed, computed + scheduled) of the request."""
+
+    req_id: str
+    transfer_id: str
+    block_ids: list[int]
+    computed: int
+    scheduled: int
+    num_prompt_tokens: int
+
+
+@dataclass
+class RecvSpec:
+    """D: ask the prefill workers for these blocks."""
+
+    req_id: str
+    transfer_id: str
+    remote_control: dict[str, Any]
+    block_ids: list[int]  # all of the request's blocks
+    first_block: int  # blocks already held locally (prefix-cache hit)
+    num_prompt_tokens: int
+
+
+@dataclass
+class MooncakeMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+    # P: requests whose blocks the scheduler now holds for the workers: req_id -> finished ok
+    # (False: aborted or errored on P; the workers tell D and stop).
+    held: dict[str, bool] = field(default_factory=dict)
+    recvs: list[RecvSpec] = field(default_factory=list)
+    # D: transfers to call off without ever registering: (transfer_id, remote_control, why).
+    releases: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+
+
+def _params(request: Request) -> dict[str, Any]:
+    return request.kv_transfer_params or {}
+
+
+class MooncakeScheduler:
+    def __init__(self, vllm_config: VllmConfig, config: ConnectorConfig) -> None:
+        ktc = vllm_config.kv_transfer_config
+        assert ktc is not None
+        self.config = config
+        self.engine_id = str(ktc.engine_id)
+        self.is_producer = bool(ktc.is_kv_producer)
+        self.is_consumer = bool(ktc.is_kv_consumer)
+        self.block_size = vllm_config.cache_config.block_size
+        self.model_name = vllm_config.model_config.served_model_name
+        if isinstance(self.model_name, list | tuple):
+            self.model_name = self.model_name[0]
+        self.vllm_config = vllm_config
+        self.kv_cache_manager: KVCacheManager | None = None
+        self.remote_control: dict[str, Any] | None = None
+        self._instance_registered = False
+        self._metadata: Any = None
+        # P state
+        self._p_reqs: dict[str, Request] = {}
+        self._p_held: set[str] = set()
+        self._pending_held: dict[str, bool] = {}
+        # D state
+        self._d_local_hit: dict[str, int] = {}
+        self._d_handled: set[str] = set()
+        self._pending_recvs: list[RecvSpec] = []
+        self._pending_releases: list[tuple[str, dict[str, Any], str]] = []
+
+    # ---- handshake: worker endpoints -> remote_control, instance registry ----
+
+    def set_worker_info(self, per_rank: dict[int, Any]) -> None:
+        ranks = sorted(per_rank)
+        self.remote_control = {
+            "v": 1,
+            "engine_id": self.engine_id,
+            "instance_id": self.config.instance_id,
+            "control": [per_rank[r].control for r in ranks],
+            "tp_size": len(ranks),
+        }
+        logger.info("MooncakeVllmConnector: remote_control=%s", self.remote_control)
+        if self.config.uses_etcd:
+            self._register_instance(per_rank[ranks[0]])
+
+    def _register_instance(self, rank0: Any) -> None:
+        from mooncake_vllm.connector.registry import register_instance
+
+        role = "both" if (self.is_producer and self.is_consumer) else (
+            "prefill" if self.is_producer else "decode")
+        self._metadata = register_instance(self.config, self.vllm_config, role=role,
+                                           remote_control=self.remote_control or {},
+                                           rank0=rank0, model=str(self.model_name))
+        self._instance_registered = self._metadata is not None
+
+    # ---- both sides ----
+
+    def bind(self, kv_cache_manager: KVCacheManager) -> None:
+        self.kv_cache_manager = kv_cache_manager
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int, bool]:
+        p = _params(request)
+        if (not self.is_consumer or not p.get("do_remote_prefill")
+                or request.request_id in self._d_handled):
+            return 0, False
+        self._d_local_hit[request.request_id] = num_computed_tokens
+        count = request.num_prompt_tokens - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        p = _params(request)
+        rid = request.request_id
+        if self.is_producer and p.get("do_remote_decode") and not p.get("probe"):
+            self._p_reqs[rid] = request
+            return
+        if not (self.is_consumer and p.get("do_remote_prefill")) or rid in self._d_handled:
+            return
+        self._d_handled.add(rid)
+        tid, rc = str(p.get("transfer_id", "")), p.get("remote_control")
+        if not tid or not isinstance(rc, dict):
+            logger.error("request %s: do_remote_prefill without transfer_id/remote_control "
+                         "(kv_transfer_params=%s); computing the prompt locally", rid, p)
+            return
+        if num_external_tokens <= 0:
+            # Everything is cached here already: tell P not to wait for a registration.
+            self._pending_releases.append((tid, rc, "decode already holds the prompt"))
+            return
+        hit = self._d_local_hit.pop(rid, 0)
+        self._pending_recvs.append(RecvSpec(
+            req_id=rid, transfer_id=tid, remote_control=rc,
+            block_ids=list(blocks.get_block_ids()[0]), first_block=hit // self.block_size,
+            num_prompt_tokens=request.num_prompt_tokens))
+
+    def build_connector_meta(self, out: SchedulerOutput) -> MooncakeMetadata:
+        meta = MooncakeMetadata(recvs=self._pending_recvs, releases=self._pending_releases,
+                                held=self._pending_held)
+        self._pending_recvs, self._pending_releases, self._pending_held = [], [], {}
+        if self._p_reqs:
+            computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+            cached = out.scheduled_cached_reqs
+            computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=False))
+            for rid, n in out.num_scheduled_tokens.items():
+                req = self._p_reqs.get(rid)
+                if req is None or rid not in computed:
+                    continue
+                assert self.kv_cache_manager is not None
+                meta.saves.append(SaveSpec(
+                    req_id=rid, transfer_id=str(_params(req)["transfer_id"]),
+                    block_ids=list(self.kv_cache_manager.get_block_ids(rid)[0]),
+                    computed=computed[rid], scheduled=n,
+                    num_prompt_tokens=req.num_prompt_tokens))
+        return meta
+
+    def request_finished(self, request: Request,
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        p = _params(request)
+        rid = request.request_id
+        self._d_local_hit.pop(rid, None)
+        if self.is_consumer and p.get("do_remote_prefill"):
+            if rid not in self._d_handled and isinstance(p.get("remote_control"), dict):
+                # Finished (aborted) before any block was allocated: no registration will
+                # ever reach P, so release it now instead of letting it time out.
+                self._pending_releases.append(
+                    (str(p.get("transfer_id", "")), p["remote_control"], "decode aborted"))
+            self._d_handled.discard(rid)
+            # A request aborted while WAITING_FOR_REMOTE_KVS keeps its blocks in vLLM until
+            # the workers report it received; the workers see it in finished_req_ids.
+            return False, None
+        if not (self.is_producer and p.get("do_remote_decode")):
+            return False, None
+        answer = {"remote_control": self.remote_control, "transfer_id": p.get("transfer_id")}
+        req = self._p_reqs.pop(rid, None)
+        if p.get("probe") or req is None or not block_ids:
+            return False, answer
+        ok = request.status in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                RequestStatus.FINISHED_STOPPED)
+        self._p_held.add(rid)
+        self._pending_held[rid] = ok
+        return True, answer
+
+    def update_connector_output(self, out: KVConnectorOutput) -> None:
+        for rid in out.finished_sending or ():
+            self._p_held.discard(rid)
+
+    def has_pending_work(self) -> bool:
+        # Keeps the engine stepping (so workers get polled) while blocks are held for a
+        # transfer or a message is still to be handed to the workers.
+        return bool(self._p_held or self._pending_held or self._pending_recvs
+                    or self._pending_releases)
+
+    def shutdown(self) -> None:
+        if self._metadata is not None:
+            try:
+                self._metadata.close()
+            except Exception as e:  # shutdown must go on
+                logger.warning("closing metadata client: %s", e)
+            self._metadata = None

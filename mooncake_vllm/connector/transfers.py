@@ -1,0 +1,74 @@
+"""Per-transfer state on each side, kept apart from the threads that drive it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mooncake_vllm.connector import messages as m
+
+
+@dataclass
+class Outgoing:
+    """P: one request's KV on its way to a decode instance."""
+
+    transfer_id: str
+    req_id: str
+    num_layers: int
+    num_prompt_tokens: int
+    block_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # Tokens whose KV is valid in each layer, and logical blocks already posted per layer
+    # (a block only partly computed is posted again once the next chunk completes it).
+    ready: list[int] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)
+    # Registration from D: reply address, record, opened segment, D's block ids as array.
+    reply_to: bytes | None = None
+    reg: m.Register | None = None
+    segment: int = -1
+    remote_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    inflight: int = 0
+    bytes: int = 0
+    blocks: int = 0
+    first_post: float = 0.0
+    forward_end: float = 0.0
+    last_done: float = 0.0
+    failed: str = ""  # why no more writes are posted (D told once inflight drains)
+    released: bool = False  # D called it off; it is owed a Released, not a Done
+    notified: bool = False  # D has had its Done / Released
+    held: bool | None = None  # scheduler holds the blocks (ok flag) -> report when notified
+    reg_deadline: float = 0.0
+    posted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ready = [0] * self.num_layers
+        self.sent = [0] * self.num_layers
+
+    @property
+    def total_blocks(self) -> int:
+        return self.reg.first_block + len(self.reg.block_ids) if self.reg else 0
+
+    def fully_computed(self) -> bool:
+        return all(r >= self.num_prompt_tokens for r in self.ready)
+
+    def fully_posted(self, block_size: int) -> bool:
+        end = min(-(-self.num_prompt_tokens // block_size), self.total_blocks)
+        return all(s >= end for s in self.sent)
+
+    def stopped(self) -> bool:
+        return bool(self.failed) or self.released
+
+
+@dataclass
+class Incoming:
+    """D: one request waiting for its KV from a prefill instance."""
+
+    transfer_id: str
+    req_id: str
+    endpoint: str
+    block_ids: list[int]  # the blocks the prefill side writes (D's ids)
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    aborting: bool = False  # request finished here; waiting for P's Released
+    releasing_for_timeout: bool = False

@@ -1,0 +1,520 @@
+"""Worker half: registers the KV cache with the engine, posts per-layer writes, tracks completion.
+
+Threads: the model thread (metadata, save_kv_layer, wait_for_save, get_finished), the control
+channel thread (messages and deadlines) and the completion thread (waits on write batches in
+the order they were posted). One lock guards the transfer tables; engine calls made under it
+return at once (submit) so no thread waits on I/O while holding it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata
+
+from mooncake_vllm.config import ConnectorConfig
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.control import ControlChannel
+from mooncake_vllm.connector.layout import KVLayout, layer_transfer, memory_regions
+from mooncake_vllm.connector.scheduler import MooncakeMetadata, RecvSpec
+from mooncake_vllm.connector.stats import MooncakeStats
+from mooncake_vllm.connector.transfers import Incoming, Outgoing
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger("mooncake_vllm.connector")
+V = m.PROTOCOL_VERSION
+
+
+@dataclass
+class WorkerHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> its scheduler: where this rank's control channel and segment are."""
+
+    control: str
+    segment_name: str
+    tp_rank: int
+    layout: dict[str, Any]
+
+
+class MooncakeWorker:
+    def __init__(self, vllm_config: VllmConfig, config: ConnectorConfig,
+                 kv_cache_config: KVCacheConfig) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self.vllm_config, self.config, self.kv_cache_config = vllm_config, config, kv_cache_config
+        ktc = vllm_config.kv_transfer_config
+        assert ktc is not None
+        self.engine_id = str(ktc.engine_id)
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.block_size = vllm_config.cache_config.block_size
+        self.lock = threading.RLock()
+        self.stats = MooncakeStats()
+        self.engine: Any = None
+        self.layout: KVLayout | None = None
+        self.layer_index: dict[str, int] = {}
+        self.control: ControlChannel | None = None
+        self.metadata: Any = None
+        self.segment_name = f"{config.instance_id}-{self.engine_id}-tp{self.tp_rank}"
+        self.handshake: WorkerHandshake | None = None
+        self._meta: MooncakeMetadata | None = None
+        # P side
+        self.out: dict[str, Outgoing] = {}  # by transfer id
+        self.early: dict[str, tuple[bytes, m.Register, float]] = {}  # registrations before P
+        self.tombstones: dict[str, tuple[str, float]] = {}  # tid -> why it is gone, until
+        self.finished_sending: set[str] = set()
+        self._completions: queue.SimpleQueue[tuple[Outgoing, int, int, int] | None] = (
+            queue.SimpleQueue())
+        self._completion_thread: threading.Thread | None = None
+        # D side
+        self.inc: dict[str, Incoming] = {}  # by transfer id
+        self.finished_recving: set[str] = set()
+        self.load_errors: set[int] = set()
+
+    # ------------------------------------------------------------------ setup
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from mooncake_vllm.engine import TransferEngine
+
+        mc = self.vllm_config.model_config
+        self.layout = KVLayout.from_caches(
+            kv_caches, self.kv_cache_config.num_blocks, block_size=self.block_size,
+            num_kv_heads=mc.get_num_kv_heads(self.vllm_config.parallel_config),
+            head_size=mc.get_head_size(), model=str(mc.served_model_name or mc.model),
+            tp_rank=self.tp_rank, tp_size=self.tp_size)
+        self.layer_index = {n: i for i, n in enumerate(self.layout.layer_names)}
+        c = self.config
+        self.engine = TransferEngine(
+            hostname=c.hostname, protocol=c.protocol, port=c.engine_port,
+            cluster_token=c.cluster_token, timeout_s=c.engine_timeout_s,
+            connections_per_peer=c.connections_per_peer,
+            rdma_devices=list(c.rdma_devices) if c.rdma_devices else None)
+        for addr, length in memory_regions(kv_caches):
+            self.engine.register(addr, length)
+        port = c.control_port + self.tp_rank if c.control_port else 0
+        self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick)
+        if c.uses_etcd:
+            from mooncake_vllm.connector.registry import open_store
+
+            self.metadata = open_store(c)
+            self.metadata.publish_segment(self.segment_name, self.engine.descriptor())
+        self._completion_thread = threading.Thread(
+            target=self._completion_loop, name="mooncake-completions", daemon=True)
+        self._completion_thread.start()
+        info = self.layout.info()
+        self.handshake = WorkerHandshake(
+            control=self.control.endpoint, segment_name=self.segment_name, tp_rank=self.tp_rank,
+            layout={k: getattr(info, k) for k in ("model", "block_size", "dtype", "num_kv_heads",
+                                                  "head_size", "num_layers", "tp_size")})
+        logger.info("MooncakeVllmConnector worker tp%d: %d layers, %d blocks of %d B/plane, "
+                    "control %s, engine %s", self.tp_rank, len(self.layout.layer_names),
+                    self.layout.num_blocks, self.layout.block_bytes, self.control.endpoint,
+                    self.engine.descriptor().get("endpoint"))
+
+    def shutdown(self) -> None:
+        self._completions.put(None)
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.metadata is not None:
+            try:
+                self.metadata.close()
+            except Exception as e:
+                logger.warning("closing metadata client: %s", e)
+            self.metadata = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    # ------------------------------------------------------------------ model thread
+
+    def bind(self, meta: MooncakeMetadata) -> None:
+        """Before the forward pass: learn this step's saves, holds, receives and releases."""
+        self._meta = meta
+        now = time.monotonic()
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is None:
+                    tr = Outgoing(s.transfer_id, s.req_id, len(self.layer_index),
+                                  s.num_prompt_tokens)
+                    self.out[s.transfer_id] = tr
+                    gone = self.tombstones.pop(s.transfer_id, None)
+                    if gone is not None:  # D called it off before P even started
+                        tr.released = True
+                        tr.notified = True
+                    early = self.early.pop(s.transfer_id, None)
+                    if early is not None:
+                        self._accept_registration(tr, early[0], early[1])
+                tr.block_ids = np.asarray(s.block_ids, np.int64)
+                # Tokens computed before this step (prefix-cache hits, earlier chunks) are
+                # valid in every layer already; they are sent like freshly computed ones.
+                tr.ready = [max(r, min(s.computed, s.num_prompt_tokens)) for r in tr.ready]
+            for rid, ok in meta.held.items():
+                tr = self._out_by_req(rid)
+                if tr is None:  # nothing was ever scheduled: free at once
+                    self.finished_sending.add(rid)
+                    continue
+                tr.held = ok
+                if not ok and not tr.stopped():
+                    tr.failed = "prefill request was aborted or failed"
+                if tr.reg is None and not tr.stopped():
+                    tr.reg_deadline = now + self.config.registration_timeout_s
+                self._maybe_finish(tr)
+        for r in meta.recvs:
+            self._register_with_prefill(r)
+        for tid, rc, why in meta.releases:
+            for ep in rc.get("control", []):
+                self._send(ep, m.Release(V, tid, why))
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        meta = self._meta
+        if meta is None or not meta.saves:
+            return
+        layer = self.layer_index.get(layer_name)
+        if layer is None:
+            return
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is None:
+                    continue
+                tr.ready[layer] = max(tr.ready[layer],
+                                      min(s.computed + s.scheduled, s.num_prompt_tokens))
+                self._post(tr, layer)
+
+    def wait_for_save(self) -> None:
+        meta = self._meta
+        if meta is None or not meta.saves:
+            return
+        now = time.monotonic()
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is not None and tr.fully_computed() and not tr.forward_end:
+                    tr.forward_end = now
+                    self._maybe_finish(tr)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        with self.lock:
+            for tr in self.inc.values():
+                if tr.req_id in finished_req_ids and not tr.aborting:
+                    # Aborted on D while its KV is still coming: vLLM keeps the blocks until
+                    # we report the request received, which waits for P to stop writing.
+                    tr.aborting = True
+                    tr.deadline = time.monotonic() + self.config.abort_ack_timeout_s
+                    self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode aborted"))
+            sending, self.finished_sending = self.finished_sending, set()
+            recving, self.finished_recving = self.finished_recving, set()
+        return sending, recving
+
+    def take_load_errors(self) -> set[int]:
+        with self.lock:
+            errs, self.load_errors = self.load_errors, set()
+        return errs
+
+    def take_stats(self) -> MooncakeStats | None:
+        with self.lock:
+            return self.stats.take()
+
+    # ------------------------------------------------------------------ P: posting
+
+    def _post(self, tr: Outgoing, layer: int) -> None:
+        """Post one batched WRITE of this layer's newly valid blocks (lock held)."""
+        if tr.reg is None or tr.stopped():
+            return
+        bs = self.block_size
+        ready = tr.ready[layer]
+        lo = max(tr.sent[layer], tr.reg.first_block)
+        hi = min(-(-ready // bs), tr.total_blocks, len(tr.block_ids))
+        if hi <= lo:
+            return
+        assert self.layout is not None
+        first = tr.reg.first_block
+        local_ids, remote_ids = tr.block_ids[lo:hi], tr.remote_ids[lo - first:hi - first]
+        la, ra, ln = layer_transfer(
+            [(p.base, p.stride) for p in self.layout.planes[layer]],
+            tr.reg.layout.planes[layer], self.layout.block_bytes, local_ids, remote_ids)
+        try:
+            bid = self.engine.submit(tr.segment, "write", la, ra, ln)
+        except Exception as e:
+            self._fail(tr, f"posting layer {layer} failed: {e}")
+            return
+        if not tr.first_post:
+            tr.first_post = time.monotonic()
+        if self.config.measure_non_overlapped:
+            tr.posted.append((la, ra, ln))
+        tr.inflight += 1
+        # A block still partly empty (chunked prefill) is written again when completed.
+        tr.sent[layer] = hi if ready >= tr.num_prompt_tokens else max(lo, ready // bs)
+        self._completions.put((tr, bid, int(ln.sum()), hi - lo))
+
+    def _completion_loop(self) -> None:
+        while True:
+            item = self._completions.get()
+            if item is None:
+                return
+            tr, bid, nbytes, nblocks = item
+            err = ""
+            try:
+                self.engine.wait(bid, timeout_s=self.config.engine_timeout_s + 5)
+            except Exception as e:  # TransferError, timeout: the write did not land
+                err = str(e) or type(e).__name__
+            finally:
+                with contextlib.suppress(Exception):
+                    self.engine.release(bid)
+            with self.lock:
+                tr.inflight -= 1
+                tr.last_done = time.monotonic()
+                if err:
+                    self._fail(tr, f"write to decode failed: {err}")
+                else:
+                    tr.bytes += nbytes
+                    tr.blocks += nblocks
+                self._maybe_finish(tr)
+
+    def _fail(self, tr: Outgoing, why: str) -> None:
+        if not tr.stopped():
+            tr.failed = why
+            logger.warning("transfer %s (request %s): %s", tr.transfer_id, tr.req_id, why)
+
+    def _maybe_finish(self, tr: Outgoing) -> None:
+        """Tell D and free the blocks once nothing more will be written (lock held)."""
+        if not tr.notified and tr.inflight == 0:
+            if tr.stopped() and tr.reply_to is not None:
+                if tr.released:
+                    self._send(tr.reply_to, m.Released(V, tr.transfer_id))
+                else:
+                    self.stats.add(failures=1)
+                    self._send(tr.reply_to, m.Done(V, tr.transfer_id, False, tr.failed))
+                tr.notified = True
+            elif tr.stopped():
+                # Nobody registered yet: keep the reason for a registration still on its way.
+                self.tombstones[tr.transfer_id] = (
+                    tr.failed or "released", time.monotonic() + self.config.registration_timeout_s)
+                tr.notified = True
+            elif (tr.reg is not None and tr.forward_end and tr.fully_computed()
+                  and tr.fully_posted(self.block_size)):
+                self._complete(tr)
+        if tr.notified and tr.held is not None:
+            self.finished_sending.add(tr.req_id)
+            self.out.pop(tr.transfer_id, None)
+
+    def _complete(self, tr: Outgoing) -> None:
+        exposed = max(0.0, tr.last_done - tr.forward_end)
+        transfer_s = max(0.0, tr.last_done - tr.first_post)
+        non_overlapped = 0.0
+        if self.config.measure_non_overlapped and tr.posted:
+            non_overlapped = self._resend(tr)
+        self.stats.add(bytes_sent=tr.bytes, blocks_sent=tr.blocks, transfers_sent=1)
+        self.stats.observe("transfer_s", transfer_s)
+        self.stats.observe("exposed_s", exposed)
+        if non_overlapped:
+            self.stats.observe("non_overlapped_s", non_overlapped)
+        logger.info("mooncake transfer %s done: request=%s bytes=%d blocks=%d transfer_s=%.6f "
+                    "exposed_s=%.6f non_overlapped_s=%.6f", tr.transfer_id, tr.req_id, tr.bytes,
+                    tr.blocks, transfer_s, exposed, non_overlapped)
+        assert tr.reply_to is not None
+        self._send(tr.reply_to, m.Done(V, tr.transfer_id, True, "", tr.bytes, tr.blocks,
+                                       transfer_s, exposed))
+        tr.notified = True
+
+    def _resend(self, tr: Outgoing) -> float:
+        """Benchmark: the same writes, all posted after the forward pass, timed end to end."""
+        t0 = time.perf_counter()
+        bids = [self.engine.submit(tr.segment, "write", *arrays) for arrays in tr.posted]
+        for bid in bids:
+            self.engine.wait(bid, timeout_s=self.config.engine_timeout_s)
+            self.engine.release(bid)
+        return time.perf_counter() - t0
+
+    def _out_by_req(self, req_id: str) -> Outgoing | None:
+        return next((t for t in self.out.values() if t.req_id == req_id), None)
+
+    # ------------------------------------------------------------------ P: registrations
+
+    def _accept_registration(self, tr: Outgoing, reply_to: bytes, reg: m.Register) -> None:
+        """Check and attach D's registration, then flush layers already computed (lock held)."""
+        tr.reply_to = reply_to
+        if tr.stopped():
+            self._maybe_finish(tr)
+            return
+        assert self.layout is not None
+        why = m.layout_mismatch(self.layout.info(), reg.layout)
+        if why is None and reg.layout.tp_rank != self.tp_rank:
+            why = (f"KV layout mismatch: tp_rank is {self.tp_rank} on prefill but "
+                   f"{reg.layout.tp_rank} on decode")
+        if why is None:
+            try:
+                desc = reg.segment
+                if desc is None:
+                    if self.metadata is None:
+                        raise RuntimeError(f"segment {reg.segment_name!r} sent by name, but "
+                                           "this instance has no metadata server (p2p mode)")
+                    desc = self.metadata.get_segment(reg.segment_name)
+                    if desc is None:
+                        raise RuntimeError(f"segment {reg.segment_name!r} is not published")
+                tr.segment = self.engine.open_segment(desc)
+            except Exception as e:
+                why = f"cannot open decode segment {reg.segment_name!r}: {e}"
+        if why is not None:
+            logger.error("transfer %s refused: %s", reg.transfer_id, why)
+            tr.failed = why
+            self._maybe_finish(tr)
+            return
+        tr.reg = reg
+        tr.remote_ids = np.asarray(reg.block_ids, np.int64)
+        for layer in range(len(tr.ready)):
+            self._post(tr, layer)
+        self._maybe_finish(tr)
+
+    # ------------------------------------------------------------------ D: registering
+
+    def _register_with_prefill(self, r: RecvSpec) -> None:
+        assert self.layout is not None and self.engine is not None
+        controls = r.remote_control.get("control") or []
+        end = -(-r.num_prompt_tokens // self.block_size)
+        blocks = r.block_ids[r.first_block:end]
+        with self.lock:
+            if self.tp_rank >= len(controls):
+                # P cannot serve this rank: fail the load so vLLM applies its policy.
+                logger.error("transfer %s: prefill has %d control endpoints, decode rank %d "
+                             "has none (tensor parallel sizes differ)", r.transfer_id,
+                             len(controls), self.tp_rank)
+                self.load_errors.update(blocks)
+                self.finished_recving.add(r.req_id)
+                self.stats.add(failures=1)
+                return
+            ep = controls[self.tp_rank]
+            self.inc[r.transfer_id] = Incoming(
+                r.transfer_id, r.req_id, ep, blocks,
+                deadline=time.monotonic() + self.config.transfer_timeout_s)
+        self._send(ep, m.Register(
+            V, r.transfer_id, self.engine_id, self.segment_name,
+            None if self.config.uses_etcd else self.engine.descriptor(),
+            self.layout.info(), r.first_block, blocks, r.num_prompt_tokens))
+
+    # ------------------------------------------------------------------ control thread
+
+    def _send(self, to: bytes | str, msg: m.Message) -> None:
+        if self.control is not None:
+            self.control.send(to, msg)
+
+    def _on_message(self, sender: bytes | str, msg: m.Message) -> None:
+        with self.lock:
+            if isinstance(msg, m.Register) and isinstance(sender, bytes):
+                self._on_register(sender, msg)
+            elif isinstance(msg, m.Release) and isinstance(sender, bytes):
+                self._on_release(sender, msg)
+            elif isinstance(msg, m.Done | m.Released):
+                self._on_reply(msg)
+            else:
+                logger.warning("control: refused %s from %r (wrong direction)",
+                               type(msg).__name__, sender)
+
+    def _on_register(self, sender: bytes, reg: m.Register) -> None:
+        tr = self.out.get(reg.transfer_id)
+        if tr is not None:
+            if tr.reply_to is not None:
+                logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+                return
+            self._accept_registration(tr, sender, reg)
+            return
+        gone = self.tombstones.get(reg.transfer_id)
+        if gone is not None:
+            self._send(sender, m.Done(V, reg.transfer_id, False, gone[0]))
+            return
+        self.early[reg.transfer_id] = (
+            sender, reg, time.monotonic() + self.config.registration_timeout_s)
+
+    def _on_release(self, sender: bytes, rel: m.Release) -> None:
+        logger.info("transfer %s released by decode: %s", rel.transfer_id, rel.reason)
+        tr = self.out.get(rel.transfer_id)
+        early = self.early.pop(rel.transfer_id, None)
+        if tr is None or tr.notified:
+            if tr is None:
+                self.tombstones[rel.transfer_id] = (
+                    "released by decode: " + rel.reason,
+                    time.monotonic() + self.config.registration_timeout_s)
+            self._send(sender, m.Released(V, rel.transfer_id))
+            return
+        if tr.reply_to is None:
+            tr.reply_to = early[0] if early else sender
+        tr.released = True
+        self._maybe_finish(tr)
+
+    def _on_reply(self, msg: m.Done | m.Released) -> None:
+        tr = self.inc.pop(msg.transfer_id, None)
+        if tr is None:
+            return  # already timed out here; nothing waits for it
+        if isinstance(msg, m.Done) and msg.ok and not tr.aborting:
+            self.stats.add(bytes_received=msg.bytes, blocks_received=msg.blocks,
+                           transfers_received=1)
+            self.stats.observe("transfer_s", msg.transfer_s)
+            self.finished_recving.add(tr.req_id)
+            return
+        if not tr.aborting:
+            why = msg.reason if isinstance(msg, m.Done) else "released by prefill"
+            if tr.releasing_for_timeout:
+                why = (f"prefill did not complete the transfer within "
+                       f"{self.config.transfer_timeout_s:.1f}s")
+            self._load_failed(tr, why)
+        else:
+            self.finished_recving.add(tr.req_id)
+
+    def _load_failed(self, tr: Incoming, why: str) -> None:
+        logger.error("KV load for request %s (transfer %s) failed: %s; %d blocks affected",
+                     tr.req_id, tr.transfer_id, why, len(tr.block_ids))
+        self.stats.add(failures=1)
+        self.load_errors.update(tr.block_ids)
+        self.finished_recving.add(tr.req_id)
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for tid, (sender, _, deadline) in list(self.early.items()):
+                if now >= deadline:
+                    del self.early[tid]
+                    self._send(sender, m.Done(V, tid, False, "no prefill request with this "
+                                              "transfer id arrived in time"))
+            for tid, (_, until) in list(self.tombstones.items()):
+                if now >= until:
+                    del self.tombstones[tid]
+            for tr in list(self.out.values()):
+                if tr.reg is None and tr.reg_deadline and now >= tr.reg_deadline \
+                        and not tr.stopped():
+                    logger.warning(
+                        "transfer %s (request %s): decode never registered within %.1fs; "
+                        "freeing the prefill blocks", tr.transfer_id, tr.req_id,
+                        self.config.registration_timeout_s)
+                    tr.failed = "decode did not register in time"
+                    self._maybe_finish(tr)
+            for tid, tr in list(self.inc.items()):
+                if now < tr.deadline:
+                    continue
+                if tr.aborting:
+                    logger.warning("transfer %s: prefill did not confirm the release within "
+                                   "%.1fs; releasing the blocks anyway", tid,
+                                   self.config.abort_ack_timeout_s)
+                    del self.inc[tid]
+                    self.finished_recving.add(tr.req_id)
+                elif not tr.releasing_for_timeout:
+                    # Ask P to stop before reusing the blocks: a late write must not land in
+                    # blocks that are being recomputed.
+                    tr.releasing_for_timeout = True
+                    tr.deadline = now + self.config.abort_ack_timeout_s
+                    self._send(tr.endpoint, m.Release(V, tid, "decode timed out"))
+                else:
+                    del self.inc[tid]
+                    self._load_failed(tr, f"prefill did not complete the transfer within "
+                                      f"{self.config.transfer_timeout_s:.1f}s")
