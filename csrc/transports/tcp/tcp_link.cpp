@@ -1,0 +1,233 @@
+#include "tcp_link.h"
+
+#include "auth.h"
+#include "mooncake_vllm/log.h"
+#include "wire.h"
+
+namespace mooncake_vllm::tcp {
+
+Link::Link(RegionRegistry& registry, LinkSettings settings, int index)
+    : registry_(registry), settings_(std::move(settings)), index_(index) {}
+
+Link::~Link() { stop(); }
+
+void Link::start() {
+  sender_ = std::thread([this] { sender_loop(); });
+  receiver_ = std::thread([this] { receiver_loop(); });
+}
+
+void Link::set_endpoint(const std::string& endpoint) {
+  std::shared_ptr<Conn> old;
+  {
+    std::lock_guard lock(mu_);
+    if (settings_.endpoint == endpoint) return;
+    settings_.endpoint = endpoint;
+    old = conn_;
+  }
+  if (old) fail_conn(old, "peer moved to " + endpoint);
+}
+
+void Link::enqueue(std::shared_ptr<Message> msg) {
+  {
+    std::lock_guard lock(mu_);
+    if (!stop_) {
+      queue_.push_back(std::move(msg));
+      cv_.notify_all();
+      return;
+    }
+  }
+  msg->complete(false, "engine closed");
+}
+
+void Link::abort(const std::string& reason) {
+  std::shared_ptr<Conn> conn;
+  {
+    std::lock_guard lock(mu_);
+    conn = conn_;
+  }
+  if (conn) fail_conn(conn, reason);
+}
+
+void Link::stop() {
+  std::shared_ptr<Conn> conn;
+  std::deque<std::shared_ptr<Message>> queued;
+  {
+    std::lock_guard lock(mu_);
+    if (stop_ && !sender_.joinable()) return;
+    stop_ = true;
+    conn = conn_;
+    queued.swap(queue_);
+    cv_.notify_all();
+  }
+  if (conn) fail_conn(conn, "engine closed");
+  for (auto& msg : queued) msg->complete(false, "engine closed");
+  if (sender_.joinable()) sender_.join();
+  if (receiver_.joinable()) receiver_.join();
+}
+
+void Link::fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reason) {
+  std::deque<std::shared_ptr<Message>> lost;
+  {
+    std::lock_guard lock(mu_);
+    if (!conn->broken) {
+      conn->broken = true;
+      conn->sock.shutdown_both();
+      MV_LOG(kDebug, "connection " << index_ << " to " << settings_.endpoint << " dropped: " << reason);
+    }
+    lost.swap(conn->inflight);
+    if (conn_ == conn) conn_.reset();
+    cv_.notify_all();
+  }
+  for (auto& msg : lost) msg->complete(false, reason);
+}
+
+std::shared_ptr<Link::Conn> Link::ensure_connected(const std::shared_ptr<Message>& msg) {
+  std::string endpoint;
+  {
+    std::lock_guard lock(mu_);
+    if (conn_ && !conn_->broken) return conn_;
+    endpoint = settings_.endpoint;
+  }
+  auto conn = std::make_shared<Conn>();
+  auto deadline = msg->batch->deadline();
+  double left = std::chrono::duration<double>(deadline - Clock::now()).count();
+  conn->sock = connect_to(endpoint, deadline);
+  client_handshake(conn->sock.fd(), endpoint, settings_.token, std::max(left, 0.001));
+  std::lock_guard lock(mu_);
+  if (stop_) throw TransferError("engine closed");
+  conn_ = conn;
+  cv_.notify_all();
+  return conn;
+}
+
+void Link::sender_loop() {
+  for (;;) {
+    std::shared_ptr<Message> msg;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      msg = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (msg->batch->failed_early()) {
+      msg->complete(false, "batch already failed");
+      continue;
+    }
+    std::shared_ptr<Conn> conn;
+    try {
+      conn = ensure_connected(msg);
+    } catch (const std::exception& e) {
+      msg->complete(false, e.what());
+      continue;
+    }
+    send_message(conn, msg);
+  }
+}
+
+void Link::send_message(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg) {
+  // Local memory is checked (and pinned against unregister) at send time, not submit time: a
+  // region unregistered while the message waited in the queue fails this message cleanly.
+  std::vector<uint64_t> addrs, lens;
+  addrs.reserve(msg->requests.size());
+  lens.reserve(msg->requests.size());
+  for (const Request& r : msg->requests) {
+    addrs.push_back(r.local);
+    lens.push_back(r.length);
+  }
+  std::string err = registry_.acquire_all(addrs.data(), lens.data(), addrs.size(), msg->leases,
+                                          "local");
+  if (!err.empty()) {
+    msg->complete(false, err + " (unregistered while the transfer was queued?)");
+    return;
+  }
+  RequestHeader header{};
+  std::vector<Entry> entries;
+  entries.reserve(msg->requests.size());
+  for (const Request& r : msg->requests) entries.push_back({r.remote, r.length});
+  {
+    std::unique_lock lock(mu_);
+    if (conn->broken) {
+      lock.unlock();
+      msg->complete(false, "connection to " + settings_.endpoint + " lost");
+      return;
+    }
+    header.seq = conn->next_seq++;
+    conn->inflight.push_back(msg);
+    cv_.notify_all();
+  }
+  header.magic = kMagic;
+  header.op = static_cast<uint8_t>(msg->op == OpCode::kWrite ? WireOp::kWrite : WireOp::kRead);
+  header.count = static_cast<uint32_t>(entries.size());
+  header.total_bytes = msg->bytes;
+  std::vector<iovec> iov;
+  iov.reserve(2 + (msg->op == OpCode::kWrite ? msg->requests.size() : 0));
+  iov.push_back({&header, sizeof(header)});
+  iov.push_back({entries.data(), entries.size() * sizeof(Entry)});
+  if (msg->op == OpCode::kWrite)
+    for (const Request& r : msg->requests) iov.push_back({reinterpret_cast<void*>(r.local), r.length});
+  err = send_all(conn->sock.fd(), iov.data(), iov.size());
+  if (!err.empty()) {
+    fail_conn(conn, "sending to " + settings_.endpoint + ": " + err);
+  }
+}
+
+void Link::receiver_loop() {
+  for (;;) {
+    std::shared_ptr<Conn> conn;
+    std::shared_ptr<Message> msg;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || (conn_ && !conn_->inflight.empty()); });
+      if (stop_) return;
+      conn = conn_;
+      msg = conn->inflight.front();
+    }
+    receive_response(conn, msg);
+  }
+}
+
+void Link::receive_response(const std::shared_ptr<Conn>& conn,
+                            const std::shared_ptr<Message>& msg) {
+  const std::string& peer = settings_.endpoint;
+  ResponseHeader resp{};
+  std::string err = recv_bytes(conn->sock.fd(), &resp, sizeof(resp));
+  if (err.empty() && resp.magic != kMagic) err = "malformed response";
+  std::string remote_error(err.empty() ? resp.error_len : 0, '\0');
+  if (err.empty() && !remote_error.empty())
+    err = recv_bytes(conn->sock.fd(), remote_error.data(), remote_error.size());
+  if (!err.empty()) {
+    fail_conn(conn, "connection to " + peer + " lost: " + err);
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (conn->broken || conn->inflight.empty() || conn->inflight.front() != msg) return;
+    conn->inflight.pop_front();
+  }
+  if (resp.status == 0 && msg->op == OpCode::kRead) {
+    if (resp.payload_bytes != msg->bytes) {
+      fail_conn(conn, "peer " + peer + " answered a READ with the wrong size");
+      msg->complete(false, "peer " + peer + " answered a READ with the wrong size");
+      return;
+    }
+    std::vector<iovec> iov;
+    iov.reserve(msg->requests.size());
+    for (const Request& r : msg->requests) iov.push_back({reinterpret_cast<void*>(r.local), r.length});
+    err = recv_all(conn->sock.fd(), iov.data(), iov.size());
+    if (!err.empty()) {
+      msg->complete(false, "connection to " + peer + " lost during READ: " + err);
+      fail_conn(conn, "connection to " + peer + " lost: " + err);
+      return;
+    }
+  } else if (resp.payload_bytes > 0) {
+    err = discard_bytes(conn->sock.fd(), resp.payload_bytes);
+    if (!err.empty()) fail_conn(conn, "connection to " + peer + " lost: " + err);
+  }
+  if (resp.status == 0)
+    msg->complete(true, "");
+  else
+    msg->complete(false, "peer " + peer + " refused " + op_name(msg->op) + ": " + remote_error);
+}
+
+}  // namespace mooncake_vllm::tcp

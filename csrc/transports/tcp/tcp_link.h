@@ -1,0 +1,80 @@
+// One TCP connection slot to a peer: a sender thread streams queued messages back to back, a
+// receiver thread matches responses (in order) to them, so requests are pipelined and acked
+// per message, never per block.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mooncake_vllm/batch.h"
+#include "mooncake_vllm/region_registry.h"
+#include "socket_io.h"
+
+namespace mooncake_vllm::tcp {
+
+// One request message: a part of a batch for one connection.
+struct Message {
+  OpCode op;
+  std::vector<Request> requests;
+  uint64_t bytes = 0;
+  std::shared_ptr<Batch> batch;
+  LeaseSet leases;  // local regions, held while their memory is read (WRITE) or written (READ)
+  std::atomic<bool> completed{false};
+  void complete(bool ok, const std::string& error) {
+    if (completed.exchange(true)) return;
+    leases.clear();
+    batch->part_done(ok, error);
+  }
+};
+
+struct LinkSettings {
+  std::string endpoint;
+  std::string token;
+  double timeout_s;
+};
+
+class Link : public std::enable_shared_from_this<Link> {
+ public:
+  Link(RegionRegistry& registry, LinkSettings settings, int index);
+  ~Link();
+  void start();
+  void enqueue(std::shared_ptr<Message> msg);
+  // Shuts the current connection down: its in-flight messages fail with `reason`; queued ones
+  // go out on a fresh connection.
+  void abort(const std::string& reason);
+  void stop();
+  void set_endpoint(const std::string& endpoint);
+
+ private:
+  struct Conn {
+    Socket sock;
+    bool broken = false;
+    uint64_t next_seq = 1;
+    std::deque<std::shared_ptr<Message>> inflight;
+  };
+  void sender_loop();
+  void receiver_loop();
+  std::shared_ptr<Conn> ensure_connected(const std::shared_ptr<Message>& msg);
+  void fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reason);
+  void send_message(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg);
+  void receive_response(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg);
+
+  RegionRegistry& registry_;
+  LinkSettings settings_;
+  const int index_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Message>> queue_;
+  std::shared_ptr<Conn> conn_;
+  bool stop_ = false;
+  std::thread sender_;
+  std::thread receiver_;
+};
+
+}  // namespace mooncake_vllm::tcp

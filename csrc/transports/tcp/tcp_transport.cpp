@@ -1,0 +1,125 @@
+#include "tcp_transport.h"
+
+#include "auth.h"
+#include "mooncake_vllm/request_planner.h"
+#include "wire.h"
+
+namespace mooncake_vllm::tcp {
+
+namespace {
+// A batch smaller than this goes over one connection as one message: splitting it would cost
+// more in per-message work than the parallel streams gain.
+constexpr uint64_t kMinStripeBytes = 512 * 1024;
+// Large parts keep the per-message overhead negligible while leaving every connection
+// several parts of a 64 MiB transfer to pipeline.
+constexpr uint64_t kMaxPartBytes = 16ull << 20;
+constexpr size_t kMaxPartRequests = 4096;
+}  // namespace
+
+TcpTransport::TcpTransport(RegionRegistry& registry, const EngineConfig& config)
+    : registry_(registry),
+      config_(config),
+      server_(registry, config.hostname, config.port, config.cluster_token,
+              std::min(config.timeout_s, 10.0)) {}
+
+TcpTransport::~TcpTransport() { stop(); }
+
+std::string TcpTransport::start() {
+  uint16_t port = server_.start();
+  std::string host = config_.hostname;
+  if (host.find(':') != std::string::npos) host = "[" + host + "]";
+  return host + ":" + std::to_string(port);
+}
+
+void TcpTransport::open_peer(const std::shared_ptr<Peer>& peer) {
+  std::lock_guard lock(mu_);
+  if (stopped_) throw TransferError("engine closed");
+  auto& entry = peers_[peer->handle];
+  if (entry) {
+    for (auto& link : entry->links) link->set_endpoint(peer->desc.endpoint);
+    return;
+  }
+  entry = std::make_shared<PeerLinks>();
+  int count = std::max(1, config_.connections_per_peer);
+  for (int i = 0; i < count; ++i) {
+    auto link = std::make_shared<Link>(
+        registry_, LinkSettings{peer->desc.endpoint, config_.cluster_token, config_.timeout_s}, i);
+    link->start();
+    entry->links.push_back(std::move(link));
+  }
+}
+
+void TcpTransport::submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+                          std::vector<Request> requests) {
+  std::shared_ptr<PeerLinks> links;
+  {
+    std::lock_guard lock(mu_);
+    if (stopped_) throw TransferError("engine closed");
+    links = peers_.at(peer->handle);
+  }
+  auto merged = coalesce_adjacent(requests);
+  int lanes = static_cast<int>(links->links.size());
+  uint32_t first = links->next_lane.fetch_add(1);
+  auto parts = plan_parts(merged, lanes, static_cast<int>(first % lanes),
+                          PlanLimits{kMinStripeBytes, kMaxPartBytes, kMaxPartRequests});
+  batch->set_parts(static_cast<int>(parts.size()));
+  std::vector<bool> used(lanes, false);
+  for (auto& part : parts) {
+    auto msg = std::make_shared<Message>();
+    msg->op = batch->op();
+    msg->requests = std::move(part.requests);
+    msg->bytes = part.bytes;
+    msg->batch = batch;
+    if (!used[part.lane]) {
+      used[part.lane] = true;
+      std::weak_ptr<Link> weak = links->links[part.lane];
+      batch->add_abort_hook([weak] {
+        if (auto link = weak.lock()) link->abort("batch deadline passed");
+      });
+    }
+    links->links[part.lane]->enqueue(std::move(msg));
+  }
+}
+
+void TcpTransport::stop() {
+  std::map<uint64_t, std::shared_ptr<PeerLinks>> peers;
+  {
+    std::lock_guard lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    peers.swap(peers_);
+  }
+  for (auto& [handle, entry] : peers)
+    for (auto& link : entry->links) link->stop();
+  server_.stop();
+}
+
+std::string control_call(const std::string& endpoint, const std::string& token,
+                         const std::string& request, double timeout_s) {
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_s));
+  Socket sock = connect_to(endpoint, deadline);
+  client_handshake(sock.fd(), endpoint, token, timeout_s);
+  set_recv_timeout(sock.fd(), timeout_s);
+  RequestHeader header{};
+  header.magic = kMagic;
+  header.op = static_cast<uint8_t>(WireOp::kControl);
+  header.seq = 1;
+  header.total_bytes = request.size();
+  iovec iov[2] = {{&header, sizeof(header)}, {const_cast<char*>(request.data()), request.size()}};
+  std::string err = send_all(sock.fd(), iov, 2);
+  ResponseHeader resp{};
+  if (err.empty()) err = recv_bytes(sock.fd(), &resp, sizeof(resp));
+  if (err.empty() && resp.magic != kMagic) err = "malformed response";
+  std::string remote_error(err.empty() ? resp.error_len : 0, '\0');
+  if (err.empty() && !remote_error.empty())
+    err = recv_bytes(sock.fd(), remote_error.data(), remote_error.size());
+  std::string reply(err.empty() ? resp.payload_bytes : 0, '\0');
+  if (err.empty() && !reply.empty()) err = recv_bytes(sock.fd(), reply.data(), reply.size());
+  if (!err.empty()) throw TransferError("control request to " + endpoint + ": " + err);
+  if (resp.status != 0)
+    throw TransferError("peer " + endpoint + " refused control request: " + remote_error);
+  return reply;
+}
+
+}  // namespace mooncake_vllm::tcp
