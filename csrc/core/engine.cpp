@@ -107,6 +107,7 @@ uint64_t TransferEngine::open_segment(const SegmentDescriptor& desc) {
   check_open();
   if (desc.name.empty()) throw InvalidArgument("segment descriptor has an empty 'name'");
   if (desc.endpoint.empty()) throw InvalidArgument("segment descriptor has an empty 'endpoint'");
+  tcp::split_endpoint(desc.endpoint);  // throws InvalidArgument naming a malformed endpoint
   if (desc.protocol != protocol_)
     throw InvalidArgument("segment '" + desc.name + "' speaks '" + desc.protocol +
                           "' but this engine uses '" + protocol_ + "'");

@@ -28,8 +28,11 @@ def sha256(array: np.ndarray) -> str:
 class PeerProcess:
     """An engine with one registered buffer, in a child process."""
 
-    def __init__(self, size: int, token: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, size: int, token: str | None = None, timeout_s: float = 10.0, port: int = 0
+    ) -> None:
         cmd = [sys.executable, str(PEER_SCRIPT), "--size", str(size), "--timeout", str(timeout_s)]
+        cmd += ["--port", str(port)]
         if token:
             cmd += ["--token", token]
         self.proc = subprocess.Popen(

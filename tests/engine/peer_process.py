@@ -1,6 +1,6 @@
 """A transfer engine in its own process, driven by JSON lines on stdin (tests and benchmark).
 
-Start: python peer_process.py --size BYTES [--token T] [--timeout S] [--connections N]
+Start: python peer_process.py --size BYTES [--port P] [--token T] [--timeout S] [--connections N]
 First stdout line: {"descriptor": {...}, "base": ADDR}. Then one JSON answer per command:
   {"cmd": "fill", "offset": O, "length": N, "seed": S}   deterministic bytes at O
   {"cmd": "digest", "offset": O, "length": N}            sha256 hex of the bytes at O
@@ -30,10 +30,12 @@ def main() -> int:
     parser.add_argument("--token", default=None)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     buffer = np.zeros(args.size, dtype=np.uint8)
     engine = TransferEngine(
         protocol="tcp",
+        port=args.port,
         cluster_token=args.token,
         timeout_s=args.timeout,
         connections_per_peer=args.connections,

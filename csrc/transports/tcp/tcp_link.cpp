@@ -1,10 +1,19 @@
 #include "tcp_link.h"
 
+#include <poll.h>
+
 #include "auth.h"
 #include "mooncake_vllm/log.h"
 #include "wire.h"
 
 namespace mooncake_vllm::tcp {
+
+namespace {
+bool peer_hung_up(int fd) {
+  pollfd pfd{fd, POLLIN | POLLRDHUP, 0};
+  return ::poll(&pfd, 1, 0) > 0;
+}
+}  // namespace
 
 Link::Link(RegionRegistry& registry, LinkSettings settings, int index)
     : registry_(registry), settings_(std::move(settings)), index_(index) {}
@@ -83,11 +92,18 @@ void Link::fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reaso
 
 std::shared_ptr<Link::Conn> Link::ensure_connected(const std::shared_ptr<Message>& msg) {
   std::string endpoint;
+  std::shared_ptr<Conn> stale;
   {
     std::lock_guard lock(mu_);
-    if (conn_ && !conn_->broken) return conn_;
+    if (conn_ && !conn_->broken) {
+      // An idle connection whose peer went away (restart, crash) shows up as readable: the
+      // server never speaks first. Drop it and reconnect instead of failing the next batch.
+      if (!conn_->inflight.empty() || !peer_hung_up(conn_->sock.fd())) return conn_;
+      stale = conn_;
+    }
     endpoint = settings_.endpoint;
   }
+  if (stale) fail_conn(stale, "peer closed the idle connection");
   auto conn = std::make_shared<Conn>();
   auto deadline = msg->batch->deadline();
   double left = std::chrono::duration<double>(deadline - Clock::now()).count();
