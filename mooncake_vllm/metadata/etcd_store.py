@@ -19,7 +19,7 @@ How it behaves:
   falls between the two. Lookups read only this cache. Our own writes wait (bounded) until
   the watch has delivered them, so a reader sees what it just wrote.
 - Faults: when the watch or a renewal fails (etcd down, restarted, partitioned), lookups keep
-  answering from the cache while the thread reconnects with backoff (0.1 s doubling to 2 s).
+  answering from the cache while the thread reconnects with backoff (0.1 s doubling to 1 s).
   Once etcd answers it renews the old lease if etcd still has it, else grants a new one;
   re-puts every key of ours that is missing or stale; lists the prefix again and hands the
   watchers a "put"/"delete" for every difference. Writes made while offline are kept and
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 MIN_TTL_S = 2  # etcd rounds shorter leases up to about this anyway
 _BACKOFF_START_S = 0.1
-_BACKOFF_MAX_S = 2.0
+_BACKOFF_MAX_S = 1.0
 
 Change = tuple[InstanceEvent, InstanceInfo]
 

@@ -174,9 +174,15 @@ class EtcdServer:
         """SIGKILL: a crash. Keeps the data dir."""
         self._terminate(signal.SIGKILL, 5.0)
 
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop, stay down `down_s` seconds, start again on the same ports and data dir."""
+    def restart(self, down_s: float = 0.0, wipe_data: bool = False) -> None:
+        """Stop, stay down `down_s` seconds, start again on the same ports and data dir.
+
+        `wipe_data=True` starts from an empty data dir instead: a rebuilt etcd that knows
+        none of the old keys or leases (auth, if enabled, is set up again)."""
         self.stop()
+        if wipe_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self._auth_done = False
         if down_s > 0:
             time.sleep(down_s)
         self.start()
