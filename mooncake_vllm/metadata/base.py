@@ -120,6 +120,9 @@ class InstanceInfo:
             if not isinstance(getattr(self, name), dict):
                 raise MalformedValueError(f"{name} must be an object")
 
+    def __hash__(self) -> int:  # the dict fields are unhashable; equal records share an id
+        return hash(self.instance_id)
+
     def serves(self, role: str | None) -> bool:
         """True when this instance can take `role` work ("both" serves either)."""
         return role is None or self.role == role or self.role == "both"

@@ -5,7 +5,8 @@ authenticated read of our prefix (which proves reachability, TLS, credentials an
 at once). A connection is never repaired: after any failure the caller drops it and connects
 anew. That sidesteps three habits of pyetcd's client: it marks a failed endpoint unusable for
 300 s, it authenticates only once (etcd forgets "simple" auth tokens when it restarts), and
-its channels would otherwise share gRPC's global reconnect backoff.
+its channels would otherwise share gRPC's global reconnect backoff. A fourth, its use of gRPC
+call credentials for the auth token, is undone in `connect()` (see there).
 """
 
 from __future__ import annotations
@@ -149,6 +150,11 @@ def connect(settings: EtcdSettings, probe_key: str,
                 user=settings.user, password=settings.password,
                 grpc_options=_GRPC_OPTIONS,
             )
+            # pyetcd sends the auth token twice: as plain request metadata and as gRPC call
+            # credentials. gRPC refuses call credentials on a plain (non-TLS) channel, which
+            # would make user/password unusable without TLS; the metadata alone is what
+            # etcd reads, so drop the call credentials.
+            client.call_credentials = None
             client.get(probe_key)
             return EtcdConnection(client, ep)
         except (grpc.RpcError, etcd_exc.Etcd3Exception, OSError, ValueError) as e:

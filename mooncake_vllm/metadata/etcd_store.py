@@ -151,7 +151,8 @@ class EtcdMetadata(MetadataStore):
             self._closed = True
         self._stop.set()
         self._inbox.put(None)
-        self._thread.join(timeout=4 * self._settings.timeout_s + 2)
+        if threading.current_thread() is not self._thread:  # close() from a watch callback
+            self._thread.join(timeout=4 * self._settings.timeout_s + 2)
         with self._write_lock:
             conn, self._conn = self._conn, None
             lease, self._own = self._lease_id, {}

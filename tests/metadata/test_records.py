@@ -26,6 +26,7 @@ def test_instance_round_trips_through_json() -> None:
     assert json.loads(raw)["schema"] == SCHEMA_VERSION
     assert InstanceInfo.from_json(raw) == info
     assert InstanceInfo.from_json(raw).kv_layout == info.kv_layout
+    assert {info, InstanceInfo.from_json(raw)} == {info}  # hashable despite its dict fields
 
 
 def test_instance_ignores_unknown_fields_from_a_newer_writer() -> None:
