@@ -45,6 +45,7 @@ from .base import (
     MetadataConfigError,
     MetadataError,
     MetadataStore,
+    MetadataUnavailableError,
     decode_segment,
     encode_segment,
 )
@@ -96,7 +97,15 @@ class EtcdMetadata(MetadataStore):
         self._inbox: queue.Queue[tuple[int, Any] | None] = queue.Queue()
         self._stop = threading.Event()
         self._online = threading.Event()
-        self._establish()  # the first connection is synchronous: fail loudly at start
+        try:  # the first connection is synchronous: fail loudly at start
+            self._establish()
+        except MetadataError:
+            raise
+        except Exception as e:  # reachable, but the lease/list/watch set-up was refused
+            raise MetadataUnavailableError(
+                f"etcd at {settings.endpoint_list}: setting up namespace {namespace!r} failed "
+                f"({describe_error(e)}); check the user's permissions on {self._keys.prefix}"
+            ) from e
         self._thread = threading.Thread(
             target=self._run, name=f"mooncake-etcd-{namespace}", daemon=True
         )

@@ -127,15 +127,17 @@ def test_a_lease_lost_while_etcd_stays_up_is_regranted(etcd_server: EtcdServer) 
             open_metadata(etcd_server.url, ttl_s=3) as watcher:
         owner.register_instance(make_info("p0"))
         owner.publish_segment("seg-p0", {"name": "seg-p0"})
+        wait_until(lambda: watcher.get_instance("p0") is not None, 3, "p0 seen")
         log = EventLog()
         watcher.watch_instances(log)
+        assert log.pairs() == [("put", "p0")]
         old_lease = owner.lease_id  # type: ignore[attr-defined]
         etcd_server.etcdctl("lease", "revoke", f"{old_lease:x}")
         wait_until(lambda: log.seen("delete", "p0") is not None, 3, "delete on revoke")
         # The next renewal (every TTL/3) finds the lease gone: new lease, keys written again.
         wait_until(lambda: len([e for e in log.pairs() if e == ("put", "p0")]) == 2, 5,
                    "p0 back under a new lease")
-        assert owner.lease_id != old_lease  # type: ignore[attr-defined]
+        wait_until(lambda: owner.lease_id != old_lease, 1, "a new lease id")  # type: ignore[attr-defined]
         wait_until(lambda: watcher.get_segment("seg-p0") is not None, 3, "segment back")
 
 
