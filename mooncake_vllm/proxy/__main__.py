@@ -1,0 +1,100 @@
+"""`mooncake-vllm proxy` / `python -m mooncake_vllm.proxy`: run the conductor.
+
+    mooncake-vllm proxy --port 8000 --prefill http://p1:8100 --decode http://d1:8200
+    mooncake-vllm proxy --port 8000 --metadata-server etcd://10.0.0.5:2379
+    mooncake-vllm proxy --port 8000 --both http://a:8100 --both http://b:8100   # no P/D split
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from .config import POLICIES, ProxyConfig, ProxyConfigError
+
+
+def parse_args(argv: list[str] | None) -> ProxyConfig:
+    ap = argparse.ArgumentParser(prog="mooncake-vllm proxy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ProxyConfig()
+    ap.add_argument("--host", default=d.host)
+    ap.add_argument("--port", type=int, default=d.port)
+    ap.add_argument("--prefill", action="append", default=[], metavar="URL",
+                    help="prefill instance (repeatable)")
+    ap.add_argument("--decode", action="append", default=[], metavar="URL",
+                    help="decode instance (repeatable)")
+    ap.add_argument("--both", action="append", default=[], metavar="URL",
+                    help="instance that serves requests alone, without disaggregation")
+    ap.add_argument("--metadata-server", default="", metavar="etcd://HOST:PORT",
+                    help="discover instances in etcd (they may come and go)")
+    ap.add_argument("--namespace", default=d.namespace)
+    ap.add_argument("--policy", choices=POLICIES, default=d.policy)
+    ap.add_argument("--slo-ttft-s", type=float, default=None,
+                    help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer (model path) for exact prefix blocks; else text chunks")
+    ap.add_argument("--block-tokens", type=int, default=d.block_tokens,
+                    help="tokens per prefix block (vLLM's --block-size)")
+    ap.add_argument("--prefix-capacity-blocks", type=int, default=d.prefix_capacity_blocks)
+    ap.add_argument("--health-interval-s", type=float, default=d.health_interval_s)
+    ap.add_argument("--health-timeout-s", type=float, default=d.health_timeout_s)
+    ap.add_argument("--connect-timeout-s", type=float, default=d.connect_timeout_s)
+    ap.add_argument("--prefill-timeout-s", type=float, default=d.prefill_timeout_s)
+    ap.add_argument("--first-token-timeout-s", type=float, default=d.first_token_timeout_s)
+    ap.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_s)
+    ap.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    ap.add_argument("--prior-tokens-per-s", type=float, default=d.prior_tokens_per_s)
+    ap.add_argument("--prior-overhead-s", type=float, default=d.prior_overhead_s)
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ProxyConfig(
+        host=a.host, port=a.port, prefill_urls=tuple(a.prefill), decode_urls=tuple(a.decode),
+        both_urls=tuple(a.both), metadata_server=a.metadata_server, namespace=a.namespace,
+        policy=a.policy, slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
+        block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
+        health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,
+        connect_timeout_s=a.connect_timeout_s, prefill_timeout_s=a.prefill_timeout_s,
+        first_token_timeout_s=a.first_token_timeout_s, idle_timeout_s=a.idle_timeout_s,
+        max_attempts=a.max_attempts, prior_tokens_per_s=a.prior_tokens_per_s,
+        prior_overhead_s=a.prior_overhead_s,
+    ).validate()
+
+
+async def _run(config: ProxyConfig) -> None:
+    from .app import start_server
+
+    runner, port = await start_server(config)
+    print(f"mooncake-vllm proxy listening on http://{config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except ProxyConfigError as e:
+        print(f"mooncake-vllm proxy: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_run(config))
+    except OSError as e:  # port in use, metadata store unreachable, ...
+        print(f"mooncake-vllm proxy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

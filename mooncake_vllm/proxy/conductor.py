@@ -1,0 +1,97 @@
+"""The conductor's state: configuration, instances, policy, admission, metrics, HTTP session.
+
+One object, owned by the aiohttp app, started and stopped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from .admission import Admission
+from .config import ProxyConfig
+from .discovery import Discovery, add_static
+from .health import HealthChecker
+from .metrics import ProxyMetrics
+from .prompt import PromptHasher, PromptKey
+from .routing import Policy, PrefillChoice, make_policy
+from .ttft_model import TtftModel
+from .upstreams import Instance, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    prefill: PrefillChoice  # the prefill instance, or the "both" instance that serves alone
+    decode: Instance | None  # None: served alone, without disaggregation
+
+
+class Conductor:
+    def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
+        self.config = config.validate()
+        self.metrics = ProxyMetrics()
+        self.registry = Registry(
+            config.prefix_capacity_blocks,
+            ttft_factory=lambda: TtftModel(config.prior_overhead_s, config.prior_tokens_per_s),
+        )
+        self.registry.listeners.append(self._on_instance)
+        self.policy = policy or make_policy(config.policy)
+        self.admission = Admission(config.slo_ttft_s, self.metrics)
+        self.hasher = PromptHasher(config.tokenizer, config.block_tokens, config.chars_per_block)
+        self.session: aiohttp.ClientSession | None = None
+        self.health: HealthChecker | None = None
+        self.discovery: Discovery | None = None
+        self.probe_locks: dict[str, asyncio.Lock] = {}
+
+    def _on_instance(self, event: str, inst: Instance) -> None:
+        if event == "put":
+            self.metrics.healthy.labels(inst.instance_id, inst.role).set(1 if inst.healthy else 0)
+        else:
+            self.metrics.healthy.labels(inst.instance_id, inst.role).set(0)
+            self.probe_locks.pop(inst.instance_id, None)
+
+    async def start(self) -> None:
+        cfg = self.config
+        # No pool limit: every client request holds its upstream connections for its lifetime.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s),
+        )
+        add_static(self.registry, "prefill", cfg.prefill_urls)
+        add_static(self.registry, "decode", cfg.decode_urls)
+        add_static(self.registry, "both", cfg.both_urls)
+        if cfg.metadata_server:
+            self.discovery = Discovery(self.registry, cfg.metadata_server, cfg.namespace)
+            # open_metadata blocks (bounded by its own connect deadline): keep the loop free.
+            await asyncio.to_thread(self.discovery.start, asyncio.get_running_loop())
+        self.health = HealthChecker(self.registry, self.session, self.metrics,
+                                    cfg.health_interval_s, cfg.health_timeout_s)
+        self.health.start()
+        log.info("conductor: policy %s, prefix hashing by %s, SLO %s", self.policy.name,
+                 self.hasher.mode, cfg.slo_ttft_s)
+
+    async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
+        if self.discovery is not None:
+            await asyncio.to_thread(self.discovery.close)
+        if self.session is not None:
+            await self.session.close()
+
+    def route(self, key: PromptKey, exclude: set[str]) -> Route | None:
+        """Disaggregated when prefill and decode instances are up; else a "both" instance alone."""
+        def up(role: str) -> list[Instance]:
+            return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
+
+        prefill, decode = up("prefill"), up("decode")
+        if prefill and decode:
+            return Route(self.policy.choose_prefill(prefill, key),
+                         self.policy.choose_decode(decode))
+        both = up("both")
+        if both:
+            return Route(self.policy.choose_prefill(both, key), None)
+        return None

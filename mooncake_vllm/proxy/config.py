@@ -1,0 +1,84 @@
+"""ProxyConfig: the conductor's settings, parsed once from the command line and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("cache_aware", "least_loaded", "round_robin")
+
+
+class ProxyConfigError(ValueError):
+    """A setting that cannot be used; the message names it and the bad value."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Static instances (URLs). "both" instances serve a request alone, without disaggregation.
+    prefill_urls: tuple[str, ...] = ()
+    decode_urls: tuple[str, ...] = ()
+    both_urls: tuple[str, ...] = ()
+    # Discovery: "etcd://host:port" (instances appear and vanish without a restart).
+    metadata_server: str = ""
+    namespace: str = "default"
+    policy: str = "cache_aware"
+    # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
+    # None: admit everything (predictions are still made and exported).
+    slo_ttft_s: float | None = None
+    # Prefix hashing: a tokenizer (path or hub name) gives exact token blocks; without one the
+    # prompt text is hashed in character chunks. See prompt.py.
+    tokenizer: str | None = None
+    block_tokens: int = 32
+    chars_per_block: int = 128
+    prefix_capacity_blocks: int = 8192
+    # Health checks and load scraping.
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0
+    # Deadlines on every upstream wait.
+    connect_timeout_s: float = 5.0
+    probe_timeout_s: float = 30.0
+    prefill_timeout_s: float = 120.0
+    first_token_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    max_attempts: int = 3
+    # TTFT model prior (seconds = overhead + tokens / rate) until instances have shown theirs.
+    prior_overhead_s: float = 0.05
+    prior_tokens_per_s: float = 2000.0
+
+    def validate(self) -> ProxyConfig:
+        def bad(key: str, why: str) -> ProxyConfigError:
+            return ProxyConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        if not (self.prefill_urls or self.decode_urls or self.both_urls or self.metadata_server):
+            raise ProxyConfigError(
+                "no instances: give --metadata-server etcd://HOST:PORT, or --prefill URL and "
+                "--decode URL (repeatable), or --both URL"
+            )
+        if bool(self.prefill_urls) != bool(self.decode_urls):
+            raise ProxyConfigError(
+                f"--prefill {list(self.prefill_urls)} and --decode {list(self.decode_urls)}: "
+                "disaggregated serving needs at least one of each"
+            )
+        for url in (*self.prefill_urls, *self.decode_urls, *self.both_urls):
+            if not url.startswith(("http://", "https://")):
+                raise ProxyConfigError(f"instance URL {url!r}: expected http://HOST:PORT")
+        if self.metadata_server and not self.metadata_server.startswith(
+            ("etcd://", "etcds://", "http://", "https://")
+        ):
+            raise bad("metadata_server", "expected etcd://HOST:PORT")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"expected one of {', '.join(POLICIES)}")
+        if self.slo_ttft_s is not None and not self.slo_ttft_s > 0:
+            raise bad("slo_ttft_s", "must be a positive number of seconds")
+        for key in ("block_tokens", "chars_per_block", "prefix_capacity_blocks", "max_attempts"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s",
+                    "probe_timeout_s", "prefill_timeout_s", "first_token_timeout_s",
+                    "idle_timeout_s", "prior_overhead_s", "prior_tokens_per_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be positive")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "a TCP port is 0..65535")
+        return self

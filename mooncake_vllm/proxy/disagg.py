@@ -1,0 +1,382 @@
+"""One request's path through the conductor.
+
+Disaggregated: make a transfer id; send the prefill instance the request with `max_tokens=1`,
+`stream=false` and `kv_transfer_params={do_remote_decode, transfer_id}`, and at the same time the
+decode instance the request with `{do_remote_prefill, transfer_id, remote_control}`; relay the
+decode instance's answer. Alone ("both" instance): relay that instance's answer.
+
+Failure rules:
+- Until the first byte of the answer has been written to the client nothing is committed: an
+  upstream that fails (connection error, 5xx, deadline, stream ending empty) makes the request
+  start over on other instances (both halves, with a new transfer id), up to `max_attempts`.
+- After that, an upstream failure ends the stream with an SSE error event.
+- An upstream 4xx is the client's fault: relayed as is, no retry.
+- The client going away cancels the handler; every upstream response is then closed, which
+  makes vLLM abort the request and free its KV.
+- Every wait has a deadline: connect, probe, prefill, first token, and the gap between chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .conductor import Conductor, Route
+from .health import mark_down
+from .prompt import PromptKey
+from .upstreams import Instance, PrefillTicket, decode_slot
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, OSError)
+
+
+class UpstreamFailure(Exception):
+    """An upstream failed before anything reached the client: try another instance."""
+
+    def __init__(self, inst: Instance, role: str, kind: str, message: str,
+                 instance_down: bool = False) -> None:
+        super().__init__(f"{role} instance {inst.instance_id} ({inst.url}): {message}")
+        self.inst, self.role, self.kind, self.instance_down = inst, role, kind, instance_down
+
+
+class UpstreamRefused(Exception):
+    """An upstream answered 4xx: the request itself is at fault; relay the answer."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.response = web.Response(status=status, body=body, content_type=content_type)
+
+
+def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def error_response(status: int, message: str, kind: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(message, kind, status), status=status, headers=headers)
+
+
+@dataclass
+class Opened:
+    """An upstream answer up to the commit point."""
+
+    resp: aiohttp.ClientResponse
+    first: bytes = b""  # the first chunk of a stream
+    final: web.Response | None = None  # a complete (non-streamed) answer
+
+
+def _content_type(resp: aiohttp.ClientResponse) -> str:
+    return resp.content_type or "application/json"
+
+
+async def open_upstream(c: Conductor, inst: Instance, role: str, path: str,
+                        body: dict[str, Any], stream: bool) -> Opened:
+    """Send the request and read up to the first chunk (stream) or the whole answer."""
+    assert c.session is not None
+    cfg = c.config
+    try:
+        resp = await asyncio.wait_for(
+            c.session.post(inst.url + path, json=body), cfg.first_token_timeout_s)
+    except asyncio.TimeoutError as e:
+        raise UpstreamFailure(inst, role, "timeout", "no response headers within "
+                              f"{cfg.first_token_timeout_s:.0f}s") from e
+    except _CONNECTION_ERRORS as e:
+        raise UpstreamFailure(inst, role, "connect", f"{type(e).__name__}: {e}",
+                              instance_down=True) from e
+    try:
+        if resp.status >= 400:
+            data = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
+            resp.release()
+            if resp.status >= 500:
+                raise UpstreamFailure(inst, role, f"http_{resp.status}",
+                                      f"answered {resp.status}: {data[:300]!r}")
+            raise UpstreamRefused(resp.status, data, _content_type(resp))
+        if stream and resp.content_type == "text/event-stream":
+            first = await asyncio.wait_for(resp.content.readany(), cfg.first_token_timeout_s)
+            if not first:
+                raise UpstreamFailure(inst, role, "empty", "stream ended before any data")
+            return Opened(resp, first=first)
+        data = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
+        resp.release()
+        return Opened(resp, final=web.Response(status=resp.status, body=data,
+                                               content_type=_content_type(resp)))
+    except asyncio.TimeoutError as e:
+        resp.close()
+        raise UpstreamFailure(inst, role, "timeout", "no first token within "
+                              f"{cfg.first_token_timeout_s:.0f}s") from e
+    except (aiohttp.ClientError, OSError) as e:
+        resp.close()
+        raise UpstreamFailure(inst, role, "broken", f"{type(e).__name__}: {e}",
+                              instance_down=isinstance(e, _CONNECTION_ERRORS)) from e
+    except BaseException:
+        resp.close()  # cancelled (client gone) or refused: vLLM aborts the request
+        raise
+
+
+def _sse_error(message: str) -> bytes:
+    event = error_body(message, "upstream_error", 502)
+    return f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+
+
+async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
+                       opened: Opened) -> web.StreamResponse:
+    """Past the commit point: relay chunks as they come; never buffer the stream."""
+    out = web.StreamResponse(status=opened.resp.status, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})
+    resp = opened.resp
+    finished = False
+    try:
+        await out.prepare(request)
+        await out.write(opened.first)
+        tail = opened.first[-32:]
+        while True:
+            try:
+                chunk = await asyncio.wait_for(resp.content.readany(), c.config.idle_timeout_s)
+            except asyncio.TimeoutError:
+                problem = f"no data for {c.config.idle_timeout_s:.0f}s"
+            except (aiohttp.ClientError, OSError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if chunk:
+                    await out.write(chunk)
+                    tail = (tail + chunk)[-32:]
+                    continue
+                if b"[DONE]" in tail:
+                    finished = True
+                    break
+                problem = "stream ended without [DONE]"
+            log.warning("instance %s failed mid-stream: %s", inst.instance_id, problem)
+            c.metrics.upstream_errors.labels(inst.instance_id, inst.role, "mid_stream").inc()
+            await out.write(_sse_error(f"instance {inst.instance_id} failed mid-stream: "
+                                       f"{problem}"))
+            break
+        await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        log.info("client went away mid-stream; aborting upstream on %s", inst.instance_id)
+    finally:
+        if finished:
+            resp.release()
+        else:
+            resp.close()
+    return out
+
+
+def prefill_body(body: dict[str, Any], tid: str) -> dict[str, Any]:
+    p = dict(body)
+    p["max_tokens"] = 1
+    if "max_completion_tokens" in p:
+        p["max_completion_tokens"] = 1
+    p["stream"] = False
+    p.pop("stream_options", None)
+    p["kv_transfer_params"] = {"do_remote_decode": True, "transfer_id": tid}
+    return p
+
+
+async def _post_json(c: Conductor, inst: Instance, role: str, path: str, body: dict[str, Any],
+                     timeout_s: float) -> dict[str, Any]:
+    assert c.session is not None
+    try:
+        async with c.session.post(inst.url + path, json=body,
+                                  timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            data = await r.read()
+            if r.status >= 500:
+                raise UpstreamFailure(inst, role, f"http_{r.status}",
+                                      f"answered {r.status}: {data[:300]!r}")
+            if r.status >= 400:
+                raise UpstreamRefused(r.status, data, _content_type(r))
+            return dict(json.loads(data))
+    except asyncio.TimeoutError as e:
+        raise UpstreamFailure(inst, role, "timeout", f"no answer within {timeout_s:.0f}s") from e
+    except ValueError as e:
+        raise UpstreamFailure(inst, role, "bad_json", f"answer is not JSON: {e}") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise UpstreamFailure(inst, role, "connect", f"{type(e).__name__}: {e}",
+                              instance_down=True) from e
+
+
+def _learn_remote_control(inst: Instance, answer: dict[str, Any]) -> None:
+    params = answer.get("kv_transfer_params")
+    rc = params.get("remote_control") if isinstance(params, dict) else None
+    if isinstance(rc, dict) and rc and (inst.remote_control is None
+                                        or inst.remote_control_from_probe):
+        # Every prefill answer carries it: a restarted instance corrects our cache here.
+        inst.remote_control, inst.remote_control_from_probe = rc, True
+
+
+async def remote_control(c: Conductor, inst: Instance, model: Any) -> dict[str, Any]:
+    """P's control description: from discovery, else from a one-token probe (cached)."""
+    if inst.remote_control:
+        return inst.remote_control
+    lock = c.probe_locks.setdefault(inst.instance_id, asyncio.Lock())
+    async with lock:
+        if inst.remote_control:
+            return inst.remote_control
+        body: dict[str, Any] = {
+            "prompt": "probe", "max_tokens": 1, "stream": False,
+            "kv_transfer_params": {"do_remote_decode": True, "probe": True},
+        }
+        if model is not None:
+            body["model"] = model
+        answer = await _post_json(c, inst, "prefill", "/v1/completions", body,
+                                  c.config.probe_timeout_s)
+        _learn_remote_control(inst, answer)
+        if not inst.remote_control:
+            raise UpstreamFailure(
+                inst, "prefill", "no_remote_control",
+                "its answer carries no kv_transfer_params.remote_control: is it running "
+                "MooncakeVllmConnector with kv_role kv_producer?")
+        return inst.remote_control
+
+
+class RequestRun:
+    """One attempt on one route; records TTFT against the prediction made for it."""
+
+    def __init__(self, c: Conductor, request: web.Request, route: Route, key: PromptKey,
+                 path: str, body: dict[str, Any], stream: bool, started: float) -> None:
+        self.c, self.request, self.route, self.key = c, request, route, key
+        self.path, self.body, self.stream, self.started = path, body, stream, started
+        self.ticket = PrefillTicket(route.prefill.instance, route.prefill.new_tokens)
+        self._ttft_seen = False
+
+    def first_output(self) -> None:
+        """The first answer byte is on its way to the client (or the prefill is done)."""
+        if self._ttft_seen:
+            return
+        self._ttft_seen = True
+        ttft = time.monotonic() - self.started
+        choice = self.route.prefill
+        choice.instance.ttft.observe(self.ticket.work_tokens, ttft)
+        self.c.admission.record(choice.instance.instance_id, choice.predicted_ttft_s, ttft)
+        if self.stream:
+            self.c.metrics.ttft.observe(ttft)
+
+    async def alone(self) -> web.StreamResponse:
+        inst = self.route.prefill.instance
+        try:
+            with decode_slot(inst):
+                opened = await open_upstream(self.c, inst, "both", self.path, self.body,
+                                             self.stream)
+                self.ticket.close()
+                if opened.final is not None:
+                    return opened.final
+                self.first_output()
+                return await relay_stream(self.c, self.request, inst, opened)
+        finally:
+            self.ticket.close()
+
+    async def _prefill(self, p: Instance, tid: str) -> dict[str, Any]:
+        try:
+            answer = await _post_json(self.c, p, "prefill", self.path,
+                                      prefill_body(self.body, tid),
+                                      self.c.config.prefill_timeout_s)
+            _learn_remote_control(p, answer)
+            if not self.stream:
+                self.first_output()  # non-streamed: prefill done is the best TTFT we see
+            return answer
+        finally:
+            self.ticket.close()
+
+    async def disaggregated(self) -> web.StreamResponse:
+        p, d = self.route.prefill.instance, self.route.decode
+        assert d is not None
+        try:
+            rc = await remote_control(self.c, p, self.body.get("model"))
+        except BaseException:
+            self.ticket.close()
+            raise
+        tid = uuid.uuid4().hex
+        dbody = dict(self.body)
+        dbody["kv_transfer_params"] = {"do_remote_prefill": True, "transfer_id": tid,
+                                       "remote_control": rc}
+        p_task = asyncio.create_task(self._prefill(p, tid))
+        d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, dbody,
+                                                   self.stream))
+        committed = False
+        try:
+            with decode_slot(d):
+                await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
+                if p_task.done() and p_task.exception() is not None and not d_task.done():
+                    raise p_task.exception()  # type: ignore[misc]
+                opened = await d_task
+                if opened.final is not None:
+                    return opened.final
+                committed = True
+                self.first_output()
+                return await relay_stream(self.c, self.request, d, opened)
+        finally:
+            await _settle(p_task, graceful=committed)
+            await _settle(d_task, graceful=False)
+
+
+async def _settle(task: asyncio.Task[Any], graceful: bool) -> None:
+    """Let a half finish (briefly) after success; cancel it otherwise. Close what it opened."""
+    if graceful and not task.done():
+        await asyncio.wait({task}, timeout=5.0)
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        result = await task
+        if isinstance(result, Opened) and not result.resp.closed:
+            result.resp.close()
+
+
+async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, Any],
+                key: PromptKey) -> web.StreamResponse:
+    """Route, admit, and run the request, failing over while nothing has been sent."""
+    started = time.monotonic()
+    stream = bool(body.get("stream", False))
+    exclude: set[str] = set()
+    last: UpstreamFailure | None = None
+    for attempt in range(c.config.max_attempts):
+        route = c.route(key, exclude)
+        if route is None:
+            break
+        choice = route.prefill
+        if attempt == 0:
+            verdict = c.admission.judge(choice.instance.instance_id, choice.predicted_ttft_s)
+            if not verdict.admit:
+                return error_response(
+                    503, f"predicted time to first token {verdict.predicted_ttft_s:.2f}s "
+                    f"exceeds the SLO of {c.config.slo_ttft_s:.2f}s; retry later",
+                    "overloaded", headers={"Retry-After": str(verdict.retry_after_s)})
+        m = c.metrics
+        m.routing.labels(c.policy.name, choice.instance.role, choice.instance.instance_id).inc()
+        if route.decode is not None:
+            m.routing.labels(c.policy.name, "decode", route.decode.instance_id).inc()
+        m.prompt_tokens.inc(key.num_tokens)
+        m.cached_tokens.inc(choice.cached_tokens)
+        # From now on the chosen instance will hold this prompt's blocks.
+        choice.instance.prefix.insert(key.block_hashes)
+        run = RequestRun(c, request, route, key, path, body, stream, started)
+        try:
+            if route.decode is None:
+                return await run.alone()
+            return await run.disaggregated()
+        except UpstreamRefused as e:
+            return e.response
+        except UpstreamFailure as e:
+            last = e
+            log.warning("attempt %d failed: %s", attempt + 1, e)
+            m.upstream_errors.labels(e.inst.instance_id, e.role, e.kind).inc()
+            if e.instance_down:
+                mark_down(e.inst, str(e), m)
+            exclude.add(e.inst.instance_id)
+            m.failovers.labels(e.role).inc()
+    if last is not None:
+        return error_response(502, f"upstream failed on every attempt; last: {last}",
+                              "upstream_error")
+    c.metrics.rejections.labels("no_instance").inc()
+    return error_response(503, "no healthy instance can serve this request "
+                          "(need a prefill and a decode instance, or a 'both' instance)",
+                          "unavailable", headers={"Retry-After": "1"})

@@ -1,0 +1,106 @@
+"""Periodic health checks and load scraping.
+
+Each round, for every instance at once: GET /health (out of rotation on failure, back in when it
+answers again), GET /metrics (running and waiting requests, KV usage), and GET /v1/models until
+the served models are known. An instance that comes back after an outage may have restarted:
+its believed prefix cache and probed control endpoint are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .metrics import ProxyMetrics
+from .upstreams import Instance, Registry
+
+log = logging.getLogger(__name__)
+
+_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+}
+
+
+def parse_vllm_load(text: str) -> dict[str, float]:
+    """Sum each gauge of interest over its engines (labels)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        attr = _GAUGES.get(family.name)
+        if attr is None:
+            continue
+        vals = [s.value for s in family.samples if s.name == family.name]
+        if attr == "kv_usage":
+            out[attr] = max(vals, default=0.0)
+        else:
+            out[attr] = float(sum(vals))
+    return out
+
+
+def mark_down(inst: Instance, why: str, metrics: ProxyMetrics) -> None:
+    if inst.healthy:
+        log.warning("instance %s (%s) out of rotation: %s", inst.instance_id, inst.url, why)
+    inst.healthy = False
+    inst.last_error = why
+    metrics.healthy.labels(inst.instance_id, inst.role).set(0)
+
+
+def mark_up(inst: Instance, metrics: ProxyMetrics) -> None:
+    if not inst.healthy:
+        log.info("instance %s (%s) back in rotation", inst.instance_id, inst.url)
+        inst.forget_cache_state()
+    inst.healthy = True
+    inst.last_error = ""
+    metrics.healthy.labels(inst.instance_id, inst.role).set(1)
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, session: aiohttp.ClientSession,
+                 metrics: ProxyMetrics, interval_s: float, timeout_s: float) -> None:
+        self.registry = registry
+        self.session = session
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self, inst: Instance) -> None:
+        try:
+            async with self.session.get(inst.url + "/health", timeout=self.timeout) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"/health answered {r.status}")
+            async with self.session.get(inst.url + "/metrics", timeout=self.timeout) as r:
+                if r.status == 200:
+                    for attr, value in parse_vllm_load(await r.text()).items():
+                        setattr(inst, attr, value)
+            if not inst.models:
+                async with self.session.get(inst.url + "/v1/models", timeout=self.timeout) as r:
+                    if r.status == 200:
+                        data = await r.json()
+                        inst.models = [m["id"] for m in data.get("data", []) if "id" in m]
+        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
+            mark_down(inst, f"health check: {type(e).__name__}: {e}", self.metrics)
+            return
+        mark_up(inst, self.metrics)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(i) for i in self.registry), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the conductor, in a registry of its own (several proxies can live in one
+process, as in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+ERROR_BUCKETS = (-10.0, -2.0, -1.0, -0.5, -0.1, -0.02, 0.0, 0.02, 0.1, 0.5, 1.0, 2.0, 10.0)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "mooncake_proxy_"
+        self.requests = Counter(p + "requests", "Client requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=r)
+        self.rejections = Counter(p + "rejections", "Requests refused early, by reason",
+                                  ["reason"], registry=r)
+        self.routing = Counter(p + "routing_decisions",
+                               "Instances chosen, by policy and role",
+                               ["policy", "role", "instance"], registry=r)
+        self.ttft = Histogram(p + "ttft_seconds", "Time to first streamed byte seen by clients",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.predicted_ttft = Histogram(p + "predicted_ttft_seconds",
+                                        "TTFT predicted at admission (admitted and rejected)",
+                                        buckets=TTFT_BUCKETS, registry=r)
+        self.prediction_error = Histogram(
+            p + "ttft_prediction_error_seconds",
+            "Observed minus predicted TTFT of admitted requests", buckets=ERROR_BUCKETS,
+            registry=r)
+        self.slo = Counter(p + "slo_outcomes", "Admitted requests that met or missed the SLO",
+                           ["met"], registry=r)
+        self.upstream_errors = Counter(p + "upstream_errors",
+                                       "Failed upstream calls, by instance, role and kind",
+                                       ["instance", "role", "kind"], registry=r)
+        self.failovers = Counter(p + "failovers", "Request retries on another instance",
+                                 ["role"], registry=r)
+        self.cached_tokens = Counter(p + "predicted_cached_tokens",
+                                     "Prompt tokens the chosen prefill instance was believed "
+                                     "to hold", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens routed (estimated "
+                                     "without a tokenizer)", registry=r)
+        self.healthy = Gauge(p + "instance_healthy", "1 when the instance takes traffic",
+                             ["instance", "role"], registry=r)
+        self.queued = Gauge(p + "queued_prefill_tokens", "Prefill tokens sent and not done",
+                            ["instance"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

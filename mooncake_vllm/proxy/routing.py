@@ -1,0 +1,98 @@
+"""Routing policies: which prefill (or "both") instance and which decode instance serve a request.
+
+A policy is a small class with `choose_prefill` and `choose_decode`. Every choice carries the
+predicted TTFT on the chosen prefill instance (what admission control judges), whatever the
+policy, so that policies can be compared on equal terms.
+
+- `RoundRobin`: the baseline that ignores everything.
+- `LeastLoaded`: prefill by queued prefill tokens, decode by load.
+- `CacheAware` (Mooncake's conductor): for every prefill candidate, the tokens it would have to
+  compute are the queued prefill tokens ahead plus the prompt minus the prefix it is believed
+  to hold; the instance's own fitted TTFT model turns that into seconds; the smallest predicted
+  TTFT wins. A long cached prefix thus attracts a request until the queue there costs more than
+  recomputing the prefix elsewhere. Decode by load.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .prompt import PromptKey
+from .upstreams import Instance
+
+
+@dataclass(frozen=True)
+class PrefillChoice:
+    instance: Instance
+    cached_tokens: int  # prefix the instance is believed to hold
+    new_tokens: int  # tokens it must compute for this prompt
+    predicted_ttft_s: float
+
+
+def _assess(inst: Instance, key: PromptKey) -> PrefillChoice:
+    cached = min(inst.prefix.match(key.block_hashes) * key.tokens_per_block, key.num_tokens)
+    new = max(key.num_tokens - cached, 1)  # the last token is always computed
+    predicted = inst.ttft.predict(inst.queued_prefill_tokens + new)
+    return PrefillChoice(inst, cached, new, predicted)
+
+
+class Policy:
+    name = "base"
+
+    def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
+        raise NotImplementedError
+
+    def choose_decode(self, candidates: Sequence[Instance]) -> Instance:
+        return min(candidates, key=lambda i: (i.decode_load(), i.instance_id))
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._p = itertools.count()
+        self._d = itertools.count()
+
+    @staticmethod
+    def _pick(candidates: Sequence[Instance], counter: itertools.count[int]) -> Instance:
+        ordered = sorted(candidates, key=lambda i: i.instance_id)
+        return ordered[next(counter) % len(ordered)]
+
+    def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
+        return _assess(self._pick(candidates, self._p), key)
+
+    def choose_decode(self, candidates: Sequence[Instance]) -> Instance:
+        return self._pick(candidates, self._d)
+
+
+class LeastLoaded(Policy):
+    name = "least_loaded"
+
+    def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
+        inst = min(candidates, key=lambda i: (i.queued_prefill_tokens, i.inflight,
+                                              i.running + i.waiting, i.instance_id))
+        return _assess(inst, key)
+
+
+class CacheAware(Policy):
+    name = "cache_aware"
+
+    def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
+        options = [_assess(i, key) for i in candidates]
+        return min(options, key=lambda c: (c.predicted_ttft_s, c.instance.queued_prefill_tokens,
+                                           c.instance.instance_id))
+
+
+POLICY_CLASSES: dict[str, type[Policy]] = {
+    p.name: p for p in (RoundRobin, LeastLoaded, CacheAware)
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICY_CLASSES[name]()
+    except KeyError:
+        raise ValueError(f"routing policy {name!r}: expected one of "
+                         f"{', '.join(POLICY_CLASSES)}") from None

@@ -1,0 +1,160 @@
+"""The instances the conductor routes to, and the load it tracks for each.
+
+Two sources of load: what the conductor itself has in flight (exact, updated per request) and
+what the instance reports on /metrics (includes traffic that bypassed us; refreshed by the
+health loop). Routing reads both; neither blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .prefix_index import PrefixIndex
+from .ttft_model import TtftModel
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    url: str
+    role: str
+    source: str  # "static" | "discovery"
+    model: str = ""
+    # The connector's opaque description of how a decode worker reaches this prefill instance;
+    # from discovery, or from a probe request (static form). None: not known yet.
+    remote_control: dict[str, Any] | None = None
+    remote_control_from_probe: bool = False
+    models: list[str] = field(default_factory=list)
+    healthy: bool = True
+    last_error: str = ""
+    # Tracked by the conductor.
+    inflight: int = 0
+    inflight_decode: int = 0
+    queued_prefill_tokens: int = 0
+    # Scraped from the instance's /metrics.
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex(8192))
+    ttft: TtftModel = field(default_factory=TtftModel)
+
+    def decode_load(self) -> float:
+        """Running requests (ours or reported, whichever is larger), waiting ones, and KV usage:
+        a decode instance whose KV is nearly full will preempt, so usage weighs heavily."""
+        return max(float(self.inflight_decode), self.running) + self.waiting + 8.0 * self.kv_usage
+
+    def forget_cache_state(self) -> None:
+        """After a restart or outage the instance's prefix cache and control endpoint may be
+        new: drop what we believed about them."""
+        self.prefix.clear()
+        if self.remote_control_from_probe:
+            self.remote_control = None
+
+    def describe(self) -> dict[str, Any]:
+        a, b = self.ttft.coefficients()
+        return {
+            "instance_id": self.instance_id, "url": self.url, "role": self.role,
+            "source": self.source, "healthy": self.healthy, "last_error": self.last_error,
+            "models": self.models, "inflight": self.inflight,
+            "inflight_decode": self.inflight_decode,
+            "queued_prefill_tokens": self.queued_prefill_tokens, "running": self.running,
+            "waiting": self.waiting, "kv_usage": self.kv_usage,
+            "prefix_blocks": len(self.prefix), "has_remote_control": bool(self.remote_control),
+            "ttft_overhead_s": a, "ttft_tokens_per_s": (1.0 / b) if b > 0 else None,
+        }
+
+
+class PrefillTicket:
+    """One request's share of an instance's queued prefill work: added when the request is
+    sent, removed exactly once when its prefill is over (done, failed or cancelled)."""
+
+    def __init__(self, inst: Instance, tokens: int) -> None:
+        self.inst = inst
+        self.tokens = tokens
+        self.queued_ahead = inst.queued_prefill_tokens
+        self.sent_at = time.monotonic()
+        self._open = True
+        inst.queued_prefill_tokens += tokens
+        inst.inflight += 1
+
+    @property
+    def work_tokens(self) -> int:
+        return self.queued_ahead + self.tokens
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.inst.queued_prefill_tokens -= self.tokens
+            self.inst.inflight -= 1
+
+
+@contextmanager
+def decode_slot(inst: Instance) -> Iterator[None]:
+    inst.inflight_decode += 1
+    try:
+        yield
+    finally:
+        inst.inflight_decode -= 1
+
+
+class Registry:
+    """Instances by id. Mutated only on the event loop (discovery hops onto it)."""
+
+    def __init__(self, prefix_capacity_blocks: int = 8192,
+                 ttft_factory: Callable[[], TtftModel] = TtftModel) -> None:
+        self._by_id: dict[str, Instance] = {}
+        self._capacity = prefix_capacity_blocks
+        self._ttft_factory = ttft_factory
+        self.listeners: list[Callable[[str, Instance], None]] = []
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._by_id.get(instance_id)
+
+    def upsert(self, instance_id: str, url: str, role: str, source: str, model: str = "",
+               remote_control: dict[str, Any] | None = None) -> Instance:
+        if role not in ROLES:
+            raise ValueError(f"instance {instance_id}: role {role!r} is not one of {ROLES}")
+        url = url.rstrip("/")
+        old = self._by_id.get(instance_id)
+        if old is not None and old.url == url and old.role == role:
+            # Same instance re-announced (lease renewal, new control endpoint): keep its state.
+            if remote_control:
+                old.remote_control, old.remote_control_from_probe = dict(remote_control), False
+            old.model = model or old.model
+            return old
+        inst = Instance(
+            instance_id=instance_id, url=url, role=role, source=source, model=model,
+            remote_control=dict(remote_control) if remote_control else None,
+            prefix=PrefixIndex(self._capacity), ttft=self._ttft_factory(),
+        )
+        self._by_id[instance_id] = inst
+        log.info("instance %s (%s) at %s: added (%s)", instance_id, role, url, source)
+        for cb in self.listeners:
+            cb("put", inst)
+        return inst
+
+    def remove(self, instance_id: str) -> None:
+        inst = self._by_id.pop(instance_id, None)
+        if inst is not None:
+            log.info("instance %s at %s: removed", instance_id, inst.url)
+            for cb in self.listeners:
+                cb("delete", inst)
+
+    def usable(self, role: str) -> list[Instance]:
+        """Healthy instances whose role is exactly `role` ("both" instances serve alone)."""
+        return [i for i in self._by_id.values() if i.role == role and i.healthy]
