@@ -77,6 +77,22 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+# gRPC codes that mean "this connection or this moment", not "this request": retry elsewhere.
+_TRANSIENT_CODES = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def is_transient(e: BaseException) -> bool:
+    """False for errors a reconnect cannot cure (permission denied, invalid request)."""
+    for err in (e, e.__context__):
+        if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+            return err.code() in _TRANSIENT_CODES
+    return True
+
+
 class EtcdConnection:
     """A pyetcd client bound to the one endpoint that answered."""
 

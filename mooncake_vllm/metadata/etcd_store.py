@@ -49,7 +49,14 @@ from .base import (
     decode_segment,
     encode_segment,
 )
-from .etcd_client import EtcdConnection, EtcdSettings, connect, describe_error, watch_events
+from .etcd_client import (
+    EtcdConnection,
+    EtcdSettings,
+    connect,
+    describe_error,
+    is_transient,
+    watch_events,
+)
 from .keys import KeyLayout
 
 log = logging.getLogger(__name__)
@@ -208,6 +215,11 @@ class EtcdMetadata(MetadataStore):
         try:
             return int(op(conn))
         except Exception as e:
+            if not is_transient(e):  # e.g. permission denied: retrying cannot help
+                self._own.pop(key, None)
+                self._to_delete.discard(key)
+                raise MetadataError(f"etcd refused the write of {key}: {describe_error(e)}"
+                                    ) from e
             log.warning("etcd write of %s failed (%s); it will be redone on reconnect",
                         key, describe_error(e))
             self._inbox.put((self._generation, e))

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from mooncake_vllm.metadata import MetadataConfigError, MetadataUnavailableError, open_metadata
+from mooncake_vllm.metadata import (
+    MetadataConfigError,
+    MetadataError,
+    MetadataUnavailableError,
+    open_metadata,
+)
 from mooncake_vllm.testing.etcd_server import EtcdServer
 
 from .helpers import make_info, wait_until
@@ -37,6 +42,19 @@ def test_auth_failures_are_clear_errors(tmp_path: Path) -> None:
             open_metadata(etcd.url)  # auth is on, no credentials given
         with pytest.raises(MetadataConfigError, match="both user and password"):
             open_metadata(etcd.url, user="root")
+
+
+def test_a_refused_write_raises_instead_of_retrying(tmp_path: Path) -> None:
+    with EtcdServer(tmp_path / "etcd", auth=True) as etcd:
+        etcd.etcdctl("role", "add", "reader")
+        etcd.etcdctl("role", "grant-permission", "reader", "read", "/mooncake-vllm/", "--prefix")
+        etcd.etcdctl("user", "add", "reader:pw", "--interactive=false")
+        etcd.etcdctl("user", "grant-role", "reader", "reader")
+        with open_metadata(etcd.url, ttl_s=3, user="reader", password="pw") as md:
+            with pytest.raises(MetadataError, match="permission denied"):
+                md.register_instance(make_info("p0"))
+            assert md.online  # type: ignore[attr-defined]  # still connected, nothing queued
+            assert md.list_instances() == []
 
 
 def test_tls_server_certificate(tmp_path: Path) -> None:
