@@ -18,11 +18,15 @@ import yaml
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from mooncake_vllm.config import ENV_PREFIX, ConnectorConfig  # noqa: E402
+from mooncake_vllm.metadata import ENV_VARS as METADATA_ENV_VARS  # noqa: E402
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 MANIFESTS = sorted(K8S_DIR.glob("*.yaml"))
 K8S_VERSION = kubernetes_validate.utils.latest_version()
-CONNECTOR_FIELDS = {f.upper() for f in ConnectorConfig.__dataclass_fields__}
+# Every MOONCAKE_VLLM_* variable a manifest sets must be one the connector or the metadata
+# client reads: a typo would otherwise be silently ignored in production.
+KNOWN_ENV = {ENV_PREFIX + f.upper() for f in ConnectorConfig.__dataclass_fields__}
+KNOWN_ENV |= set(METADATA_ENV_VARS.values())
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -90,7 +94,7 @@ def test_references_resolve_and_env_is_read_by_the_connector() -> None:
             for env in container.get("env", []):
                 name = env["name"]
                 if name.startswith(ENV_PREFIX):
-                    assert name.removeprefix(ENV_PREFIX) in CONNECTOR_FIELDS, (
+                    assert name in KNOWN_ENV, (
                         f"{deployment['metadata']['name']}: {name} is not a connector setting")
                 source = env.get("valueFrom", {})
                 if "configMapKeyRef" in source:
