@@ -2,9 +2,28 @@
 
 #include <pybind11/stl.h>
 
+#include "mooncake_vllm/types.h"
 #include "transports/tcp/auth.h"
+#ifdef MV_WITH_RDMA
+#include "transports/rdma/fake_verbs.h"
+#endif
 
 namespace py = pybind11;
+
+#ifdef MV_WITH_RDMA
+namespace {
+ibv_wc_status parse_status(const std::string& name) {
+  static const std::pair<const char*, ibv_wc_status> known[] = {
+      {"REM_ACCESS_ERR", IBV_WC_REM_ACCESS_ERR}, {"RETRY_EXC_ERR", IBV_WC_RETRY_EXC_ERR},
+      {"LOC_PROT_ERR", IBV_WC_LOC_PROT_ERR},     {"REM_OP_ERR", IBV_WC_REM_OP_ERR},
+      {"LOC_LEN_ERR", IBV_WC_LOC_LEN_ERR},       {"RNR_RETRY_EXC_ERR", IBV_WC_RNR_RETRY_EXC_ERR},
+  };
+  for (const auto& [text, status] : known)
+    if (name == text) return status;
+  throw mooncake_vllm::InvalidArgument("unknown work-completion status '" + name + "'");
+}
+}  // namespace
+#endif
 
 void bind_testing(py::module_ m) {
   m.def("hmac_sha256", [](const std::string& key, const py::bytes& data) {
@@ -13,4 +32,29 @@ void bind_testing(py::module_ m) {
                                                bytes.size());
     return py::bytes(reinterpret_cast<const char*>(mac.data()), mac.size());
   });
+#ifdef MV_WITH_RDMA
+  using namespace mooncake_vllm::rdma;
+  m.def("fake_verbs_stats", [] {
+    FakeStats s = fake_stats();
+    py::dict out;
+    out["post_send_calls"] = s.post_send_calls;
+    out["wrs_posted"] = s.wrs_posted;
+    out["wrs_signaled"] = s.wrs_signaled;
+    out["completions"] = s.completions;
+    out["error_completions"] = s.error_completions;
+    out["cq_overflows"] = s.cq_overflows;
+    out["send_queue_full"] = s.send_queue_full;
+    out["max_outstanding"] = s.max_outstanding;
+    out["bytes_by_device"] = s.bytes_by_device;
+    out["wrs_by_device"] = s.wrs_by_device;
+    out["qp_transitions"] = s.qp_transitions;
+    out["wr_lengths"] = s.wr_lengths;
+    return out;
+  }, "Counters of the FakeVerbs software NIC (test double), shared by the whole process.");
+  m.def("fake_verbs_reset", &fake_reset_stats);
+  m.def("fake_verbs_inject_error", [](const std::string& status, uint64_t after_wrs) {
+    fake_inject_error(parse_status(status), after_wrs);
+  }, py::arg("status"), py::arg("after_wrs") = 0,
+     "The after_wrs-th work request executed from now fails with IBV_WC_<status>.");
+#endif
 }

@@ -1,0 +1,637 @@
+#include "rdma_transport.h"
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "fake_verbs.h"
+#include "handshake.h"
+#include "mooncake_vllm/log.h"
+#include "mooncake_vllm/request_planner.h"
+#include "transports/tcp/tcp_server.h"
+#include "transports/tcp/tcp_transport.h"
+#include "verbs.h"
+
+namespace mooncake_vllm::rdma {
+
+namespace {
+
+constexpr uint32_t kMaxSendWr = 256;  // send-queue depth per QP
+constexpr int kCqDepth = 4096;
+constexpr int kAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+
+std::unique_ptr<Verbs> make_verbs(const EngineConfig& config) {
+  if (config.verbs == "fake") return make_fake_verbs(config.fake_nics);
+  if (config.verbs == "ibverbs") return make_ibverbs();
+  throw InvalidArgument("verbs must be 'ibverbs' or 'fake' (the software test double), not '" +
+                        config.verbs + "'");
+}
+
+std::vector<std::string> select_devices(Verbs& verbs, const EngineConfig& config) {
+  std::vector<std::string> all = verbs.device_names(), chosen;
+  for (const auto& name : all)
+    if (config.rdma_devices.empty() ||
+        std::find(config.rdma_devices.begin(), config.rdma_devices.end(), name) !=
+            config.rdma_devices.end())
+      chosen.push_back(name);
+  return chosen;
+}
+
+std::string sys_error(const std::string& what, int err) {
+  return what + " failed: " + std::strerror(err ? err : EIO);
+}
+
+struct Device {
+  int index = 0;
+  std::string name;
+  ibv_context* ctx = nullptr;
+  ibv_pd* pd = nullptr;
+  ibv_cq* cq = nullptr;
+  ibv_gid gid{};
+  uint16_t lid = 0;
+  ibv_mtu mtu = IBV_MTU_1024;
+};
+
+// One RC queue pair from a local NIC to a remote NIC, with its send-queue accounting.
+struct Lane {
+  Device* device = nullptr;
+  int remote_device = 0;
+  ibv_qp* qp = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+  uint32_t outstanding = 0;  // WRs posted whose chain has not completed
+  uint32_t chains_in_flight = 0;
+};
+
+// One posted chain of WRs; only its last WR is signalled. wr_id = address | 1 on the tail,
+// address | 0 on the others (their completions appear only when they fail).
+struct Chain {
+  std::shared_ptr<Batch> batch;
+  std::shared_ptr<Lane> lane;
+  uint32_t wrs = 0;
+  LeaseSet leases;
+  bool reported = false;
+  void report(bool ok, const std::string& error) {
+    if (reported) return;
+    reported = true;
+    batch->part_done(ok, error);
+  }
+};
+
+struct PeerState {
+  std::mutex mu;
+  bool connected = false;
+  std::vector<std::shared_ptr<Lane>> lanes;
+  std::atomic<uint32_t> next_lane{0};
+};
+
+class RdmaTransport : public Transport {
+ public:
+  RdmaTransport(RegionRegistry& registry, const EngineConfig& config)
+      : registry_(registry),
+        config_(config),
+        verbs_(make_verbs(config)),
+        server_(registry, config.hostname, config.port, config.cluster_token,
+                std::min(config.timeout_s, 10.0)) {
+    auto names = select_devices(*verbs_, config);
+    if (names.empty()) throw TransferError("no RDMA device matches " + device_filter());
+    for (const auto& name : names) open_device(name);
+    if (config_.rdma_slice_bytes == 0) throw InvalidArgument("rdma_slice_bytes must be > 0");
+    if (config_.rdma_signal_every < 1 || config_.rdma_signal_every > int(kMaxSendWr))
+      throw InvalidArgument("rdma_signal_every must be in 1..256");
+    server_.set_control_handler([this](const std::string& blob) { return accept_qps(blob); });
+  }
+
+  ~RdmaTransport() override { stop(); }
+
+  std::string name() const override { return "rdma"; }
+
+  std::string start() override {
+    uint16_t port = server_.start();
+    poller_ = std::thread([this] { poll_loop(); });
+    endpoint_ = config_.hostname + ":" + std::to_string(port);
+    return endpoint_;
+  }
+
+  void describe(SegmentDescriptor& desc) override {
+    for (const auto& dev : devices_)
+      desc.rdma_devices.push_back({dev->name, gid_to_hex(dev->gid), dev->lid, 1});
+  }
+
+  void on_register(Region& region) override {
+    for (const auto& dev : devices_) {
+      ibv_mr* mr = verbs_->reg_mr(dev->pd, reinterpret_cast<void*>(region.addr), region.length,
+                                  kAccess);
+      if (!mr) {
+        int err = errno;
+        on_unregister(region);
+        throw TransferError(sys_error("ibv_reg_mr of " + hex_addr(region.addr) + " on " + dev->name, err));
+      }
+      region.mrs.push_back(mr);
+      region.lkeys.push_back(mr->lkey);
+      region.rkeys.push_back(mr->rkey);
+    }
+  }
+
+  void on_unregister(const Region& region) override {
+    for (void* mr : region.mrs) verbs_->dereg_mr(static_cast<ibv_mr*>(mr));
+  }
+
+  void open_peer(const std::shared_ptr<Peer>& peer) override {
+    if (peer->desc.rdma_devices.empty())
+      throw InvalidArgument("segment '" + peer->desc.name + "' lists no RDMA devices");
+    std::lock_guard lock(mu_);
+    auto& state = peers_[peer->handle];
+    if (!state) state = std::make_shared<PeerState>();
+    std::lock_guard peer_lock(state->mu);
+    state->connected = false;  // (re)connect with the current descriptor on the next batch
+  }
+
+  void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+              std::vector<Request> requests) override {
+    std::shared_ptr<PeerState> state;
+    {
+      std::lock_guard lock(mu_);
+      if (stopped_) throw TransferError("engine closed");
+      state = peers_.at(peer->handle);
+    }
+    std::vector<std::shared_ptr<Lane>> lanes;
+    try {
+      lanes = connected_lanes(*peer, *state);
+    } catch (const std::exception& e) {
+      batch->set_parts(1);
+      batch->part_done(false, e.what());
+      return;
+    }
+    post_batch(*peer, state, lanes, batch, coalesce_adjacent(requests));
+  }
+
+  void stop() override {
+    {
+      std::lock_guard lock(mu_);
+      if (stopped_) return;
+      stopped_ = true;
+    }
+    server_.stop();
+    std::vector<std::shared_ptr<Lane>> lanes;
+    {
+      std::lock_guard lock(mu_);
+      for (auto& [handle, state] : peers_) {
+        std::lock_guard peer_lock(state->mu);
+        lanes.insert(lanes.end(), state->lanes.begin(), state->lanes.end());
+      }
+      for (auto& [key, lane] : passive_) lanes.push_back(lane);
+      passive_.clear();
+      peers_.clear();
+    }
+    for (auto& lane : lanes) to_error(*lane);
+    // Let the poller retire the flushed chains (their leases and records) before it stops.
+    auto deadline = Clock::now() + std::chrono::seconds(2);
+    for (auto& lane : lanes) {
+      std::unique_lock lane_lock(lane->mu);
+      lane->cv.wait_until(lane_lock, deadline, [&] { return lane->chains_in_flight == 0; });
+    }
+    stop_poller_.store(true);
+    if (poller_.joinable()) poller_.join();
+    for (auto& lane : lanes)
+      if (lane->qp) verbs_->destroy_qp(lane->qp);
+    for (const auto& region : registry_.snapshot()) on_unregister(*region);
+    for (auto& dev : devices_) {
+      if (dev->cq) verbs_->destroy_cq(dev->cq);
+      if (dev->pd) verbs_->dealloc_pd(dev->pd);
+      if (dev->ctx) verbs_->close_device(dev->ctx);
+    }
+    devices_.clear();
+  }
+
+ private:
+  std::string device_filter() const {
+    if (config_.rdma_devices.empty()) return "(any device)";
+    std::string names;
+    for (const auto& n : config_.rdma_devices) names += (names.empty() ? "" : ",") + n;
+    return "rdma_devices=[" + names + "]";
+  }
+
+  void open_device(const std::string& name) {
+    auto dev = std::make_unique<Device>();
+    dev->index = static_cast<int>(devices_.size());
+    dev->name = name;
+    dev->ctx = verbs_->open_device(name);
+    if (!dev->ctx) throw TransferError(sys_error("opening RDMA device " + name, errno));
+    ibv_port_attr port{};
+    if (int rc = verbs_->query_port(dev->ctx, 1, &port))
+      throw TransferError(sys_error("ibv_query_port on " + name, rc));
+    if (port.state != IBV_PORT_ACTIVE)
+      MV_LOG(kWarn, "RDMA device " << name << " port 1 is not active (state " << port.state << ")");
+    dev->lid = port.lid;
+    dev->mtu = port.active_mtu;
+    if (int rc = verbs_->query_gid(dev->ctx, 1, 0, &dev->gid))
+      throw TransferError(sys_error("ibv_query_gid on " + name, rc));
+    dev->pd = verbs_->alloc_pd(dev->ctx);
+    if (!dev->pd) throw TransferError(sys_error("ibv_alloc_pd on " + name, errno));
+    dev->cq = verbs_->create_cq(dev->ctx, kCqDepth);
+    if (!dev->cq) throw TransferError(sys_error("ibv_create_cq on " + name, errno));
+    devices_.push_back(std::move(dev));
+  }
+
+  // --- queue pairs ------------------------------------------------------------------------
+
+  std::shared_ptr<Lane> create_lane(Device* dev, int remote_device) {
+    ibv_qp_init_attr init{};
+    init.send_cq = dev->cq;
+    init.recv_cq = dev->cq;
+    init.qp_type = IBV_QPT_RC;
+    init.sq_sig_all = 0;  // selective signalling: we mark the WRs that complete
+    init.cap.max_send_wr = kMaxSendWr;
+    init.cap.max_recv_wr = 1;
+    init.cap.max_send_sge = 1;
+    init.cap.max_recv_sge = 1;
+    ibv_qp* qp = verbs_->create_qp(dev->pd, &init);
+    if (!qp) throw TransferError(sys_error("ibv_create_qp on " + dev->name, errno));
+    auto lane = std::make_shared<Lane>();
+    lane->device = dev;
+    lane->remote_device = remote_device;
+    lane->qp = qp;
+    ibv_qp_attr attr{};
+    attr.qp_state = IBV_QPS_INIT;
+    attr.pkey_index = 0;
+    attr.port_num = 1;
+    attr.qp_access_flags = kAccess;
+    modify(*lane, attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT");
+    return lane;
+  }
+
+  void modify(Lane& lane, ibv_qp_attr& attr, int mask, const char* state) {
+    if (int rc = verbs_->modify_qp(lane.qp, &attr, mask))
+      throw TransferError(sys_error("moving QP " + std::to_string(lane.qp->qp_num) + " on " +
+                                        lane.device->name + " to " + state,
+                                    rc));
+  }
+
+  // INIT -> RTR (towards the remote QP) -> RTS.
+  void connect_lane(Lane& lane, const QpEndpoint& remote) {
+    ibv_qp_attr attr{};
+    attr.qp_state = IBV_QPS_RTR;
+    attr.path_mtu = lane.device->mtu;
+    attr.dest_qp_num = remote.qpn;
+    attr.rq_psn = 0;
+    attr.max_dest_rd_atomic = 16;
+    attr.min_rnr_timer = 12;
+    attr.ah_attr.is_global = 1;
+    attr.ah_attr.grh.dgid = remote.gid;
+    attr.ah_attr.grh.sgid_index = 0;
+    attr.ah_attr.grh.hop_limit = 1;
+    attr.ah_attr.dlid = static_cast<uint16_t>(remote.lid);
+    attr.ah_attr.port_num = 1;
+    modify(lane, attr,
+           IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+               IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER,
+           "RTR");
+    attr = ibv_qp_attr{};
+    attr.qp_state = IBV_QPS_RTS;
+    attr.timeout = 14;
+    attr.retry_cnt = 7;
+    attr.rnr_retry = 7;
+    attr.sq_psn = 0;
+    attr.max_rd_atomic = 16;
+    modify(lane, attr,
+           IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+               IBV_QP_MAX_QP_RD_ATOMIC,
+           "RTS");
+  }
+
+  void to_error(Lane& lane) {
+    if (!lane.qp) return;
+    ibv_qp_attr attr{};
+    attr.qp_state = IBV_QPS_ERR;
+    verbs_->modify_qp(lane.qp, &attr, IBV_QP_STATE);  // flushes every outstanding WR
+  }
+
+  // Responder side of the handshake: one QP per requested lane, paired and brought to RTS.
+  std::string accept_qps(const std::string& blob) {
+    HandshakeRequest request = decode_request(blob);
+    std::vector<QpEndpoint> reply;
+    std::vector<std::shared_ptr<Lane>> created;
+    for (const auto& want : request.qps) {
+      if (want.device < 0 || want.device >= static_cast<int>(devices_.size()))
+        throw TransferError("RDMA handshake asks for device " + std::to_string(want.device) +
+                            " but this engine has " + std::to_string(devices_.size()));
+      auto lane = create_lane(devices_[want.device].get(), 0);
+      connect_lane(*lane, want);
+      Device* dev = lane->device;
+      reply.push_back({want.lane, dev->index, lane->qp->qp_num, dev->gid, dev->lid});
+      created.push_back(lane);
+    }
+    std::vector<std::shared_ptr<Lane>> replaced;
+    {
+      std::lock_guard lock(mu_);
+      for (size_t i = 0; i < created.size(); ++i) {
+        auto& slot = passive_[request.requester + "#" + std::to_string(request.qps[i].lane)];
+        if (slot) replaced.push_back(slot);
+        slot = created[i];
+      }
+    }
+    for (auto& lane : replaced) retire_lane(lane);
+    return encode_reply(reply);
+  }
+
+  // An old QP is moved to ERR (flushing its work) and destroyed once it has no chain left.
+  void retire_lane(const std::shared_ptr<Lane>& lane) {
+    to_error(*lane);
+    std::lock_guard lock(mu_);
+    retired_.push_back(lane);
+  }
+
+  std::vector<std::shared_ptr<Lane>> connected_lanes(const Peer& peer, PeerState& state) {
+    std::lock_guard lock(state.mu);
+    if (state.connected) return state.lanes;
+    for (auto& old : state.lanes) retire_lane(old);
+    state.lanes.clear();
+    // Lane i: our device i towards the peer's device i mod (its device count). With N NICs on
+    // both sides every NIC pair carries its own share of each batch.
+    int remote_count = static_cast<int>(peer.desc.rdma_devices.size());
+    HandshakeRequest request;
+    request.requester = endpoint_;
+    std::vector<std::shared_ptr<Lane>> lanes;
+    for (size_t i = 0; i < devices_.size(); ++i) {
+      int remote_dev = static_cast<int>(i) % remote_count;
+      auto lane = create_lane(devices_[i].get(), remote_dev);
+      request.qps.push_back({static_cast<int>(i), remote_dev, lane->qp->qp_num, devices_[i]->gid,
+                             devices_[i]->lid});
+      lanes.push_back(lane);
+    }
+    try {
+      std::string reply_blob =
+          tcp::control_call(peer.desc.endpoint, config_.cluster_token, encode_request(request),
+                            std::min(config_.timeout_s, 10.0));
+      auto reply = decode_reply(reply_blob);
+      if (reply.size() != lanes.size())
+        throw TransferError("peer answered " + std::to_string(reply.size()) + " QPs for " +
+                            std::to_string(lanes.size()));
+      for (const auto& remote : reply) connect_lane(*lanes.at(remote.lane), remote);
+    } catch (const std::exception& e) {
+      for (auto& lane : lanes) retire_lane(lane);
+      throw TransferError(std::string("RDMA handshake with ") + peer.desc.endpoint + " failed: " +
+                          e.what());
+    }
+    state.lanes = lanes;
+    state.connected = true;
+    return lanes;
+  }
+
+  // --- posting ----------------------------------------------------------------------------
+
+  uint32_t remote_rkey(const Peer& peer, uint64_t addr, uint64_t len, int remote_dev) {
+    const auto& regions = peer.desc.regions;
+    for (size_t i = 0; i < regions.size(); ++i) {
+      auto [start, length] = regions[i];
+      if (addr >= start && len <= length && addr - start <= length - len) {
+        const auto& keys = peer.desc.rkeys.at(i);
+        if (remote_dev >= static_cast<int>(keys.size()))
+          throw TransferError("segment '" + peer.desc.name + "' has no rkey for device " +
+                              std::to_string(remote_dev));
+        return keys[remote_dev];
+      }
+    }
+    throw TransferError("remote range " + hex_addr(addr) + " is outside segment '" +
+                        peer.desc.name + "'");
+  }
+
+  void post_batch(const Peer& peer, const std::shared_ptr<PeerState>& state,
+                  const std::vector<std::shared_ptr<Lane>>& lanes,
+                  const std::shared_ptr<Batch>& batch, const std::vector<Request>& requests) {
+    // Slice: every WR moves at most rdma_slice_bytes; stripe: slices go round-robin over the
+    // lanes (NICs), so one large transfer uses every NIC at once.
+    const int lane_count = static_cast<int>(lanes.size());
+    std::vector<std::vector<Request>> per_lane(lane_count);
+    int next = static_cast<int>(state->next_lane.fetch_add(1) % lane_count);
+    for (Request r : requests) {
+      while (r.length > 0) {
+        uint64_t take = std::min<uint64_t>(r.length, config_.rdma_slice_bytes);
+        per_lane[next].push_back({r.local, r.remote, take});
+        next = (next + 1) % lane_count;
+        r.local += take;
+        r.remote += take;
+        r.length -= take;
+      }
+    }
+    const size_t per_chain = static_cast<size_t>(config_.rdma_signal_every);
+    int chains = 0;
+    for (const auto& slices : per_lane) chains += static_cast<int>((slices.size() + per_chain - 1) / per_chain);
+    batch->set_parts(chains);
+    for (int l = 0; l < lane_count; ++l) {
+      const auto& lane = lanes[l];
+      if (!per_lane[l].empty()) {
+        std::weak_ptr<Lane> weak = lane;
+        std::weak_ptr<PeerState> weak_state = state;
+        batch->add_abort_hook([this, weak, weak_state] {
+          if (auto dead = weak.lock()) to_error(*dead);
+          if (auto s = weak_state.lock()) {
+            std::lock_guard lock(s->mu);
+            s->connected = false;
+          }
+        });
+      }
+      const auto& slices = per_lane[l];
+      for (size_t first = 0; first < slices.size(); first += per_chain) {
+        size_t count = std::min(per_chain, slices.size() - first);
+        post_chain(peer, state, lane, batch, &slices[first], count);
+      }
+    }
+  }
+
+  void post_chain(const Peer& peer, const std::shared_ptr<PeerState>& state,
+                  const std::shared_ptr<Lane>& lane, const std::shared_ptr<Batch>& batch,
+                  const Request* slices, size_t count) {
+    auto chain = std::make_unique<Chain>();
+    chain->batch = batch;
+    chain->lane = lane;
+    chain->wrs = static_cast<uint32_t>(count);
+    if (batch->failed_early()) {
+      chain->report(false, "batch already failed");
+      return;
+    }
+    std::vector<ibv_sge> sges(count);
+    std::vector<ibv_send_wr> wrs(count);
+    const int dev = lane->device->index;
+    try {
+      for (size_t i = 0; i < count; ++i) {
+        const Request& s = slices[i];
+        const Region* region = chain->leases.find(s.local, s.length);
+        if (!region) {
+          Lease lease = registry_.acquire(s.local, s.length);
+          if (!lease)
+            throw TransferError("local range " + hex_addr(s.local) + "+" + std::to_string(s.length) +
+                                " is outside the registered regions (unregistered while the "
+                                "transfer was queued?)");
+          region = lease.region();
+          chain->leases.add(std::move(lease));
+        }
+        sges[i] = ibv_sge{s.local, static_cast<uint32_t>(s.length), region->lkeys.at(dev)};
+        ibv_send_wr& wr = wrs[i];
+        wr = ibv_send_wr{};
+        wr.wr_id = reinterpret_cast<uint64_t>(chain.get()) | (i + 1 == count ? 1 : 0);
+        wr.sg_list = &sges[i];
+        wr.num_sge = 1;
+        wr.opcode = batch->op() == OpCode::kWrite ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
+        wr.send_flags = i + 1 == count ? IBV_SEND_SIGNALED : 0;
+        wr.wr.rdma.remote_addr = s.remote;
+        wr.wr.rdma.rkey = remote_rkey(peer, s.remote, s.length, lane->remote_device);
+        wr.next = i + 1 < count ? &wrs[i + 1] : nullptr;
+      }
+    } catch (const std::exception& e) {
+      chain->report(false, e.what());
+      return;
+    }
+    {
+      // Send-queue space frees up only when a signalled WR completes; wait for it, but never
+      // past the batch's deadline.
+      std::unique_lock lock(lane->mu);
+      bool room = lane->cv.wait_until(lock, batch->deadline(), [&] {
+        return lane->outstanding + count <= kMaxSendWr || batch->failed_early();
+      });
+      if (!room || batch->failed_early()) {
+        lock.unlock();
+        chain->report(false, room ? "batch already failed"
+                                  : "send queue on " + lane->device->name + " stayed full");
+        return;
+      }
+      lane->outstanding += static_cast<uint32_t>(count);
+      ++lane->chains_in_flight;
+    }
+    ibv_send_wr* bad = nullptr;
+    Chain* raw = chain.release();  // owned by the completion poller from here on
+    if (int rc = verbs_->post_send(lane->qp, wrs.data(), &bad)) {
+      {
+        std::lock_guard lock(lane->mu);
+        lane->outstanding -= static_cast<uint32_t>(count);
+        --lane->chains_in_flight;
+        lane->cv.notify_all();
+      }
+      std::unique_ptr<Chain> back(raw);
+      back->report(false, sys_error(std::string("ibv_post_send on ") + lane->device->name, rc));
+      std::lock_guard lock(state->mu);
+      state->connected = false;
+    }
+  }
+
+  // --- completions ------------------------------------------------------------------------
+
+  void poll_loop() {
+    ibv_wc wcs[64];
+    int idle = 0;
+    while (!stop_poller_.load()) {
+      int found = 0;
+      for (auto& dev : devices_) {
+        int n = verbs_->poll_cq(dev->cq, 64, wcs);
+        for (int i = 0; i < n; ++i) on_completion(*dev, wcs[i]);
+        found += std::max(n, 0);
+      }
+      if (found) {
+        idle = 0;
+      } else {
+        // Spin briefly for latency, then back off so an idle engine costs no CPU.
+        ++idle;
+        if (idle > 200) std::this_thread::sleep_for(std::chrono::microseconds(idle > 2000 ? 1000 : 50));
+        reap_retired();
+      }
+    }
+  }
+
+  void on_completion(const Device& dev, const ibv_wc& wc) {
+    auto* chain = reinterpret_cast<Chain*>(wc.wr_id & ~uint64_t(1));
+    bool tail = wc.wr_id & 1;
+    if (!chain) return;
+    if (wc.status != IBV_WC_SUCCESS) {
+      char vendor[16];
+      std::snprintf(vendor, sizeof(vendor), "0x%x", wc.vendor_err);
+      chain->report(false, std::string("RDMA ") + op_name(chain->batch->op()) + " to " +
+                               chain->batch->peer() + " via " + dev.name + " failed: " +
+                               ibv_wc_status_str(wc.status) + " (wc status " +
+                               std::to_string(int(wc.status)) + ", vendor_err " + vendor + ")");
+      mark_disconnected(chain->lane);
+    }
+    if (!tail) return;
+    if (wc.status == IBV_WC_SUCCESS) chain->report(true, "");
+    {
+      std::lock_guard lock(chain->lane->mu);
+      chain->lane->outstanding -= chain->wrs;
+      --chain->lane->chains_in_flight;
+      chain->lane->cv.notify_all();
+    }
+    delete chain;
+  }
+
+  void mark_disconnected(const std::shared_ptr<Lane>& lane) {
+    std::lock_guard lock(mu_);
+    for (auto& [handle, state] : peers_) {
+      std::lock_guard peer_lock(state->mu);
+      for (auto& l : state->lanes)
+        if (l == lane) state->connected = false;
+    }
+  }
+
+  void reap_retired() {
+    std::vector<std::shared_ptr<Lane>> done;
+    {
+      std::lock_guard lock(mu_);
+      for (auto it = retired_.begin(); it != retired_.end();) {
+        bool idle;
+        {
+          std::lock_guard lane_lock((*it)->mu);
+          idle = (*it)->chains_in_flight == 0;
+        }
+        if (idle) {
+          done.push_back(*it);
+          it = retired_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& lane : done) {
+      verbs_->destroy_qp(lane->qp);
+      lane->qp = nullptr;
+    }
+  }
+
+  RegionRegistry& registry_;
+  EngineConfig config_;
+  std::unique_ptr<Verbs> verbs_;
+  tcp::TcpServer server_;
+  std::vector<std::unique_ptr<Device>> devices_;
+  std::string endpoint_;
+  std::mutex mu_;
+  bool stopped_ = false;
+  std::map<uint64_t, std::shared_ptr<PeerState>> peers_;
+  std::map<std::string, std::shared_ptr<Lane>> passive_;
+  std::vector<std::shared_ptr<Lane>> retired_;
+  std::thread poller_;
+  std::atomic<bool> stop_poller_{false};
+};
+
+}  // namespace
+
+bool rdma_usable(const EngineConfig& config, std::string* why) {
+  auto verbs = make_verbs(config);
+  auto names = verbs->device_names();
+  if (names.empty()) {
+    *why = "no RDMA device found (" + verbs->kind() + " lists none)";
+    return false;
+  }
+  if (select_devices(*verbs, config).empty()) {
+    *why = "none of the requested RDMA devices exists";
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Transport> make_rdma_transport(RegionRegistry& registry, const EngineConfig& config) {
+  return std::make_unique<RdmaTransport>(registry, config);
+}
+
+}  // namespace mooncake_vllm::rdma
