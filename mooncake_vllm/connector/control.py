@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,10 +22,24 @@ import zmq
 
 from mooncake_vllm.connector import messages as m
 
-logger = logging.getLogger("mooncake_vllm.connector")
+# A child of "vllm" so that our lines go through vLLM's handlers, format and level.
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 # (reply_to, message): reply_to is a ROUTER identity (bytes) or a DEALER endpoint (str).
 Handler = Callable[[bytes | str, m.Message], None]
+
+
+def unpin_current_thread() -> None:
+    """Let this thread run on every core the process may use.
+
+    vLLM's CPU worker pins its main thread to one core for OpenMP, and threads it starts
+    inherit that pin: our I/O threads would then only run when the busy model thread yields,
+    which stretches a millisecond of work into seconds.
+    """
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError, ValueError) as e:
+        logger.debug("could not widen thread affinity: %s", e)
 
 
 class ControlChannel:
@@ -81,6 +96,7 @@ class ControlChannel:
         return s
 
     def _run(self) -> None:
+        unpin_current_thread()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -118,6 +134,7 @@ class ControlChannel:
                 to, frame = self._out.get_nowait()
             except queue.Empty:
                 return
+            logger.debug("control: flushing %d bytes to %r", len(frame), to)
             try:
                 if isinstance(to, bytes):
                     self._router.send_multipart([to, frame], zmq.NOBLOCK)
@@ -128,6 +145,7 @@ class ControlChannel:
                 logger.warning("control: could not send to %r: %s", to, e)
 
     def _dispatch(self, sender: bytes | str, frame: bytes) -> None:
+        logger.debug("control: got %d bytes from %r", len(frame), sender)
         try:
             msg = m.decode(frame)
         except m.BadMessage as e:

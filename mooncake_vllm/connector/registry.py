@@ -7,7 +7,8 @@ from typing import Any
 
 from mooncake_vllm.config import ConnectorConfig
 
-logger = logging.getLogger("mooncake_vllm.connector")
+# A child of "vllm" so that our lines go through vLLM's handlers, format and level.
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 
 def open_store(config: ConnectorConfig) -> Any:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("mooncake_vllm.connector")
+# A child of "vllm" so that our lines go through vLLM's handlers, format and level.
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 
 @dataclass
@@ -157,6 +158,8 @@ class MooncakeScheduler:
             self._pending_releases.append((tid, rc, "decode already holds the prompt"))
             return
         hit = self._d_local_hit.pop(rid, 0)
+        logger.debug("request %s: %d tokens to receive (local hit %d)", rid,
+                     num_external_tokens, hit)
         self._pending_recvs.append(RecvSpec(
             req_id=rid, transfer_id=tid, remote_control=rc,
             block_ids=list(blocks.get_block_ids()[0]), first_block=hit // self.block_size,

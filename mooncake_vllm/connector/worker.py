@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandsha
 
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel
+from mooncake_vllm.connector.control import ControlChannel, unpin_current_thread
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer, memory_regions
 from mooncake_vllm.connector.scheduler import MooncakeMetadata, RecvSpec
 from mooncake_vllm.connector.stats import MooncakeStats
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-logger = logging.getLogger("mooncake_vllm.connector")
+# A child of "vllm" so that our lines go through vLLM's handlers, format and level.
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
 V = m.PROTOCOL_VERSION
 
 
@@ -157,6 +158,8 @@ class MooncakeWorker:
                     if early is not None:
                         self._accept_registration(tr, early[0], early[1])
                 tr.block_ids = np.asarray(s.block_ids, np.int64)
+                logger.debug("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
+                             s.computed, s.computed + s.scheduled, s.num_prompt_tokens)
                 # Tokens computed before this step (prefix-cache hits, earlier chunks) are
                 # valid in every layer already; they are sent like freshly computed ones.
                 tr.ready = [max(r, min(s.computed, s.num_prompt_tokens)) for r in tr.ready]
@@ -260,6 +263,7 @@ class MooncakeWorker:
         self._completions.put((tr, bid, int(ln.sum()), hi - lo))
 
     def _completion_loop(self) -> None:
+        unpin_current_thread()
         while True:
             item = self._completions.get()
             if item is None:
@@ -399,6 +403,7 @@ class MooncakeWorker:
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, ep, blocks,
                 deadline=time.monotonic() + self.config.transfer_timeout_s)
+        logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
         self._send(ep, m.Register(
             V, r.transfer_id, self.engine_id, self.segment_name,
             None if self.config.uses_etcd else self.engine.descriptor(),
@@ -424,6 +429,9 @@ class MooncakeWorker:
 
     def _on_register(self, sender: bytes, reg: m.Register) -> None:
         tr = self.out.get(reg.transfer_id)
+        logger.debug("transfer %s: registration for %d blocks from %s (prefill %s)",
+                     reg.transfer_id, len(reg.block_ids), reg.engine_id,
+                     "known" if tr is not None else "not seen yet")
         if tr is not None:
             if tr.reply_to is not None:
                 logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
