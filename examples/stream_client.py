@@ -28,7 +28,7 @@ def first_model(url: str, timeout_s: float) -> str:
 
 
 def stream_events(url: str, body: dict[str, Any], timeout_s: float) -> Iterator[dict[str, Any]]:
-    """POST `body` and yield each SSE `data:` payload until `[DONE]`."""
+    """POST `body` and yield each SSE `data:` payload before `[DONE]`."""
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
@@ -40,13 +40,15 @@ def stream_events(url: str, body: dict[str, Any], timeout_s: float) -> Iterator[
         wait = f" (retry after {retry}s)" if retry else ""
         raise SystemExit(f"HTTP {e.code}{wait}: {detail}") from None
     with resp:
-        for raw in resp:  # the socket timeout bounds the wait for every line
+        # Read to the end of the body (the server closes it after [DONE]): hanging up early
+        # looks like a client that went away. The socket timeout bounds every read.
+        for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data:"):
                 continue  # blank separators and SSE comments
             payload = line.removeprefix("data:").strip()
             if payload == "[DONE]":
-                return
+                continue
             event = json.loads(payload)
             if "error" in event:
                 raise SystemExit(f"server error mid-stream: {event['error']}")

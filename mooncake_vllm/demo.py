@@ -59,7 +59,10 @@ class Progress:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
 
 
-def _last_log_line(path: Path, width: int = 70) -> str:
+_LEVELS = ("INFO", "WARNING", "ERROR")
+
+
+def _last_log_line(path: Path, width: int = 60) -> str:
     """The newest non-empty line of a log, shortened: shows what a loading engine is doing."""
     try:
         with open(path, "rb") as f:
@@ -68,13 +71,12 @@ def _last_log_line(path: Path, width: int = 70) -> str:
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return "starting"
-    lines = [ln for ln in lines if ln]
-    if not lines:
+    # vLLM's own lines look like "(EngineCore pid=7) INFO 11-25 06:20:01 [file.py:12] msg";
+    # the rest (library warnings, stack frames) says little about progress.
+    logged = [ln for ln in lines if any(f" {lvl} " in ln for lvl in _LEVELS) and "] " in ln]
+    if not logged:
         return "starting"
-    text = lines[-1]
-    # vLLM's lines start with "(APIServer pid=1) INFO 11-25 06:20:01 [file.py:12] message".
-    if "] " in text:
-        text = text.split("] ", 1)[1]
+    text = logged[-1].split("] ", 1)[1]
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -163,8 +165,8 @@ def wait_all_ready(servers: Sequence[VllmServer], progress: Progress, timeout_s:
             tails = "\n".join(f"--- {s.name} ({s.log_path}):\n{s.log_tail(15)}" for s in pending)
             raise StartupError(f"not ready after {timeout_s:.0f} s: {names}\n{tails}")
         if now >= next_beat:
-            progress.say("loading: " + "; ".join(
-                f"{s.name}: {_last_log_line(s.log_path)}" for s in pending))
+            progress.say("loading: " + "".join(
+                f"\n           {s.name:>8}: {_last_log_line(s.log_path)}" for s in pending))
             next_beat = now + heartbeat_s
         time.sleep(0.5)
 
@@ -217,7 +219,7 @@ def stream_completion(base_url: str, model: str, prompt: str, max_tokens: int,
                 continue
             payload = line.removeprefix("data:").strip()
             if payload == "[DONE]":
-                break
+                continue  # read on to the end of the body: closing early looks like an abort
             event = json.loads(payload)
             if "error" in event:
                 raise RuntimeError(f"{base_url}: error event: {event['error']}")
@@ -370,7 +372,7 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             progress.say(f"etcd ready at {etcd.url}")
             connector_extra["metadata_server"] = etcd.url
 
-        def instance(name: str, role: str | None) -> VllmServer:
+        def instance(name: str, role: str | None, cpus: list[int] | None) -> VllmServer:
             port = free_port()
             kv = None
             if role is not None:
@@ -378,13 +380,18 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
                 kv = {"kv_connector": CONNECTOR, "kv_role": role,
                       "kv_connector_extra_config": extra}
             server = VllmServer(model, port=port, kv_transfer_config=kv, name=name,
-                                log_path=workdir / f"{name}.log")
+                                cpus=cpus, log_path=workdir / f"{name}.log")
             stack.callback(server.stop)
             return server
 
-        prefill = instance("prefill", "kv_producer")
-        decode = instance("decode", "kv_consumer")
-        single = instance("single", None)
+        # vLLM's CPU backend binds its OpenMP threads to cores; left to itself every engine
+        # picks the same ones and P and D fight. P and D get a core each, as on a real
+        # cluster they get a machine each; the reference (idle while they work) gets both.
+        ncpu = len(os.sched_getaffinity(0))
+        cores = (([0], [1], [0, 1]) if ncpu >= 2 else (None, None, None))
+        prefill = instance("prefill", "kv_producer", cores[0])
+        decode = instance("decode", "kv_consumer", cores[1])
+        single = instance("single", None, cores[2])
         servers = (prefill, decode, single)
         for server in servers:
             server.start()
