@@ -7,6 +7,9 @@
 
 #include "mooncake_vllm/engine.h"
 #include "testing_module.h"
+#ifdef MV_WITH_RDMA
+#include "transports/rdma/verbs.h"
+#endif
 
 namespace py = pybind11;
 using namespace mooncake_vllm;
@@ -129,6 +132,13 @@ PYBIND11_MODULE(_engine, m) {
     }
   });
   m.attr("TRANSPORTS") = compiled_transports();
+  m.def("rdma_device_names", [] {
+#ifdef MV_WITH_RDMA
+    return rdma::make_ibverbs()->device_names();
+#else
+    return std::vector<std::string>{};
+#endif
+  }, "RDMA devices that libibverbs lists (what protocol='auto' would use).");
   m.attr("STATE_PENDING") = static_cast<int>(BatchState::kPending);
   m.attr("STATE_DONE") = static_cast<int>(BatchState::kDone);
   m.attr("STATE_FAILED") = static_cast<int>(BatchState::kFailed);
