@@ -162,6 +162,10 @@ class TransferEngine:
         finally:
             self.release(bid)
 
+    def stats(self) -> dict[str, int]:
+        """Transport counters (TCP: messages_sent, send_calls, bytes_sent, connects)."""
+        return dict(self._native.stats())
+
     def close(self) -> None:
         self._native.close()
 

@@ -47,6 +47,30 @@ def test_large_write_striped_across_connections(engine_factory) -> None:
     seg = a.engine.open_segment(b.engine.descriptor())
     a.engine.transfer_sync(seg, "write", [a.base], [b.base], [a.buffer.nbytes])
     assert sha256(a.buffer) == sha256(b.buffer)
+    stats = a.engine.stats()
+    assert stats["connects"] == 3  # every connection carried a share
+    assert stats["messages_sent"] >= 3
+    assert stats["bytes_sent"] == a.buffer.nbytes
+
+
+def test_small_batches_queued_together_share_system_calls(engine_factory) -> None:
+    a = engine_factory(32 << 20, connections_per_peer=1)
+    b = engine_factory(32 << 20)
+    a.buffer[:] = pattern(a.buffer.nbytes, seed=6)
+    seg = a.engine.open_segment(b.engine.descriptor())
+    busy = a.engine.submit(seg, "write", [a.base], [b.base], [16 << 20])  # occupies the link
+    block = 4096
+    target = b.base + (16 << 20)
+    small = [
+        a.engine.submit(seg, "write", [a.base + i * block], [target + i * block], [block])
+        for i in range(64)
+    ]
+    for bid in [busy, *small]:
+        assert a.engine.wait(bid, timeout_s=20).state is BatchState.DONE
+    stats = a.engine.stats()
+    assert stats["messages_sent"] == 1 + 64  # one connection: the 16 MiB batch is one message
+    assert stats["send_calls"] < stats["messages_sent"]
+    assert np.array_equal(b.buffer[16 << 20 : (16 << 20) + 64 * block], a.buffer[: 64 * block])
 
 
 def test_write_and_read_across_processes(engine_factory, peer_factory) -> None:

@@ -173,6 +173,7 @@ PYBIND11_MODULE(_engine, m) {
       .def_property_readonly("protocol_note", &TransferEngine::protocol_note)
       .def_property_readonly("endpoint", &TransferEngine::endpoint)
       .def_property_readonly("live_batches", &TransferEngine::live_batches)
+      .def("stats", &TransferEngine::stats)
       .def("register", &TransferEngine::register_memory, py::arg("addr"), py::arg("length"),
            py::call_guard<py::gil_scoped_release>())
       .def("unregister", &TransferEngine::unregister_memory, py::arg("addr"),

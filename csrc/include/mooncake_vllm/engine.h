@@ -38,6 +38,7 @@ class TransferEngine {
   BatchState wait(uint64_t batch_id, double timeout_s, std::string* error) const;
   void release(uint64_t batch_id);
   size_t live_batches() const { return batches_.size(); }
+  std::map<std::string, uint64_t> stats() const { return transport_->stats(); }
   void close();
 
  private:

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +37,8 @@ class Transport {
   virtual void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
                       std::vector<Request> requests) = 0;
   virtual void stop() = 0;
+  // Counters for observability and tests (messages, system calls, connections, ...).
+  virtual std::map<std::string, uint64_t> stats() const { return {}; }
 };
 
 }  // namespace mooncake_vllm

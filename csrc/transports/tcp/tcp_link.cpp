@@ -15,8 +15,8 @@ bool peer_hung_up(int fd) {
 }
 }  // namespace
 
-Link::Link(RegionRegistry& registry, LinkSettings settings, int index)
-    : registry_(registry), settings_(std::move(settings)), index_(index) {}
+Link::Link(RegionRegistry& registry, LinkSettings settings, int index, LinkCounters& counters)
+    : registry_(registry), settings_(std::move(settings)), index_(index), counters_(counters) {}
 
 Link::~Link() { stop(); }
 
@@ -109,6 +109,7 @@ std::shared_ptr<Link::Conn> Link::ensure_connected(const std::shared_ptr<Message
   double left = std::chrono::duration<double>(deadline - Clock::now()).count();
   conn->sock = connect_to(endpoint, deadline);
   client_handshake(conn->sock.fd(), endpoint, settings_.token, std::max(left, 0.001));
+  counters_.connects.fetch_add(1, std::memory_order_relaxed);
   std::lock_guard lock(mu_);
   if (stop_) throw TransferError("engine closed");
   conn_ = conn;
@@ -116,32 +117,55 @@ std::shared_ptr<Link::Conn> Link::ensure_connected(const std::shared_ptr<Message
   return conn;
 }
 
+namespace {
+// Queued messages at most this big are sent together, several per system call: many small
+// batches to the same peer (a layer's worth of blocks from several requests) then cost one
+// sendmsg instead of one each. Each keeps its own header and response.
+constexpr uint64_t kCoalesceMessageBytes = 256 * 1024;
+constexpr uint64_t kCoalesceGroupBytes = 1024 * 1024;
+constexpr size_t kCoalesceGroupMessages = 64;
+}  // namespace
+
 void Link::sender_loop() {
   for (;;) {
-    std::shared_ptr<Message> msg;
+    std::vector<std::shared_ptr<Message>> group;
     {
       std::unique_lock lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (stop_) return;
-      msg = std::move(queue_.front());
-      queue_.pop_front();
+      uint64_t bytes = 0;
+      do {
+        bytes += queue_.front()->bytes;
+        group.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      } while (!queue_.empty() && group.back()->bytes <= kCoalesceMessageBytes &&
+               queue_.front()->bytes <= kCoalesceMessageBytes &&
+               bytes + queue_.front()->bytes <= kCoalesceGroupBytes &&
+               group.size() < kCoalesceGroupMessages);
     }
-    if (msg->batch->failed_early()) {
-      msg->complete(false, "batch already failed");
-      continue;
+    std::vector<Outgoing> ready;
+    ready.reserve(group.size());
+    for (auto& msg : group) {
+      if (msg->batch->failed_early()) {
+        msg->complete(false, "batch already failed");
+        continue;
+      }
+      Outgoing out;
+      if (prepare(msg, out)) ready.push_back(std::move(out));
     }
+    if (ready.empty()) continue;
     std::shared_ptr<Conn> conn;
     try {
-      conn = ensure_connected(msg);
+      conn = ensure_connected(ready.front().msg);
     } catch (const std::exception& e) {
-      msg->complete(false, e.what());
+      for (auto& out : ready) out.msg->complete(false, e.what());
       continue;
     }
-    send_message(conn, msg);
+    send_group(conn, ready);
   }
 }
 
-void Link::send_message(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg) {
+bool Link::prepare(const std::shared_ptr<Message>& msg, Outgoing& out) {
   // Local memory is checked (and pinned against unregister) at send time, not submit time: a
   // region unregistered while the message waited in the queue fails this message cleanly.
   std::vector<uint64_t> addrs, lens;
@@ -155,37 +179,52 @@ void Link::send_message(const std::shared_ptr<Conn>& conn, const std::shared_ptr
                                           "local");
   if (!err.empty()) {
     msg->complete(false, err + " (unregistered while the transfer was queued?)");
-    return;
+    return false;
   }
-  RequestHeader header{};
-  std::vector<Entry> entries;
-  entries.reserve(msg->requests.size());
-  for (const Request& r : msg->requests) entries.push_back({r.remote, r.length});
+  out.msg = msg;
+  out.header = RequestHeader{};
+  out.header.magic = kMagic;
+  out.header.op = static_cast<uint8_t>(msg->op == OpCode::kWrite ? WireOp::kWrite : WireOp::kRead);
+  out.header.count = static_cast<uint32_t>(msg->requests.size());
+  out.header.total_bytes = msg->bytes;
+  out.entries.reserve(msg->requests.size());
+  for (const Request& r : msg->requests) out.entries.push_back({r.remote, r.length});
+  return true;
+}
+
+void Link::send_group(const std::shared_ptr<Conn>& conn, std::vector<Outgoing>& group) {
   {
+    // In flight before the first byte leaves, so the receiver can match the responses.
     std::unique_lock lock(mu_);
     if (conn->broken) {
       lock.unlock();
-      msg->complete(false, "connection to " + settings_.endpoint + " lost");
+      for (auto& out : group) out.msg->complete(false, "connection to " + settings_.endpoint + " lost");
       return;
     }
-    header.seq = conn->next_seq++;
-    conn->inflight.push_back(msg);
+    for (auto& out : group) {
+      out.header.seq = conn->next_seq++;
+      conn->inflight.push_back(out.msg);
+    }
     cv_.notify_all();
   }
-  header.magic = kMagic;
-  header.op = static_cast<uint8_t>(msg->op == OpCode::kWrite ? WireOp::kWrite : WireOp::kRead);
-  header.count = static_cast<uint32_t>(entries.size());
-  header.total_bytes = msg->bytes;
   std::vector<iovec> iov;
-  iov.reserve(2 + (msg->op == OpCode::kWrite ? msg->requests.size() : 0));
-  iov.push_back({&header, sizeof(header)});
-  iov.push_back({entries.data(), entries.size() * sizeof(Entry)});
-  if (msg->op == OpCode::kWrite)
-    for (const Request& r : msg->requests) iov.push_back({reinterpret_cast<void*>(r.local), r.length});
-  err = send_all(conn->sock.fd(), iov.data(), iov.size());
+  uint64_t bytes = 0;
+  for (auto& out : group) {
+    bytes += out.msg->op == OpCode::kWrite ? out.msg->bytes : 0;
+    iov.push_back({&out.header, sizeof(out.header)});
+    iov.push_back({out.entries.data(), out.entries.size() * sizeof(Entry)});
+    if (out.msg->op == OpCode::kWrite)
+      for (const Request& r : out.msg->requests)
+        iov.push_back({reinterpret_cast<void*>(r.local), r.length});
+  }
+  std::string err = send_all(conn->sock.fd(), iov.data(), iov.size());
   if (!err.empty()) {
     fail_conn(conn, "sending to " + settings_.endpoint + ": " + err);
+    return;
   }
+  counters_.messages_sent.fetch_add(group.size(), std::memory_order_relaxed);
+  counters_.send_calls.fetch_add(1, std::memory_order_relaxed);
+  counters_.bytes_sent.fetch_add(bytes, std::memory_order_relaxed);
 }
 
 void Link::receiver_loop() {

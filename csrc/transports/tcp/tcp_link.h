@@ -15,6 +15,7 @@
 #include "mooncake_vllm/batch.h"
 #include "mooncake_vllm/region_registry.h"
 #include "socket_io.h"
+#include "wire.h"
 
 namespace mooncake_vllm::tcp {
 
@@ -39,9 +40,17 @@ struct LinkSettings {
   double timeout_s;
 };
 
+// Shared by the links of one transport.
+struct LinkCounters {
+  std::atomic<uint64_t> messages_sent{0};
+  std::atomic<uint64_t> send_calls{0};  // one sendmsg sequence per coalesced group
+  std::atomic<uint64_t> bytes_sent{0};
+  std::atomic<uint64_t> connects{0};
+};
+
 class Link : public std::enable_shared_from_this<Link> {
  public:
-  Link(RegionRegistry& registry, LinkSettings settings, int index);
+  Link(RegionRegistry& registry, LinkSettings settings, int index, LinkCounters& counters);
   ~Link();
   void start();
   void enqueue(std::shared_ptr<Message> msg);
@@ -62,12 +71,19 @@ class Link : public std::enable_shared_from_this<Link> {
   void receiver_loop();
   std::shared_ptr<Conn> ensure_connected(const std::shared_ptr<Message>& msg);
   void fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reason);
-  void send_message(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg);
+  struct Outgoing {
+    std::shared_ptr<Message> msg;
+    RequestHeader header;
+    std::vector<Entry> entries;
+  };
+  bool prepare(const std::shared_ptr<Message>& msg, Outgoing& out);
+  void send_group(const std::shared_ptr<Conn>& conn, std::vector<Outgoing>& group);
   void receive_response(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Message>& msg);
 
   RegionRegistry& registry_;
   LinkSettings settings_;
   const int index_;
+  LinkCounters& counters_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Message>> queue_;

@@ -43,7 +43,8 @@ void TcpTransport::open_peer(const std::shared_ptr<Peer>& peer) {
   int count = std::max(1, config_.connections_per_peer);
   for (int i = 0; i < count; ++i) {
     auto link = std::make_shared<Link>(
-        registry_, LinkSettings{peer->desc.endpoint, config_.cluster_token, config_.timeout_s}, i);
+        registry_, LinkSettings{peer->desc.endpoint, config_.cluster_token, config_.timeout_s}, i,
+        counters_);
     link->start();
     entry->links.push_back(std::move(link));
   }
@@ -92,6 +93,13 @@ void TcpTransport::stop() {
   for (auto& [handle, entry] : peers)
     for (auto& link : entry->links) link->stop();
   server_.stop();
+}
+
+std::map<std::string, uint64_t> TcpTransport::stats() const {
+  return {{"messages_sent", counters_.messages_sent.load()},
+          {"send_calls", counters_.send_calls.load()},
+          {"bytes_sent", counters_.bytes_sent.load()},
+          {"connects", counters_.connects.load()}};
 }
 
 std::string control_call(const std::string& endpoint, const std::string& token,

@@ -24,6 +24,7 @@ class TcpTransport : public Transport {
   void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
               std::vector<Request> requests) override;
   void stop() override;
+  std::map<std::string, uint64_t> stats() const override;
   TcpServer& server() { return server_; }
 
  private:
@@ -37,6 +38,7 @@ class TcpTransport : public Transport {
   std::mutex mu_;
   std::map<uint64_t, std::shared_ptr<PeerLinks>> peers_;
   bool stopped_ = false;
+  LinkCounters counters_;
 };
 
 // One request/response on a fresh authenticated connection (the RDMA QP handshake).
