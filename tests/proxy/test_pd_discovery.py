@@ -1,0 +1,161 @@
+"""The conductor in front of a real prefill/decode pair running MooncakeVllmConnector.
+
+One module, one pair (two vLLM processes at a time): etcd and a discovery proxy start first,
+the prefill and decode instances after it, so the discovery proxy must pick them up without a
+restart; a static proxy (`--prefill URL --decode URL`, remote_control by probe) serves the
+relay tests; the last test kills the decode instance and watches discovery drop it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from proxy_http import get_json, metric, open_stream, post, sse_events, stream_text, wait_for
+
+from mooncake_vllm.proxy.process import ProxyProcess
+from mooncake_vllm.testing.etcd_server import EtcdServer
+from mooncake_vllm.testing.vllm_server import VllmServer, free_port, post_json
+
+pytestmark = [pytest.mark.vllm, pytest.mark.etcd]
+
+CONNECTOR = "MooncakeVllmConnector"
+METADATA_TTL_S = 3
+
+
+@dataclass
+class Cluster:
+    etcd: EtcdServer
+    discovery_proxy: ProxyProcess
+    prefill: VllmServer
+    decode: VllmServer
+    static_proxy: ProxyProcess
+
+
+def _server(model: Path, name: str, role: str, etcd: EtcdServer, cpus: list[int],
+            logs: Path) -> VllmServer:
+    port = free_port()
+    extra = {"metadata_server": etcd.url, "advertise_url": f"http://127.0.0.1:{port}",
+             "metadata_ttl_s": METADATA_TTL_S}
+    return VllmServer(model, port=port, name=name, cpus=cpus, log_path=logs / f"{name}.log",
+                      kv_transfer_config={"kv_connector": CONNECTOR, "kv_role": role,
+                                          "kv_connector_extra_config": extra})
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    work = tmp_path_factory.mktemp("pd")
+    etcd = EtcdServer(work / "etcd").start()
+    disc = p = d = static = None
+    try:
+        disc = ProxyProcess(["--metadata-server", etcd.url, "--health-interval-s", "0.5",
+                             "--tokenizer", str(tiny_model)]).start()
+        assert get_json(disc.url + "/instances")[1]["instances"] == []
+        p = _server(tiny_model, "prefill", "kv_producer", etcd, [0], work)
+        d = _server(tiny_model, "decode", "kv_consumer", etcd, [1], work)
+        p.start()
+        d.start()
+        p.wait_ready()
+        d.wait_ready()
+        static = ProxyProcess(["--prefill", p.url, "--decode", d.url,
+                               "--health-interval-s", "0.5"]).start()
+        yield Cluster(etcd, disc, p, d, static)
+    finally:
+        for proc in (static, disc):
+            if proc is not None:
+                proc.stop()
+        for s in (d, p):
+            if s is not None:
+                s.stop()
+        etcd.stop()
+
+
+def _body(model: Path, **kw: object) -> dict:
+    return {"model": str(model), "temperature": 0, **kw}
+
+
+def _reference(c: Cluster, path: str, body: dict) -> dict:
+    """The same request served whole by the prefill instance (no kv_transfer_params: its
+    connector stays out of the way): what P/D must reproduce token for token."""
+    return post_json(c.prefill.url + path, body)
+
+
+def test_discovers_instances_started_after_it(cluster: Cluster, tiny_model: Path) -> None:
+    url = cluster.discovery_proxy.url
+
+    def roles() -> dict[str, dict]:
+        return {i["role"]: i for i in get_json(url + "/instances")[1]["instances"]}
+
+    wait_for(lambda: {"prefill", "decode"} <= set(roles()), 20, "P and D discovered")
+    found = roles()
+    assert found["prefill"]["url"] == cluster.prefill.url
+    assert found["decode"]["url"] == cluster.decode.url
+    assert found["prefill"]["source"] == "discovery" and found["prefill"]["has_remote_control"]
+    body = _body(tiny_model, prompt="Discovery routes this prompt through", max_tokens=12)
+    ref = _reference(cluster, "/v1/completions", body)
+    events = sse_events(url + "/v1/completions", {**body, "stream": True})
+    assert stream_text(events, chat=False) == ref["choices"][0]["text"]
+
+
+def test_pd_completion_equals_single_instance(cluster: Cluster, tiny_model: Path) -> None:
+    url = cluster.static_proxy.url
+    body = _body(tiny_model, prompt="Prefill here, decode there: " * 6, max_tokens=16)
+    p_done = metric(cluster.prefill.url, "vllm:request_success_total")
+    d_done = metric(cluster.decode.url, "vllm:request_success_total")
+    status, _, raw = post(url + "/v1/completions", body)
+    assert status == 200, raw
+    via = json.loads(raw)
+    assert via["choices"][0]["text"] == _reference(cluster, "/v1/completions", body)[
+        "choices"][0]["text"]
+    # Both halves ran: P's one-token prefill and D's decode (the reference adds one to P).
+    assert metric(cluster.prefill.url, "vllm:request_success_total") - p_done == 2
+    assert metric(cluster.decode.url, "vllm:request_success_total") - d_done == 1
+
+
+def test_pd_streams_completions_and_chat(cluster: Cluster, tiny_model: Path) -> None:
+    url = cluster.static_proxy.url
+    body = _body(tiny_model, prompt="Streams of tokens flow", max_tokens=10)
+    events = sse_events(url + "/v1/completions", {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    assert stream_text(events, chat=False) == _reference(cluster, "/v1/completions", body)[
+        "choices"][0]["text"]
+    chat = _body(tiny_model, messages=[{"role": "user", "content": "Explain generators"}],
+                 max_tokens=10)
+    ref = _reference(cluster, "/v1/chat/completions", chat)["choices"][0]["message"]["content"]
+    whole = post_json(url + "/v1/chat/completions", chat)
+    assert whole["choices"][0]["message"]["content"] == ref
+    events = sse_events(url + "/v1/chat/completions", {**chat, "stream": True})
+    assert stream_text(events, chat=True) == ref
+
+
+def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
+    p, d = cluster.prefill, cluster.decode
+    body = _body(tiny_model, prompt="Keep talking: " * 40, max_tokens=3500, stream=True,
+                 ignore_eos=True)
+    conn, first = open_stream(cluster.static_proxy.url, "/v1/completions", body)
+    assert first.startswith(b"data: ")
+    wait_for(lambda: metric(d.url, "vllm:num_requests_running") == 1, 10, "D decodes")
+    assert metric(d.url, "vllm:kv_cache_usage_perc") > 0
+    conn.close()
+    for s in (d, p):
+        wait_for(lambda s=s: metric(s.url, "vllm:num_requests_running") == 0
+                 and metric(s.url, "vllm:kv_cache_usage_perc") == 0, 20,
+                 f"{s.name} released the request and its KV")
+
+
+def test_killed_decode_instance_leaves_discovery(cluster: Cluster) -> None:
+    """Last: kills the decode instance. Its lease expires and discovery drops it."""
+    url = cluster.discovery_proxy.url
+    cluster.decode.kill()
+
+    def decode_known() -> bool:
+        return any(i["role"] == "decode" for i in get_json(url + "/instances")[1]["instances"])
+
+    wait_for(lambda: not decode_known(), METADATA_TTL_S + 15, "dead decode instance removed")
+    status, health = get_json(url + "/health")
+    assert status == 503 and health["healthy"]["decode"] == 0
+    status, _, raw = post(url + "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert status == 503 and b"no healthy instance" in raw
