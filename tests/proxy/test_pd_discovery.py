@@ -103,6 +103,8 @@ def test_discovers_instances_started_after_it(cluster: Cluster, tiny_model: Path
 def test_pd_completion_equals_single_instance(cluster: Cluster, tiny_model: Path) -> None:
     url = cluster.static_proxy.url
     body = _body(tiny_model, prompt="Prefill here, decode there: " * 6, max_tokens=16)
+    # The first request through the static proxy also probes P for its remote_control.
+    assert post(url + "/v1/completions", {**body, "max_tokens": 1})[0] == 200
     p_done = metric(cluster.prefill.url, "vllm:request_success_total")
     d_done = metric(cluster.decode.url, "vllm:request_success_total")
     status, _, raw = post(url + "/v1/completions", body)
