@@ -111,19 +111,17 @@ uint64_t TransferEngine::open_segment(const SegmentDescriptor& desc) {
   if (desc.protocol != protocol_)
     throw InvalidArgument("segment '" + desc.name + "' speaks '" + desc.protocol +
                           "' but this engine uses '" + protocol_ + "'");
-  std::shared_ptr<Peer> peer;
+  auto peer = std::make_shared<Peer>();
+  peer->desc = desc;
   {
     std::lock_guard lock(mu_);
-    auto& slot = peers_by_name_[desc.name];
-    if (!slot) {
-      slot = std::make_shared<Peer>();
-      slot->handle = next_peer_++;
-      peers_[slot->handle] = slot;
-    }
-    peer = slot;
-    peer->desc = desc;
+    auto [slot, added] = handles_by_name_.emplace(desc.name, 0);
+    if (added) slot->second = next_peer_++;
+    peer->handle = slot->second;
   }
   transport_->open_peer(peer);
+  std::lock_guard lock(mu_);
+  peers_[peer->handle] = peer;
   return peer->handle;
 }
 
@@ -138,7 +136,7 @@ bool inside_descriptor(const SegmentDescriptor& desc, uint64_t addr, uint64_t le
 uint64_t TransferEngine::submit(uint64_t segment, OpCode op, const uint64_t* local,
                                 const uint64_t* remote, const uint64_t* lengths, size_t count) {
   check_open();
-  std::shared_ptr<Peer> peer;
+  std::shared_ptr<const Peer> peer;
   {
     std::lock_guard lock(mu_);
     auto it = peers_.find(segment);

@@ -121,3 +121,25 @@ def test_open_segment_is_idempotent_per_name(engine_factory) -> None:
     b = engine_factory()
     desc = b.engine.descriptor()
     assert a.engine.open_segment(desc) == a.engine.open_segment(dict(desc))
+
+
+def test_empty_batch_is_done_at_once(engine_factory) -> None:
+    a = engine_factory()
+    b = engine_factory()
+    seg = a.engine.open_segment(b.engine.descriptor())
+    empty = np.zeros(0, dtype=np.uint64)
+    assert a.engine.transfer_sync(seg, "write", empty, empty, empty).state is BatchState.DONE
+
+
+def test_reopening_a_segment_with_new_regions_keeps_the_handle(engine_factory) -> None:
+    a = engine_factory(1 << 20)
+    b = engine_factory(1 << 20)
+    seg = a.engine.open_segment(b.engine.descriptor())
+    extra = np.zeros(1 << 16, dtype=np.uint8)
+    b.engine.register(extra.ctypes.data, extra.nbytes)
+    with pytest.raises(ValueError, match="outside the regions"):
+        a.engine.submit(seg, "write", [a.base], [extra.ctypes.data], [4096])
+    assert a.engine.open_segment(b.engine.descriptor()) == seg
+    a.buffer[:4096] = 8
+    a.engine.transfer_sync(seg, "write", [a.base], [extra.ctypes.data], [4096])
+    assert (extra[:4096] == 8).all()

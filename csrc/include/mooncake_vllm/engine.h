@@ -48,11 +48,13 @@ class TransferEngine {
   std::string protocol_note_;
   std::string endpoint_;
   RegionRegistry registry_;
-  BatchTable batches_;
   std::unique_ptr<Transport> transport_;
+  // Declared after the transport so that it is destroyed first: its watchdog runs abort hooks
+  // that call into the transport.
+  BatchTable batches_;
   mutable std::mutex mu_;
-  std::map<std::string, std::shared_ptr<Peer>> peers_by_name_;
-  std::map<uint64_t, std::shared_ptr<Peer>> peers_;
+  std::map<std::string, uint64_t> handles_by_name_;
+  std::map<uint64_t, std::shared_ptr<const Peer>> peers_;
   uint64_t next_peer_ = 1;
   std::atomic<bool> closed_{false};
 };

@@ -13,7 +13,8 @@
 
 namespace mooncake_vllm {
 
-// A remote segment as a transport sees it.
+// A remote segment as a transport sees it. Immutable: re-opening a segment with a changed
+// descriptor makes a new Peer with the same handle, so a batch keeps the version it started with.
 struct Peer {
   uint64_t handle = 0;
   SegmentDescriptor desc;
@@ -31,10 +32,10 @@ class Transport {
   virtual void on_register(Region& region) { (void)region; }
   // Called after the region is gone and no lease is held any more (RDMA: deregister MRs).
   virtual void on_unregister(const Region& region) { (void)region; }
-  // A new or changed remote segment; `peer` lives as long as the engine.
-  virtual void open_peer(const std::shared_ptr<Peer>& peer) = 0;
+  // A new remote segment, or a new version of one (same handle).
+  virtual void open_peer(const std::shared_ptr<const Peer>& peer) = 0;
   // Queues the requests and returns; every part later reports to `batch`.
-  virtual void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+  virtual void submit(const std::shared_ptr<const Peer>& peer, const std::shared_ptr<Batch>& batch,
                       std::vector<Request> requests) = 0;
   virtual void stop() = 0;
   // Counters for observability and tests (messages, system calls, connections, ...).

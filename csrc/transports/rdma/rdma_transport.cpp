@@ -141,7 +141,7 @@ class RdmaTransport : public Transport {
     for (void* mr : region.mrs) verbs_->dereg_mr(static_cast<ibv_mr*>(mr));
   }
 
-  void open_peer(const std::shared_ptr<Peer>& peer) override {
+  void open_peer(const std::shared_ptr<const Peer>& peer) override {
     if (peer->desc.rdma_devices.empty())
       throw InvalidArgument("segment '" + peer->desc.name + "' lists no RDMA devices");
     std::lock_guard lock(mu_);
@@ -151,7 +151,7 @@ class RdmaTransport : public Transport {
     state->connected = false;  // (re)connect with the current descriptor on the next batch
   }
 
-  void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+  void submit(const std::shared_ptr<const Peer>& peer, const std::shared_ptr<Batch>& batch,
               std::vector<Request> requests) override {
     std::shared_ptr<PeerState> state;
     {
@@ -197,8 +197,16 @@ class RdmaTransport : public Transport {
     }
     stop_poller_.store(true);
     if (poller_.joinable()) poller_.join();
-    for (auto& lane : lanes)
+    {
+      std::lock_guard lock(mu_);
+      lanes.insert(lanes.end(), retired_.begin(), retired_.end());
+      retired_.clear();
+    }
+    for (auto& lane : lanes) {
+      std::lock_guard lane_lock(lane->mu);
       if (lane->qp) verbs_->destroy_qp(lane->qp);
+      lane->qp = nullptr;
+    }
     for (const auto& region : registry_.snapshot()) on_unregister(*region);
     for (auto& dev : devices_) {
       if (dev->cq) verbs_->destroy_cq(dev->cq);
@@ -305,6 +313,7 @@ class RdmaTransport : public Transport {
   }
 
   void to_error(Lane& lane) {
+    std::lock_guard lock(lane.mu);
     if (!lane.qp) return;
     ibv_qp_attr attr{};
     attr.qp_state = IBV_QPS_ERR;
@@ -594,7 +603,8 @@ class RdmaTransport : public Transport {
       }
     }
     for (auto& lane : done) {
-      verbs_->destroy_qp(lane->qp);
+      std::lock_guard lane_lock(lane->mu);
+      if (lane->qp) verbs_->destroy_qp(lane->qp);
       lane->qp = nullptr;
     }
   }

@@ -31,7 +31,7 @@ std::string TcpTransport::start() {
   return host + ":" + std::to_string(port);
 }
 
-void TcpTransport::open_peer(const std::shared_ptr<Peer>& peer) {
+void TcpTransport::open_peer(const std::shared_ptr<const Peer>& peer) {
   std::lock_guard lock(mu_);
   if (stopped_) throw TransferError("engine closed");
   auto& entry = peers_[peer->handle];
@@ -50,7 +50,7 @@ void TcpTransport::open_peer(const std::shared_ptr<Peer>& peer) {
   }
 }
 
-void TcpTransport::submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+void TcpTransport::submit(const std::shared_ptr<const Peer>& peer, const std::shared_ptr<Batch>& batch,
                           std::vector<Request> requests) {
   std::shared_ptr<PeerLinks> links;
   {

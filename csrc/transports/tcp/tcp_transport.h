@@ -20,8 +20,8 @@ class TcpTransport : public Transport {
   ~TcpTransport() override;
   std::string name() const override { return "tcp"; }
   std::string start() override;
-  void open_peer(const std::shared_ptr<Peer>& peer) override;
-  void submit(const std::shared_ptr<Peer>& peer, const std::shared_ptr<Batch>& batch,
+  void open_peer(const std::shared_ptr<const Peer>& peer) override;
+  void submit(const std::shared_ptr<const Peer>& peer, const std::shared_ptr<Batch>& batch,
               std::vector<Request> requests) override;
   void stop() override;
   std::map<std::string, uint64_t> stats() const override;
