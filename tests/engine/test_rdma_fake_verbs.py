@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -202,3 +203,20 @@ def test_tcp_engine_cannot_open_an_rdma_segment(fake_pair, engine_factory) -> No
     tcp = engine_factory()
     with pytest.raises(ValueError, match="speaks 'rdma'"):
         tcp.engine.open_segment(b.engine.descriptor())
+
+
+@pytest.mark.parametrize("fake_pair", [{"timeout_s": 1.0}], indirect=True)
+def test_stalled_peer_times_out_flushes_and_reconnects(fake_pair) -> None:
+    a, b, seg = fake_pair
+    a.buffer[:] = 4
+    a.engine.transfer_sync(seg, "write", [a.base], [b.base], [4096])  # connected
+    testing.fake_verbs_inject_stall()
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="timed out"):
+        a.engine.transfer_sync(seg, "write", [a.base], [b.base], [1 << 20])
+    assert 0.9 < time.monotonic() - started < 2.5
+    stats = testing.fake_verbs_stats()
+    assert any(t.endswith("RTS->ERR") for t in stats["qp_transitions"])  # aborted -> flushed
+    a.buffer[:] = 5
+    a.engine.transfer_sync(seg, "write", [a.base], [b.base], [1 << 20])
+    assert (b.buffer[: 1 << 20] == 5).all()

@@ -52,6 +52,8 @@ void bind_testing(py::module_ m) {
     return out;
   }, "Counters of the FakeVerbs software NIC (test double), shared by the whole process.");
   m.def("fake_verbs_reset", &fake_reset_stats);
+  m.def("fake_verbs_inject_stall", &fake_inject_stall,
+        "The next WR, and all after it on its QP, never complete until the QP enters ERR.");
   m.def("fake_verbs_inject_error", [](const std::string& status, uint64_t after_wrs) {
     fake_inject_error(parse_status(status), after_wrs);
   }, py::arg("status"), py::arg("after_wrs") = 0,

@@ -46,6 +46,8 @@ struct FakeQp {
   uint32_t max_send_wr = 0;
   uint64_t next_seq = 0;     // sequence number of the next posted WR
   uint64_t retired_seq = 0;  // WRs below this have left the send queue
+  bool stalled = false;
+  std::vector<std::pair<ibv_wc, uint64_t>> withheld;  // (completion, seq) held back while stalled
 };
 
 const char* state_name(ibv_qp_state s) {
@@ -70,6 +72,7 @@ struct Fabric {
   std::map<uint32_t, FakeMr*> mrs_by_rkey;
   FakeStats stats;
   std::optional<std::pair<ibv_wc_status, uint64_t>> injected;
+  bool stall_next = false;
 };
 
 Fabric& fabric() {
@@ -211,6 +214,15 @@ class FakeVerbs : public Verbs {
                          IBV_QP_MAX_QP_RD_ATOMIC);
     }
     if (!ok) return EINVAL;
+    if (to == IBV_QPS_ERR) {
+      // Work the QP was still holding is flushed, each WR with its own completion.
+      for (auto& [wc, seq] : qp->withheld) {
+        wc.status = IBV_WC_WR_FLUSH_ERR;
+        qp->send_cq->entries.push_back({wc, qp, seq});
+      }
+      qp->withheld.clear();
+      qp->stalled = false;
+    }
     qp->state = to;
     qp->qp.state = to;
     fabric().stats.qp_transitions.push_back(std::to_string(qp->qp.qp_num) + ":" +
@@ -252,6 +264,18 @@ class FakeVerbs : public Verbs {
       ++f.stats.wrs_posted;
       bool signaled = w->send_flags & IBV_SEND_SIGNALED;
       if (signaled) ++f.stats.wrs_signaled;
+      if (f.stall_next && qp->state == IBV_QPS_RTS) {
+        f.stall_next = false;
+        qp->stalled = true;
+      }
+      if (qp->stalled) {
+        ibv_wc wc{};
+        wc.wr_id = w->wr_id;
+        wc.opcode = w->opcode == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE;
+        wc.qp_num = qp->qp.qp_num;
+        qp->withheld.push_back({wc, seq});
+        continue;
+      }
       ibv_wc_status status = qp->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR : execute(qp, w);
       if (status != IBV_WC_SUCCESS && qp->state != IBV_QPS_ERR) {
         qp->state = IBV_QPS_ERR;
@@ -361,6 +385,12 @@ void fake_reset_stats() {
   std::lock_guard lock(fabric().mu);
   fabric().stats = FakeStats{};
   fabric().injected.reset();
+  fabric().stall_next = false;
+}
+
+void fake_inject_stall() {
+  std::lock_guard lock(fabric().mu);
+  fabric().stall_next = true;
 }
 
 void fake_inject_error(ibv_wc_status status, uint64_t after_wrs) {

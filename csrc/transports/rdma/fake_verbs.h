@@ -37,5 +37,8 @@ FakeStats fake_stats();
 void fake_reset_stats();
 // The `after_wrs`-th WR executed from now on (0: the next one) fails with `status`.
 void fake_inject_error(ibv_wc_status status, uint64_t after_wrs);
+// The next WR posted, and every later one on the same QP, never completes (a peer that stopped
+// answering) until the QP is moved to ERR, which flushes them.
+void fake_inject_stall();
 
 }  // namespace mooncake_vllm::rdma
