@@ -171,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--mode", choices=("pd", "both"), default="both",
+    ap.add_argument("--mode", choices=("pd", "both"), default="pd",
                     help="pd: 2 prefill + 1 decode with the connector; both: 2 plain instances")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--conversations", type=int, default=6)
+    ap.add_argument("--conversations", type=int, default=5,
+                    help="odd, so that round-robin over 2 instances does not pin a conversation")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--context-chars", type=int, default=6000, help="~4 chars per token")
     ap.add_argument("--concurrency", type=int, default=3)
@@ -188,22 +189,21 @@ def main(argv: list[str] | None = None) -> int:
 
     logdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     env = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
-    big = ["--max-model-len", "8192"]
     if args.mode == "pd":
         extra = {"metadata_server": "p2p"}
-        prefill = [VllmServer(model, name=f"prefill{i}", cpus=[i], env=env, extra_args=big,
+        prefill = [VllmServer(model, name=f"prefill{i}", cpus=[i], env=env,
                               log_path=logdir / f"prefill{i}.log",
                               kv_transfer_config={"kv_connector": "MooncakeVllmConnector",
                                                   "kv_role": "kv_producer",
                                                   "kv_connector_extra_config": extra})
                    for i in range(2)]
-        decode = [VllmServer(model, name="decode0", cpus=[0], env=env, extra_args=big,
+        decode = [VllmServer(model, name="decode0", cpus=[0], env=env,
                              log_path=logdir / "decode0.log",
                              kv_transfer_config={"kv_connector": "MooncakeVllmConnector",
                                                  "kv_role": "kv_consumer",
                                                  "kv_connector_extra_config": extra})]
     else:
-        prefill = [VllmServer(model, name=f"both{i}", cpus=[i], env=env, extra_args=big,
+        prefill = [VllmServer(model, name=f"both{i}", cpus=[i], env=env,
                               log_path=logdir / f"both{i}.log") for i in range(2)]
         decode = []
     servers = prefill + decode
