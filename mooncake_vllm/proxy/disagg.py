@@ -317,6 +317,7 @@ class RequestRun:
         finally:
             await _settle(p_task, graceful=committed)
             await _settle(d_task, graceful=False)
+            self.ticket.close()  # a task cancelled before it ran never reached its finally
 
 
 async def _settle(task: asyncio.Task[Any], graceful: bool) -> None:
