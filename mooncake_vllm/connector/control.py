@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import zmq
 
@@ -40,6 +40,22 @@ def unpin_current_thread() -> None:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
     except (AttributeError, OSError, ValueError) as e:
         logger.debug("could not widen thread affinity: %s", e)
+
+
+@contextlib.contextmanager
+def widened_affinity() -> Iterator[None]:
+    """Threads started inside this block (e.g. the engine's I/O threads) are not pinned."""
+    try:
+        before = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        yield
+        return
+    unpin_current_thread()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(0, before)
 
 
 class ControlChannel:
@@ -134,7 +150,7 @@ class ControlChannel:
                 to, frame = self._out.get_nowait()
             except queue.Empty:
                 return
-            logger.debug("control: flushing %d bytes to %r", len(frame), to)
+            logger.info("control: flushing %d bytes to %r", len(frame), to)
             try:
                 if isinstance(to, bytes):
                     self._router.send_multipart([to, frame], zmq.NOBLOCK)
@@ -145,7 +161,7 @@ class ControlChannel:
                 logger.warning("control: could not send to %r: %s", to, e)
 
     def _dispatch(self, sender: bytes | str, frame: bytes) -> None:
-        logger.debug("control: got %d bytes from %r", len(frame), sender)
+        logger.info("control: got %d bytes from %r", len(frame), sender)
         try:
             msg = m.decode(frame)
         except m.BadMessage as e:

@@ -22,7 +22,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandsha
 
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel, unpin_current_thread
+from mooncake_vllm.connector.control import (
+    ControlChannel,
+    unpin_current_thread,
+    widened_affinity,
+)
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer, memory_regions
 from mooncake_vllm.connector.scheduler import MooncakeMetadata, RecvSpec
 from mooncake_vllm.connector.stats import MooncakeStats
@@ -95,11 +99,12 @@ class MooncakeWorker:
             tp_rank=self.tp_rank, tp_size=self.tp_size)
         self.layer_index = {n: i for i, n in enumerate(self.layout.layer_names)}
         c = self.config
-        self.engine = TransferEngine(
-            hostname=c.hostname, protocol=c.protocol, port=c.engine_port,
-            cluster_token=c.cluster_token, timeout_s=c.engine_timeout_s,
-            connections_per_peer=c.connections_per_peer,
-            rdma_devices=list(c.rdma_devices) if c.rdma_devices else None)
+        with widened_affinity():  # the engine's threads must not share the model's core
+            self.engine = TransferEngine(
+                hostname=c.hostname, protocol=c.protocol, port=c.engine_port,
+                cluster_token=c.cluster_token, timeout_s=c.engine_timeout_s,
+                connections_per_peer=c.connections_per_peer,
+                rdma_devices=list(c.rdma_devices) if c.rdma_devices else None)
         for addr, length in memory_regions(kv_caches):
             self.engine.register(addr, length)
         port = c.control_port + self.tp_rank if c.control_port else 0
@@ -403,7 +408,7 @@ class MooncakeWorker:
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, ep, blocks,
                 deadline=time.monotonic() + self.config.transfer_timeout_s)
-        logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
+        logger.info("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
         self._send(ep, m.Register(
             V, r.transfer_id, self.engine_id, self.segment_name,
             None if self.config.uses_etcd else self.engine.descriptor(),
@@ -429,7 +434,7 @@ class MooncakeWorker:
 
     def _on_register(self, sender: bytes, reg: m.Register) -> None:
         tr = self.out.get(reg.transfer_id)
-        logger.debug("transfer %s: registration for %d blocks from %s (prefill %s)",
+        logger.info("transfer %s: registration for %d blocks from %s (prefill %s)",
                      reg.transfer_id, len(reg.block_ids), reg.engine_id,
                      "known" if tr is not None else "not seen yet")
         if tr is not None:
