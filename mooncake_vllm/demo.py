@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -134,6 +135,17 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def stop_in_parallel(servers: Sequence[VllmServer]) -> None:
+    """Stop engines at once, not one after another: each may take seconds to wind down."""
+    # 10 s of grace: an engine still loading may not react to SIGTERM; it holds no state.
+    threads = [threading.Thread(target=s.stop, args=(10.0,), name=f"stop-{s.name}")
+               for s in servers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
 
 
 class StartupError(RuntimeError):
@@ -379,10 +391,8 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
                 extra = {**connector_extra, "advertise_url": f"http://127.0.0.1:{port}"}
                 kv = {"kv_connector": CONNECTOR, "kv_role": role,
                       "kv_connector_extra_config": extra}
-            server = VllmServer(model, port=port, kv_transfer_config=kv, name=name,
-                                cpus=cpus, log_path=workdir / f"{name}.log")
-            stack.callback(server.stop)
-            return server
+            return VllmServer(model, port=port, kv_transfer_config=kv, name=name,
+                              cpus=cpus, log_path=workdir / f"{name}.log")
 
         # vLLM's CPU backend binds its OpenMP threads to cores; left to itself every engine
         # picks the same ones and P and D fight. P and D get a core each, as on a real
@@ -393,6 +403,7 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
         decode = instance("decode", "kv_consumer", cores[1])
         single = instance("single", None, cores[2])
         servers = (prefill, decode, single)
+        stack.callback(stop_in_parallel, servers)
         for server in servers:
             server.start()
         progress.say(f"started 3 vLLM engines (prefill, decode, single reference) on {model}; "
@@ -459,13 +470,14 @@ def _signals_ignored() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so every `finally` stops what it started."""
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` stops what it
+    started (SIGINT too: a shell that starts us in the background leaves it ignored)."""
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous: dict[int, Callable[..., Any] | int | None] = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, handler)
     try:
         yield
@@ -502,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mooncake-vllm-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        with _sigterm_as_interrupt():
+        with _signals_as_interrupt():
             model = args.model or _default_model(progress)
             result = run_demo(
                 model, workdir, prompts=args.prompt or PROMPTS,
