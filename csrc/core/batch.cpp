@@ -29,6 +29,13 @@ void Batch::part_done(bool ok, const std::string& error) {
   }
 }
 
+void Batch::record_error(const std::string& error) {
+  std::lock_guard lock(mu_);
+  if (state_ != BatchState::kPending) return;
+  if (error_.empty()) error_ = error;
+  failed_flag_.store(true, std::memory_order_release);
+}
+
 void Batch::fail_now(const std::string& error) {
   std::lock_guard lock(mu_);
   if (state_ != BatchState::kPending) return;
@@ -120,8 +127,11 @@ void BatchTable::watchdog_loop() {
       error << op_name(batch->op()) << " batch " << batch->id() << " to " << batch->peer()
             << " timed out (peer unresponsive or gone)";
       MV_LOG(kWarn, error.str());
-      batch->fail_now(error.str());
+      // Cause first, then abort the batch's connections / queue pairs, then wake the waiters:
+      // whoever sees FAILED can rely on the stuck transfer having been torn down.
+      batch->record_error(error.str());
       batch->run_abort_hooks();
+      batch->fail_now(error.str());
     }
     lock.lock();
   }

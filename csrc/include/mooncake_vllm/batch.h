@@ -34,6 +34,9 @@ class Batch {
   // Each part reports once. The batch is DONE when every part succeeded, FAILED (with the first
   // error) once every part has reported and one failed.
   void part_done(bool ok, const std::string& error);
+  // Records `error` as the batch's cause (if it has none yet) without waking waiters, so that
+  // clean-up (abort hooks) can run before anyone sees the batch as failed.
+  void record_error(const std::string& error);
   // Fails the batch now (deadline passed); parts that report later are ignored.
   void fail_now(const std::string& error);
   bool failed_early() const { return failed_flag_.load(std::memory_order_acquire); }
