@@ -67,7 +67,11 @@ class Conductor:
         if cfg.metadata_server:
             self.discovery = Discovery(self.registry, cfg.metadata_server, cfg.namespace)
             # open_metadata blocks (bounded by its own connect deadline): keep the loop free.
-            await asyncio.to_thread(self.discovery.start, asyncio.get_running_loop())
+            try:
+                await asyncio.to_thread(self.discovery.start, asyncio.get_running_loop())
+            except BaseException:
+                await self.session.close()  # stop() will not run for a failed start
+                raise
         self.health = HealthChecker(self.registry, self.session, self.metrics,
                                     cfg.health_interval_s, cfg.health_timeout_s)
         self.health.start()
