@@ -144,6 +144,7 @@ class MooncakeScheduler:
         rid = request.request_id
         if self.is_producer and p.get("do_remote_decode") and not p.get("probe"):
             self._p_reqs[rid] = request
+            logger.debug("prefill request %s: transfer %s", rid, p.get("transfer_id"))
             return
         if not (self.is_consumer and p.get("do_remote_prefill")) or rid in self._d_handled:
             return
@@ -208,6 +209,8 @@ class MooncakeScheduler:
         req = self._p_reqs.pop(rid, None)
         if p.get("probe") or req is None or not block_ids:
             return False, answer
+        logger.debug("prefill request %s finished: transfer %s, scheduled %s, %d blocks",
+                     rid, p.get("transfer_id"), req is not None, len(block_ids))
         ok = request.status in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                 RequestStatus.FINISHED_STOPPED)
         self._p_held.add(rid)

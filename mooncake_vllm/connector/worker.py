@@ -163,7 +163,7 @@ class MooncakeWorker:
                     if early is not None:
                         self._accept_registration(tr, early[0], early[1])
                 tr.block_ids = np.asarray(s.block_ids, np.int64)
-                logger.debug("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
+                logger.info("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
                              s.computed, s.computed + s.scheduled, s.num_prompt_tokens)
                 # Tokens computed before this step (prefix-cache hits, earlier chunks) are
                 # valid in every layer already; they are sent like freshly computed ones.
