@@ -64,7 +64,7 @@ def start_builtin_pair(model: str, workdir: Path, stack: contextlib.ExitStack,
     log_path = workdir / "relay.log"
     cmd = [sys.executable, "-m", "mooncake_vllm.bench.builtin_mooncake", "--port", str(port),
            "--prefill", servers[0].url, "--decode", servers[1].url,
-           "--bootstrap", f"127.0.0.1:{bootstrap_port}", "--engine-id", PREFILL_ENGINE_ID]
+           "--bootstrap", f"http://127.0.0.1:{bootstrap_port}", "--engine-id", PREFILL_ENGINE_ID]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--prefill", required=True)
     ap.add_argument("--decode", required=True)
-    ap.add_argument("--bootstrap", required=True, help="HOST:PORT of P's bootstrap server")
+    ap.add_argument("--bootstrap", required=True, help="http://HOST:PORT of P's bootstrap server")
     ap.add_argument("--engine-id", required=True)
     args = ap.parse_args(argv)
     print(json.dumps(vars(args)), flush=True)

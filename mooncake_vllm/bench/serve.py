@@ -12,7 +12,8 @@ Scenarios, each on a fresh set of random token-id prompts (no prefix-cache hits)
 - `concurrent8_500`: 8 requests of 500 tokens sent at once;
 - a load sweep: Poisson arrivals at each `--rates` value, prompt lengths uniform in
   [`--prompt-min`, `--prompt-max`], output lengths uniform in [`--output-min`, `--output-max`].
-Per scenario: TTFT and inter-token latency p50/p99, output-token and request throughput.
+Per scenario: TTFT, inter-token latency (per streamed event) and time per output token
+p50/p99, output-token and request throughput.
 The JSON goes to stdout (`--json`) and `--out`/serve.json; the plot (TTFT against request rate,
 one line per system) to `--out`/serve_ttft.png.
 """
@@ -92,10 +93,12 @@ def poisson_scenario(make: PromptMaker, rate: float, count: int, prompt_range: t
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, req: Request,
                       timeout_s: float) -> Outcome:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "stream": True}
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     out = Outcome()
     start = time.perf_counter()
     last = start
+    chunks = usage_tokens = 0
     try:
         async with session.post(f"{url}/v1/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
@@ -110,19 +113,25 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, req:
                 if "error" in event:
                     out.error = str(event["error"])[:300]
                     return out
+                if event.get("usage"):
+                    usage_tokens = int(event["usage"].get("completion_tokens") or 0)
                 if not any(c.get("text") for c in event.get("choices", [])):
                     continue
+                # One SSE event may carry several tokens (an API server that falls behind its
+                # engine merges them): ITL is per event, as vLLM's own benchmark counts it;
+                # TPOT below is per token.
                 now = time.perf_counter()
-                if out.output_tokens == 0:
+                if chunks == 0:
                     out.ttft_s = now - start
                 else:
                     out.itl_s.append(now - last)
                 last = now
-                out.output_tokens += 1
+                chunks += 1
     except (aiohttp.ClientError, TimeoutError) as e:
         out.error = f"{type(e).__name__}: {e}"
         return out
     out.latency_s = time.perf_counter() - start
+    out.output_tokens = usage_tokens or chunks
     return out
 
 
@@ -162,10 +171,12 @@ def summarise(outcomes: Sequence[Outcome], makespan_s: float) -> dict[str, Any]:
     ttft = [o.ttft_s for o in ok]
     itl = [x for o in ok for x in o.itl_s]
     tokens = sum(o.output_tokens for o in ok)
+    tpot = [(o.latency_s - o.ttft_s) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
     summary: dict[str, Any] = {
         "requests": len(outcomes), "failed": len(outcomes) - len(ok),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+        "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
         "output_tokens_per_s": tokens / makespan_s if makespan_s > 0 else math.nan,
         "requests_per_s": len(ok) / makespan_s if makespan_s > 0 else math.nan,
         "makespan_s": makespan_s,
@@ -276,7 +287,8 @@ def _brief(s: dict[str, Any]) -> str:
         return f"{v * 1e3:.1f}ms" if isinstance(v, float) and math.isfinite(v) else "n/a"
 
     return (f"TTFT p50 {ms('ttft_p50_s')} p99 {ms('ttft_p99_s')}, ITL p50 {ms('itl_p50_s')}, "
-            f"{s.get('output_tokens_per_s', 0):.1f} tok/s, failed {s['failed']}/{s['requests']}")
+            f"TPOT p50 {ms('tpot_p50_s')}, {s.get('output_tokens_per_s', 0):.1f} tok/s, "
+            f"failed {s['failed']}/{s['requests']}")
 
 
 # ---------------------------------------------------------------------------- verdicts, plot
