@@ -124,6 +124,9 @@ def test_conductor_discovers_through_the_etcd_service() -> None:
     (container,) = _containers(conductor)
     assert container["command"] == ["mooncake-vllm", "proxy"]
     assert "--metadata-server=etcd://etcd:2379" in container["args"]
+    # Its /health is 503 without healthy instances: ready-gating only, never a liveness check.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] != "/health"
     services = {s["metadata"]["name"]: s for s in _by_kind("Service")}
     assert {p["port"] for p in services["etcd"]["spec"]["ports"]} >= {2379}
     assert services["conductor"]["spec"]["selector"] == conductor["spec"]["selector"]["matchLabels"]
