@@ -150,7 +150,7 @@ class ControlChannel:
                 to, frame = self._out.get_nowait()
             except queue.Empty:
                 return
-            logger.info("control: flushing %d bytes to %r", len(frame), to)
+            logger.debug("control: flushing %d bytes to %r", len(frame), to)
             try:
                 if isinstance(to, bytes):
                     self._router.send_multipart([to, frame], zmq.NOBLOCK)
@@ -161,7 +161,7 @@ class ControlChannel:
                 logger.warning("control: could not send to %r: %s", to, e)
 
     def _dispatch(self, sender: bytes | str, frame: bytes) -> None:
-        logger.info("control: got %d bytes from %r", len(frame), sender)
+        logger.debug("control: got %d bytes from %r", len(frame), sender)
         try:
             msg = m.decode(frame)
         except m.BadMessage as e:

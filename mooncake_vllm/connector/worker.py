@@ -163,7 +163,7 @@ class MooncakeWorker:
                     if early is not None:
                         self._accept_registration(tr, early[0], early[1])
                 tr.block_ids = np.asarray(s.block_ids, np.int64)
-                logger.info("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
+                logger.debug("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
                              s.computed, s.computed + s.scheduled, s.num_prompt_tokens)
                 # Tokens computed before this step (prefix-cache hits, earlier chunks) are
                 # valid in every layer already; they are sent like freshly computed ones.
@@ -408,7 +408,7 @@ class MooncakeWorker:
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, ep, blocks,
                 deadline=time.monotonic() + self.config.transfer_timeout_s)
-        logger.info("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
+        logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
         self._send(ep, m.Register(
             V, r.transfer_id, self.engine_id, self.segment_name,
             None if self.config.uses_etcd else self.engine.descriptor(),
@@ -434,7 +434,7 @@ class MooncakeWorker:
 
     def _on_register(self, sender: bytes, reg: m.Register) -> None:
         tr = self.out.get(reg.transfer_id)
-        logger.info("transfer %s: registration for %d blocks from %s (prefill %s)",
+        logger.debug("transfer %s: registration for %d blocks from %s (prefill %s)",
                      reg.transfer_id, len(reg.block_ids), reg.engine_id,
                      "known" if tr is not None else "not seen yet")
         if tr is not None:
