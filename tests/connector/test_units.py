@@ -1,0 +1,79 @@
+"""Fast checks of the connector's pure parts: config parsing, wire records, KV addressing."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from mooncake_vllm.config import ConfigError, ConnectorConfig
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.layout import KVLayout, coalesce, layer_transfer, memory_regions
+
+
+def test_config_sources_and_errors() -> None:
+    cfg = ConnectorConfig.from_sources(
+        {"registration_timeout_s": "2.5", "measure_non_overlapped": "true"},
+        env={"MOONCAKE_VLLM_CONTROL_PORT": "5600", "MOONCAKE_VLLM_REGISTRATION_TIMEOUT_S": "9"})
+    assert cfg.registration_timeout_s == 2.5  # extra config beats the environment
+    assert cfg.control_port == 5600 and cfg.measure_non_overlapped is True
+    with pytest.raises(ConfigError, match=r"control_port=70000"):
+        ConnectorConfig.from_sources({"control_port": 70000}, env={})
+    with pytest.raises(ConfigError, match=r"unknown key 'nope'"):
+        ConnectorConfig.from_sources({"nope": 1}, env={})
+    with pytest.raises(ConfigError, match=r"MOONCAKE_VLLM_ENGINE_TIMEOUT_S.*'soon'"):
+        ConnectorConfig.from_sources({}, env={"MOONCAKE_VLLM_ENGINE_TIMEOUT_S": "soon"})
+    with pytest.raises(ConfigError, match=r"metadata_server='redis://x'"):
+        ConnectorConfig.from_sources({"metadata_server": "redis://x"}, env={})
+
+
+def _layout(**over: object) -> m.LayoutInfo:
+    base = dict(model="m", block_size=32, dtype="float32", num_kv_heads=2, head_size=32,
+                num_layers=1, block_bytes=16384, tp_rank=0, tp_size=1, planes=[[(4096, 16384)]])
+    base.update(over)
+    return m.LayoutInfo(**base)  # type: ignore[arg-type]
+
+
+def test_messages_round_trip_and_refusals() -> None:
+    reg = m.Register(m.PROTOCOL_VERSION, "t1", "e", "seg", None, _layout(), 2, [7, 8], 100)
+    assert m.decode(m.encode(reg)) == reg
+    with pytest.raises(m.BadMessage, match="undecodable"):
+        m.decode(b"\x93garbage")
+    with pytest.raises(m.BadMessage, match="protocol version 99"):
+        m.decode(m.encode(m.Release(99, "t1", "x")))
+    assert m.layout_mismatch(_layout(), _layout()) is None
+    why = m.layout_mismatch(_layout(), _layout(dtype="bfloat16"))
+    assert why == "KV layout mismatch: dtype is 'float32' on prefill but 'bfloat16' on decode"
+
+
+def test_coalesce_runs_on_both_sides() -> None:
+    ls, rs, n = coalesce(np.array([3, 4, 5, 9, 10]), np.array([20, 21, 30, 31, 32]))
+    assert ls.tolist() == [3, 5, 9] and rs.tolist() == [20, 30, 31] and n.tolist() == [2, 1, 2]
+
+
+@pytest.mark.parametrize("shape,planes", [
+    ((64, 2, 32, 64), 1),  # CPU backend: [blocks, kv heads, block, 2 * head]
+    ((2, 64, 32, 2, 32), 2),  # FlashAttention: [K/V, blocks, block, kv heads, head]
+])
+def test_layer_transfer_addresses_the_right_bytes(shape: tuple, planes: int) -> None:
+    src = torch.randn(shape)
+    dst = torch.zeros(shape)
+    ls = KVLayout.from_caches({"l0": src}, 64, block_size=32, num_kv_heads=2, head_size=32,
+                              model="m")
+    ld = KVLayout.from_caches({"l0": dst}, 64, block_size=32, num_kv_heads=2, head_size=32,
+                              model="m")
+    assert len(ls.planes[0]) == planes
+    local, remote = np.array([1, 2, 3, 10]), np.array([5, 6, 7, 40])
+    la, ra, ln = layer_transfer([(p.base, p.stride) for p in ls.planes[0]],
+                                ld.info().planes[0], ls.block_bytes, local, remote)
+    assert len(la) == 2 * planes  # two runs per plane
+    for a, b, n in zip(la.tolist(), ra.tolist(), ln.tolist(), strict=True):  # do the "write"
+        ctypes.memmove(b, a, n)
+    bdim = 0 if planes == 1 else 1
+    for s, d in zip(local.tolist(), remote.tolist(), strict=True):
+        assert torch.equal(src.select(bdim, s), dst.select(bdim, d))
+    untouched = [i for i in range(64) if i not in remote.tolist()]
+    assert not dst.index_select(bdim, torch.tensor(untouched)).any()
+    assert memory_regions({"a": src, "b": src[:1]}) == [(src.data_ptr(), src.nbytes)]
