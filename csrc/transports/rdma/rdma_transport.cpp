@@ -144,9 +144,13 @@ class RdmaTransport : public Transport {
   void open_peer(const std::shared_ptr<const Peer>& peer) override {
     if (peer->desc.rdma_devices.empty())
       throw InvalidArgument("segment '" + peer->desc.name + "' lists no RDMA devices");
-    std::lock_guard lock(mu_);
-    auto& state = peers_[peer->handle];
-    if (!state) state = std::make_shared<PeerState>();
+    std::shared_ptr<PeerState> state;
+    {
+      std::lock_guard lock(mu_);
+      auto& slot = peers_[peer->handle];
+      if (!slot) slot = std::make_shared<PeerState>();
+      state = slot;
+    }
     std::lock_guard peer_lock(state->mu);
     state->connected = false;  // (re)connect with the current descriptor on the next batch
   }
@@ -198,7 +202,7 @@ class RdmaTransport : public Transport {
     stop_poller_.store(true);
     if (poller_.joinable()) poller_.join();
     {
-      std::lock_guard lock(mu_);
+      std::lock_guard lock(retired_mu_);
       lanes.insert(lanes.end(), retired_.begin(), retired_.end());
       retired_.clear();
     }
@@ -351,7 +355,7 @@ class RdmaTransport : public Transport {
   // An old QP is moved to ERR (flushing its work) and destroyed once it has no chain left.
   void retire_lane(const std::shared_ptr<Lane>& lane) {
     to_error(*lane);
-    std::lock_guard lock(mu_);
+    std::lock_guard lock(retired_mu_);  // a leaf lock: callers may hold a peer's lock
     retired_.push_back(lane);
   }
 
@@ -587,7 +591,7 @@ class RdmaTransport : public Transport {
   void reap_retired() {
     std::vector<std::shared_ptr<Lane>> done;
     {
-      std::lock_guard lock(mu_);
+      std::lock_guard lock(retired_mu_);
       for (auto it = retired_.begin(); it != retired_.end();) {
         bool idle;
         {
@@ -619,6 +623,7 @@ class RdmaTransport : public Transport {
   bool stopped_ = false;
   std::map<uint64_t, std::shared_ptr<PeerState>> peers_;
   std::map<std::string, std::shared_ptr<Lane>> passive_;
+  std::mutex retired_mu_;
   std::vector<std::shared_ptr<Lane>> retired_;
   std::thread poller_;
   std::atomic<bool> stop_poller_{false};
