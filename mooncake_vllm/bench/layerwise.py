@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     model = make_tiny_model(work / "model", TinyModelSpec(num_hidden_layers=args.layers))
     common = ["--max-num-batched-tokens", str(PROMPT_TOKENS + 64)]  # one forward pass
     p = VllmServer(model, name="prefill", log_path=work / "prefill.log", extra_args=common,
-                   kv_transfer_config=_kv("kv_producer", measure_non_overlapped=True))
+                   kv_transfer_config=_kv("kv_producer", measure_non_overlapped=True,
+                                          registration_timeout_s=600))
     d = VllmServer(model, name="decode", log_path=work / "decode.log", extra_args=common,
-                   kv_transfer_config=_kv("kv_consumer"))
+                   kv_transfer_config=_kv("kv_consumer", transfer_timeout_s=600))
     try:
         p.start()
         d.start()
