@@ -29,6 +29,7 @@ from mooncake_vllm.connector.control import (
 )
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer, memory_regions
 from mooncake_vllm.connector.scheduler import MooncakeMetadata, RecvSpec
+from mooncake_vllm.connector.staging import Slot, StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats
 from mooncake_vllm.connector.transfers import Incoming, Outgoing
 
@@ -78,9 +79,13 @@ class MooncakeWorker:
         self.early: dict[str, tuple[bytes, m.Register, float]] = {}  # registrations before P
         self.tombstones: dict[str, tuple[str, float]] = {}  # tid -> why it is gone, until
         self.finished_sending: set[str] = set()
-        self._completions: queue.SimpleQueue[tuple[Outgoing, int, int, int] | None] = (
-            queue.SimpleQueue())
+        self._completions: queue.SimpleQueue[
+            tuple[Outgoing, int, int, int, Slot | None] | None] = queue.SimpleQueue()
         self._completion_thread: threading.Thread | None = None
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.stager: StagingBuffer | None = None
+        self._posts: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._poster_thread: threading.Thread | None = None
         # D side
         self.inc: dict[str, Incoming] = {}  # by transfer id
         self.finished_recving: set[str] = set()
@@ -107,6 +112,8 @@ class MooncakeWorker:
                 rdma_devices=list(c.rdma_devices) if c.rdma_devices else None)
         for addr, length in memory_regions(kv_caches):
             self.engine.register(addr, length)
+        self.kv_caches = dict(kv_caches)
+        self._setup_staging(kv_caches)
         port = c.control_port + self.tp_rank if c.control_port else 0
         self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick)
         if c.uses_etcd:
@@ -127,7 +134,49 @@ class MooncakeWorker:
                     self.layout.num_blocks, self.layout.block_bytes, self.control.endpoint,
                     self.engine.descriptor().get("endpoint"))
 
+    def _setup_staging(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        on_device = any(t.device.type != "cpu" for t in kv_caches.values())
+        direct = getattr(self.engine, "protocol", self.config.protocol) == "rdma"
+        if on_device and not direct and self.vllm_config.kv_transfer_config.is_kv_consumer:
+            raise ValueError("MooncakeVllmConnector: receiving KV into device memory needs "
+                             "protocol='rdma' (TCP cannot write GPU memory); got protocol="
+                             f"{self.config.protocol!r}")
+        if self.config.staging == "on" or (self.config.staging == "auto" and on_device
+                                           and not direct):
+            device = next(iter(kv_caches.values())).device
+            self.stager = StagingBuffer(self.config.staging_buffer_mb << 20, device)
+            self.engine.register(self.stager.base, self.stager.nbytes)
+            if self.stager.stream is not None:
+                self._poster_thread = threading.Thread(
+                    target=self._poster_loop, name="mooncake-poster", daemon=True)
+                self._poster_thread.start()
+            logger.info("MooncakeVllmConnector: sending through a %d MiB %s staging buffer",
+                        self.config.staging_buffer_mb,
+                        "pinned" if self.stager.stream is not None else "host")
+
+    def _poster_loop(self) -> None:
+        """Posts staged batches once their device-to-host copy is done (GPU + TCP)."""
+        unpin_current_thread()
+        while True:
+            item = self._posts.get()
+            if item is None:
+                return
+            ev, tr, arrays, nbytes, nblocks, slot = item
+            try:
+                ev.synchronize()
+                bid = self.engine.submit(tr.segment, "write", *arrays)
+            except Exception as e:
+                assert self.stager is not None
+                self.stager.free(slot)
+                with self.lock:
+                    tr.inflight -= 1
+                    self._fail(tr, f"posting a staged batch failed: {e}")
+                    self._maybe_finish(tr)
+                continue
+            self._completions.put((tr, bid, nbytes, nblocks, slot))
+
     def shutdown(self) -> None:
+        self._posts.put(None)
         self._completions.put(None)
         if self.control is not None:
             self.control.close()
@@ -250,22 +299,48 @@ class MooncakeWorker:
         assert self.layout is not None
         first = tr.reg.first_block
         local_ids, remote_ids = tr.block_ids[lo:hi], tr.remote_ids[lo - first:hi - first]
-        la, ra, ln = layer_transfer(
-            [(p.base, p.stride) for p in self.layout.planes[layer]],
-            tr.reg.layout.planes[layer], self.layout.block_bytes, local_ids, remote_ids)
-        try:
-            bid = self.engine.submit(tr.segment, "write", la, ra, ln)
-        except Exception as e:
-            self._fail(tr, f"posting layer {layer} failed: {e}")
-            return
+        local_planes = [(p.base, p.stride) for p in self.layout.planes[layer]]
+        bb = self.layout.block_bytes
+        slot, event = None, None
+        if self.stager is not None:
+            try:
+                slot = self.stager.alloc(len(local_ids) * bb * len(local_planes),
+                                         self.config.engine_timeout_s)
+                event = self.stager.gather(self.kv_caches[self.layout.layer_names[layer]],
+                                           local_planes, bb, self.layout.num_blocks,
+                                           local_ids, slot)
+            except Exception as e:
+                if slot is not None:
+                    self.stager.free(slot)
+                self._fail(tr, f"staging layer {layer} failed: {e}")
+                return
+            n = len(local_ids)
+            local_planes = [(self.stager.base + slot.offset + p * n * bb, bb)
+                            for p in range(len(local_planes))]
+            local_ids = np.arange(n, dtype=np.int64)
+        la, ra, ln = layer_transfer(local_planes, tr.reg.layout.planes[layer], bb,
+                                    local_ids, remote_ids)
+        if event is not None:  # device copy still running: the poster thread submits
+            tr.inflight += 1
+            self._posts.put((event, tr, (la, ra, ln), int(ln.sum()), hi - lo, slot))
+            bid = None
+        else:
+            try:
+                bid = self.engine.submit(tr.segment, "write", la, ra, ln)
+            except Exception as e:
+                if slot is not None and self.stager is not None:
+                    self.stager.free(slot)
+                self._fail(tr, f"posting layer {layer} failed: {e}")
+                return
+            tr.inflight += 1
         if not tr.first_post:
             tr.first_post = time.monotonic()
-        if self.config.measure_non_overlapped:
+        if self.config.measure_non_overlapped and slot is None:
             tr.posted.append((la, ra, ln))
-        tr.inflight += 1
         # A block still partly empty (chunked prefill) is written again when completed.
         tr.sent[layer] = hi if ready >= tr.num_prompt_tokens else max(lo, ready // bs)
-        self._completions.put((tr, bid, int(ln.sum()), hi - lo))
+        if bid is not None:
+            self._completions.put((tr, bid, int(ln.sum()), hi - lo, slot))
 
     def _completion_loop(self) -> None:
         unpin_current_thread()
@@ -273,7 +348,7 @@ class MooncakeWorker:
             item = self._completions.get()
             if item is None:
                 return
-            tr, bid, nbytes, nblocks = item
+            tr, bid, nbytes, nblocks, slot = item
             err = ""
             try:
                 self.engine.wait(bid, timeout_s=self.config.engine_timeout_s + 5)
@@ -282,6 +357,8 @@ class MooncakeWorker:
             finally:
                 with contextlib.suppress(Exception):
                     self.engine.release(bid)
+                if slot is not None and self.stager is not None:
+                    self.stager.free(slot)
             with self.lock:
                 tr.inflight -= 1
                 tr.last_done = time.monotonic()

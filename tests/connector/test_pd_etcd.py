@@ -1,4 +1,8 @@
-"""Prefill + decode with etcd metadata: discovery via the instance registry, segments by name."""
+"""Prefill + decode with etcd metadata: discovery via the instance registry, segments by name.
+
+The prefill side here sends through its staging buffer (`staging="on"`), the path GPU KV takes
+over TCP, with CPU tensors; the p2p tests cover the direct path.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ def etcd_pair(tiny_model: Path, logs_dir: Path,
     md = {"metadata_server": etcd.url, "namespace": "connector-test"}
     p = VllmServer(tiny_model, port=ports[0], name="prefill", log_path=logs_dir / "e-p.log",
                    kv_transfer_config=kv_config(
-                       "kv_producer", advertise_url=f"http://127.0.0.1:{ports[0]}", **md),
+                       # Also exercises the staged send path (what GPU KV over TCP uses).
+                       "kv_producer", advertise_url=f"http://127.0.0.1:{ports[0]}",
+                       staging="on", staging_buffer_mb=64, **md),
                    extra_args=["--max-num-batched-tokens", "256"])
     d = VllmServer(tiny_model, port=ports[1], name="decode", log_path=logs_dir / "e-d.log",
                    kv_transfer_config=kv_config(

@@ -77,3 +77,25 @@ def test_layer_transfer_addresses_the_right_bytes(shape: tuple, planes: int) -> 
     untouched = [i for i in range(64) if i not in remote.tolist()]
     assert not dst.index_select(bdim, torch.tensor(untouched)).any()
     assert memory_regions({"a": src, "b": src[:1]}) == [(src.data_ptr(), src.nbytes)]
+
+
+def test_staging_gathers_raw_block_bytes_and_recycles_space() -> None:
+    from mooncake_vllm.connector.staging import StagingBuffer, StagingError
+
+    kv = torch.randn(2, 16, 32, 2, 32)  # split K/V: two planes
+    lay = KVLayout.from_caches({"l": kv}, 16, block_size=32, num_kv_heads=2, head_size=32,
+                               model="m")
+    buf = StagingBuffer(4 * lay.block_bytes * 2, torch.device("cpu"))
+    ids = np.array([3, 9, 4])
+    slot = buf.alloc(len(ids) * lay.block_bytes * 2, timeout_s=1)
+    assert buf.gather(kv, [(p.base, p.stride) for p in lay.planes[0]], lay.block_bytes, 16,
+                      ids, slot) is None  # CPU: copied synchronously
+    staged = buf.host[slot.offset:slot.offset + slot.nbytes].view(torch.float32)
+    staged = staged.view(2, 3, -1)
+    for p in range(2):
+        for i, b in enumerate(ids.tolist()):
+            assert torch.equal(staged[p, i], kv[p, b].reshape(-1))
+    with pytest.raises(StagingError, match="no .* B of staging space"):
+        buf.alloc(4 * lay.block_bytes, timeout_s=0.1)
+    buf.free(slot)
+    buf.free(buf.alloc(8 * lay.block_bytes, timeout_s=0.1))  # whole buffer again after free
