@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -78,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mooncake-layerwise-"))
     model = make_tiny_model(work / "model", TinyModelSpec(num_hidden_layers=args.layers))
     common = ["--max-num-batched-tokens", str(PROMPT_TOKENS + 64)]  # one forward pass
+    # One core each: two-thread OpenMP teams spin at barriers and crawl when the host is
+    # oversubscribed, which would measure the host rather than the transfer.
     p = VllmServer(model, name="prefill", log_path=work / "prefill.log", extra_args=common,
+                   cpus=[0],
                    kv_transfer_config=_kv("kv_producer", measure_non_overlapped=True,
                                           registration_timeout_s=600))
     d = VllmServer(model, name="decode", log_path=work / "decode.log", extra_args=common,
+                   cpus=[1 % (os.cpu_count() or 1)],
                    kv_transfer_config=_kv("kv_consumer", transfer_timeout_s=600))
     try:
         p.start()
