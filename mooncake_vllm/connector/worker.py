@@ -524,8 +524,11 @@ class MooncakeWorker:
         if gone is not None:
             self._send(sender, m.Done(V, reg.transfer_id, False, gone[0]))
             return
-        self.early[reg.transfer_id] = (
-            sender, reg, time.monotonic() + self.config.registration_timeout_s)
+        # The prefill half may sit in this instance's queue for a while under load: keep the
+        # registration as long as the decode side is willing to wait for it, not less
+        # (a shorter wait here made D give up on requests P was about to serve).
+        keep_s = max(self.config.registration_timeout_s, self.config.transfer_timeout_s)
+        self.early[reg.transfer_id] = (sender, reg, time.monotonic() + keep_s)
 
     def _on_release(self, sender: bytes, rel: m.Release) -> None:
         logger.info("transfer %s released by decode: %s", rel.transfer_id, rel.reason)
