@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mooncake_vllm.engine import TransferEngine
+from mooncake_vllm.testing.ports import free_port
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -50,17 +50,11 @@ def _result(name: str, nbytes: int, seconds: float) -> dict[str, Any]:
     return {"name": name, "bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def iperf3_gbps(seconds: float = 3.0) -> float | None:
     """Single-stream loopback throughput (GB/s) measured by iperf3, or None without iperf3."""
     if shutil.which("iperf3") is None:
         return None
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
         stdout=subprocess.DEVNULL,

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -30,14 +29,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from mooncake_vllm.testing.ports import free_port
+
 _LOG_TAIL_CHARS = 3000
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the kernel picked it for a socket we then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class EtcdServerError(RuntimeError):
