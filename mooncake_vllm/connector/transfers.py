@@ -20,7 +20,7 @@ class Outgoing:
     num_prompt_tokens: int
     block_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     # Tokens whose KV is valid in each layer, and logical blocks already posted per layer
-    # (a block only partly computed is posted again once the next chunk completes it).
+    # (a block is posted once, when complete or when the whole prompt is computed).
     ready: list[int] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)
     # Registration from D: reply address, record, opened segment, D's block ids as array.

@@ -293,7 +293,12 @@ class MooncakeWorker:
         bs = self.block_size
         ready = tr.ready[layer]
         lo = max(tr.sent[layer], tr.reg.first_block)
-        hi = min(-(-ready // bs), tr.total_blocks, len(tr.block_ids))
+        # Only whole blocks travel until the prompt's last token is computed: a block that a
+        # later chunk still fills is sent once, complete. Sending it partly filled and again
+        # later would put two writes to one decode block in flight on different connections,
+        # and the stale one could land last.
+        filled = -(-ready // bs) if ready >= tr.num_prompt_tokens else ready // bs
+        hi = min(filled, tr.total_blocks, len(tr.block_ids))
         if hi <= lo:
             return
         assert self.layout is not None
@@ -337,8 +342,7 @@ class MooncakeWorker:
             tr.first_post = time.monotonic()
         if self.config.measure_non_overlapped and slot is None:
             tr.posted.append((la, ra, ln))
-        # A block still partly empty (chunked prefill) is written again when completed.
-        tr.sent[layer] = hi if ready >= tr.num_prompt_tokens else max(lo, ready // bs)
+        tr.sent[layer] = hi
         if bid is not None:
             self._completions.put((tr, bid, int(ln.sum()), hi - lo, slot))
 
