@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .conductor import Conductor
 from .config import ProxyConfig
-from .disagg import error_response, serve
+from .disagg import CLIENT_GONE, error_response, serve
 from .prompt import BadRequest
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def _generation(path: str, chat: bool):  # type: ignore[no-untyped-def]
         except asyncio.CancelledError:
             c.metrics.requests.labels(endpoint, "client_gone").inc()
             raise
-        c.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        outcome = "client_gone" if resp.get(CLIENT_GONE) else str(resp.status)
+        c.metrics.requests.labels(endpoint, outcome).inc()
         return resp
 
     return handler

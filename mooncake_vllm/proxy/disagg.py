@@ -123,6 +123,10 @@ async def open_upstream(c: Conductor, inst: Instance, role: str, path: str,
         raise
 
 
+# Set on a stream response whose client left before the end (counted as such, not as a 200).
+CLIENT_GONE = "mooncake_client_gone"
+
+
 def _sse_error(message: str) -> bytes:
     event = error_body(message, "upstream_error", 502)
     return f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
@@ -164,6 +168,7 @@ async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         log.info("client went away mid-stream; aborting upstream on %s", inst.instance_id)
+        out[CLIENT_GONE] = True
     finally:
         if finished:
             resp.release()

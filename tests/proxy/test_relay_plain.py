@@ -122,19 +122,40 @@ def _running(server: VllmServer) -> float:
     return metric(server.url, "vllm:num_requests_running")
 
 
+def _generated(server: VllmServer) -> float:
+    return metric(server.url, "vllm:generation_tokens_total")
+
+
 def test_client_disconnect_aborts_upstream(proxy: ProxyProcess, two_plain_servers,
                                            tiny_model: Path) -> None:
     a, b = two_plain_servers
-    body = _body(tiny_model, prompt="A long answer:", max_tokens=3500, stream=True,
+    max_tokens = 3500
+    before = _generated(a) + _generated(b)
+    body = _body(tiny_model, prompt="A long answer:", max_tokens=max_tokens, stream=True,
                  ignore_eos=True)
     conn, first = open_stream(proxy.url, "/v1/completions", body)
     assert first.startswith(b"data: ")
-    wait_for(lambda: _running(a) + _running(b) == 1, 10, "the request runs upstream")
-    conn.close()  # the client goes away; 3500 tokens would take far longer than the wait
-    wait_for(lambda: _running(a) + _running(b) == 0, 15,
-             "upstream request aborted after the client left")
-    assert metric(proxy.url, "mooncake_proxy_requests_total", {"outcome": "client_gone"}) \
-        + metric(proxy.url, "mooncake_proxy_requests_total", {"outcome": "200"}) >= 1
+    wait_for(lambda: _generated(a) + _generated(b) > before, 10, "tokens generated upstream")
+    conn.close()  # the client goes away long before 3500 tokens are out
+
+    # Aborted upstream: the token counters stop moving well short of max_tokens. (The counters,
+    # not vLLM's running-requests gauge: that gauge is refreshed only by engine steps.)
+    samples = [_generated(a) + _generated(b)]
+
+    def settled() -> bool:
+        samples.append(_generated(a) + _generated(b))
+        return len(samples) >= 5 and samples[-1] == samples[-5]
+
+    try:
+        wait_for(settled, 30, "token generation stopped after the client left", interval_s=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; generated since start: {samples[-1] - before:.0f}; "
+                             f"running a={_running(a)} b={_running(b)}\n"
+                             f"proxy log:\n{proxy.log_tail()}") from None
+    assert samples[-1] - before < max_tokens, "the request ran to completion: never aborted"
+    wait_for(lambda: metric(proxy.url, "mooncake_proxy_requests_total",
+                            {"outcome": "client_gone"}) >= 1, 10,
+             "the conductor counted the request as client_gone")
 
 
 def test_unresponsive_instance_taken_out_until_it_recovers(proxy: ProxyProcess, two_plain_servers,
