@@ -54,7 +54,7 @@ def start_builtin_pair(model: str, workdir: Path, stack: contextlib.ExitStack,
                               "kv_connector_extra_config": {"mooncake_protocol": "tcp"}}
         if role == "prefill":
             kv["engine_id"] = PREFILL_ENGINE_ID
-        server = VllmServer(model, kv_transfer_config=kv, cpus=[core], env=env,
+        server = VllmServer(model, kv_transfer_config=kv, cpus=[core], env=env, pin_process=True,
                             name=f"builtin-{role}", log_path=workdir / f"builtin-{role}.log")
         stack.callback(server.stop)
         servers.append(server.start())

@@ -190,12 +190,12 @@ def summarise(outcomes: Sequence[Outcome], makespan_s: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- systems
 @contextlib.contextmanager
 def start_system(name: str, model: str, workdir: Path, progress: Progress,
-                 startup_timeout_s: float) -> Iterator[str]:
+                 startup_timeout_s: float, local_prefill_max_tokens: int = 0) -> Iterator[str]:
     """Start one system; yields the URL clients send requests to; stops it all on exit."""
     stack = contextlib.ExitStack()
     try:
         if name == "single":
-            server = VllmServer(model, cpus=[0, 1], name="single",
+            server = VllmServer(model, cpus=[0, 1], pin_process=True, name="single",
                                 log_path=workdir / "single.log")
             stack.callback(server.stop)
             wait_all_ready([server.start()], progress, startup_timeout_s)
@@ -214,11 +214,12 @@ def start_system(name: str, model: str, workdir: Path, progress: Progress,
                           "metadata_server": etcd.url,
                           "advertise_url": f"http://127.0.0.1:{port}"}}
                 server = VllmServer(model, port=port, kv_transfer_config=kv, cpus=[core],
-                                    name=role, log_path=workdir / f"{role}.log")
+                                    pin_process=True, name=role, log_path=workdir / f"{role}.log")
                 stack.callback(server.stop)
                 servers.append(server.start())
             wait_all_ready(servers, progress, startup_timeout_s)
-            conductor = Conductor(["--metadata-server", etcd.url], workdir / "conductor.log")
+            conductor = Conductor(["--metadata-server", etcd.url, "--local-prefill-max-tokens",
+                                   str(local_prefill_max_tokens)], workdir / "conductor.log")
             stack.callback(conductor.stop)
             conductor.wait_ready(timeout_s=60)
             yield conductor.url
@@ -375,6 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for serve.json and the PNG")
+    ap.add_argument("--local-prefill-max-tokens", type=int, default=32, metavar="N",
+                    help="the conductor's flag: prompts of at most N tokens are prefilled on "
+                    "the decode instance (0: disaggregate every request)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     return ap.parse_args(argv)
@@ -397,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = out_dir / name
         workdir.mkdir(exist_ok=True)
         try:
-            with start_system(name, model, workdir, progress, args.startup_timeout) as url:
+            with start_system(name, model, workdir, progress, args.startup_timeout,
+                              args.local_prefill_max_tokens) as url:
                 # The same seed for every system: they all see the same prompts.
                 systems[name] = bench_system(url, model, args, args.seed, progress, name)
         except (StartupError, RuntimeError, ImportError, TimeoutError) as e:
@@ -409,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": model, "dtype": "float32",
         "cores": {"single": [0, 1], "prefill": [0], "decode": [1]},
+        "pinning": "each server's whole process tree (API server, engine core, workers)",
+        "conductor": {"local_prefill_max_tokens": args.local_prefill_max_tokens},
         "workload": {k: getattr(args, k) for k in (
             "rates", "sweep_requests", "prompt_min", "prompt_max", "output_min", "output_max",
             "output_len", "repeats", "seed")},

@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     help="discover instances in etcd (they may come and go)")
     ap.add_argument("--namespace", default=d.namespace)
     ap.add_argument("--policy", choices=POLICIES, default=d.policy)
+    ap.add_argument("--local-prefill-max-tokens", type=int,
+                    default=d.local_prefill_max_tokens, metavar="N",
+                    help="prompts of at most N tokens are prefilled on the decode instance, "
+                    "not disaggregated (default %(default)s: always disaggregate)")
     ap.add_argument("--slo-ttft-s", type=float, default=None,
                     help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
     ap.add_argument("--tokenizer", default=None,
@@ -56,7 +60,8 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
     return ProxyConfig(
         host=a.host, port=a.port, prefill_urls=tuple(a.prefill), decode_urls=tuple(a.decode),
         both_urls=tuple(a.both), metadata_server=a.metadata_server, namespace=a.namespace,
-        policy=a.policy, slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
+        policy=a.policy, local_prefill_max_tokens=a.local_prefill_max_tokens,
+        slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,
         connect_timeout_s=a.connect_timeout_s, prefill_timeout_s=a.prefill_timeout_s,

@@ -17,7 +17,7 @@ from .discovery import Discovery, add_static
 from .health import HealthChecker
 from .metrics import ProxyMetrics
 from .prompt import PromptHasher, PromptKey
-from .routing import Policy, PrefillChoice, make_policy
+from .routing import Policy, PrefillChoice, assess, make_policy
 from .ttft_model import TtftModel
 from .upstreams import Instance, Registry
 
@@ -87,12 +87,15 @@ class Conductor:
             await self.session.close()
 
     def route(self, key: PromptKey, exclude: set[str]) -> Route | None:
-        """Disaggregated when prefill and decode instances are up; else a "both" instance alone."""
+        """Disaggregated when prefill and decode instances are up (a short prompt: the decode
+        instance alone); else a "both" instance alone."""
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
         prefill, decode = up("prefill"), up("decode")
         if prefill and decode:
+            if key.num_tokens <= self.config.local_prefill_max_tokens:
+                return Route(assess(self.policy.choose_decode(decode), key), None)
             return Route(self.policy.choose_prefill(prefill, key),
                          self.policy.choose_decode(decode))
         both = up("both")

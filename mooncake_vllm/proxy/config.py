@@ -23,6 +23,11 @@ class ProxyConfig:
     metadata_server: str = ""
     namespace: str = "default"
     policy: str = "cache_aware"
+    # Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
+    # decode instance itself. For a prompt this short the P/D handoff (a second request, a
+    # prefill step on P, the KV handoff) costs more than the prefill. 0: always disaggregate.
+    # Counts are exact with --tokenizer or token-id prompts, estimated from text otherwise.
+    local_prefill_max_tokens: int = 0
     # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
     # None: admit everything (predictions are still made and exported).
     slo_ttft_s: float | None = None
@@ -71,6 +76,8 @@ class ProxyConfig:
             raise bad("policy", f"expected one of {', '.join(POLICIES)}")
         if self.slo_ttft_s is not None and not self.slo_ttft_s > 0:
             raise bad("slo_ttft_s", "must be a positive number of seconds")
+        if self.local_prefill_max_tokens < 0:
+            raise bad("local_prefill_max_tokens", "must be >= 0 (0: always disaggregate)")
         for key in ("block_tokens", "chars_per_block", "prefix_capacity_blocks", "max_attempts"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")

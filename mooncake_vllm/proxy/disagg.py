@@ -270,7 +270,7 @@ class RequestRun:
         inst = self.route.prefill.instance
         try:
             with decode_slot(inst):
-                opened = await open_upstream(self.c, inst, "both", self.path, self.body,
+                opened = await open_upstream(self.c, inst, inst.role, self.path, self.body,
                                              self.stream)
                 self.ticket.close()
                 if opened.final is not None:

@@ -31,7 +31,7 @@ class PrefillChoice:
     predicted_ttft_s: float
 
 
-def _assess(inst: Instance, key: PromptKey) -> PrefillChoice:
+def assess(inst: Instance, key: PromptKey) -> PrefillChoice:
     cached = min(inst.prefix.match(key.block_hashes) * key.tokens_per_block, key.num_tokens)
     new = max(key.num_tokens - cached, 1)  # the last token is always computed
     predicted = inst.ttft.predict(inst.queued_prefill_tokens + new)
@@ -61,7 +61,7 @@ class RoundRobin(Policy):
         return ordered[next(counter) % len(ordered)]
 
     def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
-        return _assess(self._pick(candidates, self._p), key)
+        return assess(self._pick(candidates, self._p), key)
 
     def choose_decode(self, candidates: Sequence[Instance]) -> Instance:
         return self._pick(candidates, self._d)
@@ -73,14 +73,14 @@ class LeastLoaded(Policy):
     def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
         inst = min(candidates, key=lambda i: (i.queued_prefill_tokens, i.inflight,
                                               i.running + i.waiting, i.instance_id))
-        return _assess(inst, key)
+        return assess(inst, key)
 
 
 class CacheAware(Policy):
     name = "cache_aware"
 
     def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
-        options = [_assess(i, key) for i in candidates]
+        options = [assess(i, key) for i in candidates]
         return min(options, key=lambda c: (c.predicted_ttft_s, c.instance.queued_prefill_tokens,
                                            c.instance.instance_id))
 

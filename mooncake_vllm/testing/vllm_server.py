@@ -76,6 +76,7 @@ class VllmServer:
         env: dict[str, str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         cpus: Sequence[int] | None = None,
+        pin_process: bool = False,
         name: str = "vllm",
     ) -> None:
         self.model = str(model)
@@ -85,6 +86,10 @@ class VllmServer:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.cpus = list(cpus) if cpus is not None else [_next_core()]
+        # Off: only vLLM's compute threads are bound to `cpus`; its API server, engine core
+        # and helper threads float. On: the whole process tree stays on `cpus`, as on a
+        # machine of its own (benchmarks: every system gets exactly the cores it is given).
+        self.pin_process = pin_process
         self.name = name
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -107,12 +112,15 @@ class VllmServer:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, self.cpus)))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+        cpus = set(self.cpus) if self.pin_process and self.cpus else None
         self.proc = subprocess.Popen(
             self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # stop() signals the whole group: engine core included
+            # Children inherit the affinity, so this pins the engine core and workers too.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         log.close()
         return self

@@ -13,6 +13,8 @@ from mooncake_vllm.cli import main as cli_main
     (["--both", "127.0.0.1:1"], "expected http://HOST:PORT"),
     (["--both", "http://127.0.0.1:1", "--slo-ttft-s", "0"], "slo_ttft_s=0.0"),
     (["--metadata-server", "zk://h:1"], "metadata_server='zk://h:1'"),
+    (["--both", "http://127.0.0.1:1", "--local-prefill-max-tokens", "-1"],
+     "local_prefill_max_tokens=-1"),
 ])
 def test_bad_setups_are_refused(argv: list[str], needle: str,
                                 capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,6 +133,29 @@ def test_pd_streams_completions_and_chat(cluster: Cluster, tiny_model: Path) -> 
     assert stream_text(events, chat=True) == ref
 
 
+def test_short_prompts_prefilled_on_decode(cluster: Cluster, tiny_model: Path) -> None:
+    """--local-prefill-max-tokens: a short prompt goes to D alone (P sees nothing), a longer
+    one is still disaggregated; both answer as a single instance would."""
+    p, d = cluster.prefill, cluster.decode
+    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+                       "--local-prefill-max-tokens", "16"]) as proxy:
+        long_prompt = "A prompt well past the limit, " * 8
+        # The first disaggregated request also probes P for its remote_control: not counted.
+        assert post(proxy.url + "/v1/completions",
+                    _body(tiny_model, prompt=long_prompt, max_tokens=1))[0] == 200
+        for prompt, on_p in (("Short one", 0), (long_prompt, 1)):
+            body = _body(tiny_model, prompt=prompt, max_tokens=8)
+            ref = _reference(cluster, "/v1/completions", body)["choices"][0]["text"]
+            p_done = metric(p.url, "vllm:request_success_total")
+            d_done = metric(d.url, "vllm:request_success_total")
+            events = sse_events(proxy.url + "/v1/completions", {**body, "stream": True})
+            assert stream_text(events, chat=False) == ref, prompt
+            assert metric(p.url, "vllm:request_success_total") - p_done == on_p, prompt
+            assert metric(d.url, "vllm:request_success_total") - d_done == 1, prompt
+        assert metric(proxy.url, "mooncake_proxy_routing_decisions_total",
+                      {"role": "decode"}) >= 2
+
+
 def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
     p, d = cluster.prefill, cluster.decode
     body = _body(tiny_model, prompt="Keep talking: " * 40, max_tokens=3500, stream=True,
