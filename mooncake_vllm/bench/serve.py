@@ -2,6 +2,9 @@
 
 Systems, each given the same two cores (float32, the tiny model unless `--model`):
 - `single`: one `vllm serve` on cores 0 and 1;
+- `single_1core`: one `vllm serve` on core 0 alone, a reference and not a bar: the compute
+  each of P and D has. A prefill on one core takes about twice as long as on two, so the
+  ratio to it shows what disaggregation itself costs, apart from the halved prefill core;
 - `mooncake_vllm`: prefill on core 0 and decode on core 1 with MooncakeVllmConnector, etcd,
   and the conductor in front;
 - `vllm_mooncake`: the same pair with vLLM's built-in MooncakeConnector, where its transfer
@@ -39,7 +42,7 @@ import aiohttp
 from mooncake_vllm.demo import Conductor, Progress, StartupError, wait_all_ready
 from mooncake_vllm.testing.vllm_server import VllmServer, free_port
 
-SYSTEMS = ("single", "mooncake_vllm", "vllm_mooncake")
+SYSTEMS = ("single", "single_1core", "mooncake_vllm", "vllm_mooncake")
 FIRST_ORDINARY_TOKEN = 4  # the tiny model's special tokens are ids 0..3
 
 
@@ -194,9 +197,9 @@ def start_system(name: str, model: str, workdir: Path, progress: Progress,
     """Start one system; yields the URL clients send requests to; stops it all on exit."""
     stack = contextlib.ExitStack()
     try:
-        if name == "single":
-            server = VllmServer(model, cpus=[0, 1], pin_process=True, name="single",
-                                log_path=workdir / "single.log")
+        if name in ("single", "single_1core"):
+            server = VllmServer(model, cpus=[0, 1] if name == "single" else [0],
+                                pin_process=True, name=name, log_path=workdir / f"{name}.log")
             stack.callback(server.stop)
             wait_all_ready([server.start()], progress, startup_timeout_s)
             yield server.url
@@ -306,8 +309,9 @@ def verdicts(systems: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not single:
         return out
+    one_core = systems.get("single_1core", {}).get("scenarios") or {}
     for name, data in systems.items():
-        if name == "single" or "scenarios" not in data:
+        if name.startswith("single") or "scenarios" not in data:
             continue
         per: dict[str, Any] = {}
         for scen, (kind, bar) in CRITERIA.items():
@@ -317,6 +321,10 @@ def verdicts(systems: dict[str, Any]) -> dict[str, Any]:
                 continue
             value = ours / base if kind == "ratio" else ours - base
             per[scen] = {kind: round(value, 4), "bar": bar, "met": value <= bar}
+            ref = one_core.get(scen, {}).get("ttft_p50_s")
+            if isinstance(ref, float) and ref > 0:
+                per[scen]["vs_single_1core"] = round(
+                    ours / ref if kind == "ratio" else ours - ref, 4)
         out[name] = per
     ours, peer = out.get("mooncake_vllm"), systems.get("vllm_mooncake", {}).get("scenarios")
     if ours and peer:
