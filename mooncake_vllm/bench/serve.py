@@ -6,7 +6,11 @@ Systems, each given the same two cores (float32, the tiny model unless `--model`
   each of P and D has. A prefill on one core takes about twice as long as on two, so the
   ratio to it shows what disaggregation itself costs, apart from the halved prefill core;
 - `mooncake_vllm`: prefill on core 0 and decode on core 1 with MooncakeVllmConnector, etcd,
-  and the conductor in front;
+  and the conductor in front, with conditional disaggregation (`--local-prefill-max-tokens`,
+  `--local-prefill-when-faster`): short prompts, and prompts that would queue behind others
+  on P while D is idle, are prefilled on D;
+- `mooncake_vllm_always_pd`: the same servers behind a second conductor that disaggregates
+  every request (what the connector alone achieves);
 - `vllm_mooncake`: the same pair with vLLM's built-in MooncakeConnector, where its transfer
   engine package (`mooncake-transfer-engine-non-cuda`) is installed; see `builtin_mooncake.py`.
 
@@ -193,8 +197,11 @@ def summarise(outcomes: Sequence[Outcome], makespan_s: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- systems
 @contextlib.contextmanager
 def start_system(name: str, model: str, workdir: Path, progress: Progress,
-                 startup_timeout_s: float, local_prefill_max_tokens: int = 0) -> Iterator[str]:
-    """Start one system; yields the URL clients send requests to; stops it all on exit."""
+                 startup_timeout_s: float, conductor_args: Sequence[str] = ()
+                 ) -> Iterator[dict[str, str]]:
+    """Start one system; yields {reported name: URL clients send requests to} (ours is
+    reported twice over the same servers: with `conductor_args`, and disaggregating every
+    request); stops it all on exit."""
     stack = contextlib.ExitStack()
     try:
         if name in ("single", "single_1core"):
@@ -202,7 +209,7 @@ def start_system(name: str, model: str, workdir: Path, progress: Progress,
                                 pin_process=True, name=name, log_path=workdir / f"{name}.log")
             stack.callback(server.stop)
             wait_all_ready([server.start()], progress, startup_timeout_s)
-            yield server.url
+            yield {name: server.url}
         elif name == "mooncake_vllm":
             from mooncake_vllm.testing.etcd_server import EtcdServer
 
@@ -221,15 +228,19 @@ def start_system(name: str, model: str, workdir: Path, progress: Progress,
                 stack.callback(server.stop)
                 servers.append(server.start())
             wait_all_ready(servers, progress, startup_timeout_s)
-            conductor = Conductor(["--metadata-server", etcd.url, "--local-prefill-max-tokens",
-                                   str(local_prefill_max_tokens)], workdir / "conductor.log")
-            stack.callback(conductor.stop)
-            conductor.wait_ready(timeout_s=60)
-            yield conductor.url
+            urls = {}
+            for reported, flags in (("mooncake_vllm", list(conductor_args)),
+                                    ("mooncake_vllm_always_pd", [])):
+                conductor = Conductor(["--metadata-server", etcd.url, *flags],
+                                      workdir / f"{reported}-conductor.log")
+                stack.callback(conductor.stop)
+                conductor.wait_ready(timeout_s=60)
+                urls[reported] = conductor.url
+            yield urls
         elif name == "vllm_mooncake":
             from mooncake_vllm.bench.builtin_mooncake import start_builtin_pair
 
-            yield start_builtin_pair(model, workdir, stack, progress, startup_timeout_s)
+            yield {name: start_builtin_pair(model, workdir, stack, progress, startup_timeout_s)}
         else:
             raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
     finally:
@@ -326,11 +337,13 @@ def verdicts(systems: dict[str, Any]) -> dict[str, Any]:
                 per[scen]["vs_single_1core"] = round(
                     ours / ref if kind == "ratio" else ours - ref, 4)
         out[name] = per
-    ours, peer = out.get("mooncake_vllm"), systems.get("vllm_mooncake", {}).get("scenarios")
-    if ours and peer:
-        for scen in CRITERIA:
-            mine = systems["mooncake_vllm"]["scenarios"][scen]["ttft_p50_s"]
-            ours[scen]["below_vllm_mooncake"] = bool(mine < peer[scen]["ttft_p50_s"])
+    peer = systems.get("vllm_mooncake", {}).get("scenarios")
+    for name in ("mooncake_vllm", "mooncake_vllm_always_pd"):
+        ours = out.get(name)
+        if ours and peer:
+            for scen in CRITERIA:
+                mine = systems[name]["scenarios"][scen]["ttft_p50_s"]
+                ours[scen]["below_vllm_mooncake"] = bool(mine < peer[scen]["ttft_p50_s"])
     return out
 
 
@@ -387,9 +400,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--local-prefill-max-tokens", type=int, default=32, metavar="N",
                     help="the conductor's flag: prompts of at most N tokens are prefilled on "
                     "the decode instance (0: disaggregate every request)")
+    ap.add_argument("--local-prefill-when-faster", action=argparse.BooleanOptionalAction,
+                    default=True, help="the conductor's flag of that name")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     return ap.parse_args(argv)
+
+
+def conductor_args(args: argparse.Namespace) -> list[str]:
+    flags = ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
+    return flags + (["--local-prefill-when-faster"] if args.local_prefill_when_faster else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,9 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(exist_ok=True)
         try:
             with start_system(name, model, workdir, progress, args.startup_timeout,
-                              args.local_prefill_max_tokens) as url:
-                # The same seed for every system: they all see the same prompts.
-                systems[name] = bench_system(url, model, args, args.seed, progress, name)
+                              conductor_args(args)) as urls:
+                for reported, url in urls.items():
+                    # The same seed for every system: they all see the same prompts.
+                    systems[reported] = bench_system(url, model, args, args.seed, progress,
+                                                     reported)
         except (StartupError, RuntimeError, ImportError, TimeoutError) as e:
             # A peer that cannot run here is reported, not fatal.
             systems[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -423,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model, "dtype": "float32",
         "cores": {"single": [0, 1], "prefill": [0], "decode": [1]},
         "pinning": "each server's whole process tree (API server, engine core, workers)",
-        "conductor": {"local_prefill_max_tokens": args.local_prefill_max_tokens},
+        "conductor": {"mooncake_vllm": conductor_args(args), "mooncake_vllm_always_pd": []},
         "workload": {k: getattr(args, k) for k in (
             "rates", "sweep_requests", "prompt_min", "prompt_max", "output_min", "output_max",
             "output_len", "repeats", "seed")},

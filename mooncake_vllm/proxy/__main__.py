@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     default=d.local_prefill_max_tokens, metavar="N",
                     help="prompts of at most N tokens are prefilled on the decode instance, "
                     "not disaggregated (default %(default)s: always disaggregate)")
+    ap.add_argument("--local-prefill-when-faster", action="store_true",
+                    help="also prefill on the decode instance when its predicted TTFT beats "
+                    "the prefill instances' (bursts use D's idle compute; costs D decode time)")
     ap.add_argument("--slo-ttft-s", type=float, default=None,
                     help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
     ap.add_argument("--tokenizer", default=None,
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         host=a.host, port=a.port, prefill_urls=tuple(a.prefill), decode_urls=tuple(a.decode),
         both_urls=tuple(a.both), metadata_server=a.metadata_server, namespace=a.namespace,
         policy=a.policy, local_prefill_max_tokens=a.local_prefill_max_tokens,
+        local_prefill_when_faster=a.local_prefill_when_faster,
         slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,

@@ -24,6 +24,10 @@ from .upstreams import Instance, Registry
 log = logging.getLogger(__name__)
 
 
+# Local prefills a decode instance must have served before its own TTFT model is trusted.
+MIN_OWN_OBSERVATIONS = 3
+
+
 @dataclass(frozen=True)
 class Route:
     prefill: PrefillChoice  # the prefill instance, or the "both" instance that serves alone
@@ -94,10 +98,18 @@ class Conductor:
 
         prefill, decode = up("prefill"), up("decode")
         if prefill and decode:
+            d = self.policy.choose_decode(decode)
             if key.num_tokens <= self.config.local_prefill_max_tokens:
-                return Route(assess(self.policy.choose_decode(decode), key), None)
-            return Route(self.policy.choose_prefill(prefill, key),
-                         self.policy.choose_decode(decode))
+                return Route(assess(d, key), None)
+            p = self.policy.choose_prefill(prefill, key)
+            if self.config.local_prefill_when_faster:
+                # Until D has shown its own prefill speed, assume it computes like P (the same
+                # model on, as a rule, the same hardware) rather than trusting the prior.
+                seen = d.ttft.observations >= MIN_OWN_OBSERVATIONS
+                local = assess(d, key, None if seen else p.instance.ttft)
+                if local.predicted_ttft_s < p.predicted_ttft_s:
+                    return Route(local, None)
+            return Route(p, d)
         both = up("both")
         if both:
             return Route(self.policy.choose_prefill(both, key), None)

@@ -28,6 +28,10 @@ class ProxyConfig:
     # prefill step on P, the KV handoff) costs more than the prefill. 0: always disaggregate.
     # Counts are exact with --tokenizer or token-id prompts, estimated from text otherwise.
     local_prefill_max_tokens: int = 0
+    # Also prefill on the decode instance when its predicted TTFT (its own queued local
+    # prefills plus this prompt) beats the best prefill instance's: a burst that queues up on
+    # P then uses D's idle compute too, at the price of D's decode steps while it prefills.
+    local_prefill_when_faster: bool = False
     # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
     # None: admit everything (predictions are still made and exported).
     slo_ttft_s: float | None = None

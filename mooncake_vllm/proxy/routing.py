@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .prompt import PromptKey
+from .ttft_model import TtftModel
 from .upstreams import Instance
 
 
@@ -31,10 +32,12 @@ class PrefillChoice:
     predicted_ttft_s: float
 
 
-def assess(inst: Instance, key: PromptKey) -> PrefillChoice:
+def assess(inst: Instance, key: PromptKey, model: TtftModel | None = None) -> PrefillChoice:
+    """What `inst` would compute for this prompt and when its first token would come, by its
+    own TTFT model unless another (`model`) is given."""
     cached = min(inst.prefix.match(key.block_hashes) * key.tokens_per_block, key.num_tokens)
     new = max(key.num_tokens - cached, 1)  # the last token is always computed
-    predicted = inst.ttft.predict(inst.queued_prefill_tokens + new)
+    predicted = (model or inst.ttft).predict(inst.queued_prefill_tokens + new)
     return PrefillChoice(inst, cached, new, predicted)
 
 

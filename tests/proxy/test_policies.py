@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mooncake_vllm.proxy.admission import Admission
+from mooncake_vllm.proxy.conductor import Conductor
+from mooncake_vllm.proxy.config import ProxyConfig
 from mooncake_vllm.proxy.metrics import ProxyMetrics
 from mooncake_vllm.proxy.prompt import BadRequest, PromptHasher
 from mooncake_vllm.proxy.routing import CacheAware, LeastLoaded, RoundRobin, make_policy
@@ -135,3 +137,48 @@ def test_ticket_closes_once() -> None:
     t1.close()
     t1.close()
     assert p0.queued_prefill_tokens == 50 and p0.inflight == 1
+
+
+def _pd_conductor(**cfg: object) -> Conductor:
+    c = Conductor(ProxyConfig(prefill_urls=("http://127.0.0.1:9000",),
+                              decode_urls=("http://127.0.0.1:9100",), **cfg))  # type: ignore[arg-type]
+    c.registry.upsert("p", "http://127.0.0.1:9000", "prefill", "static")
+    c.registry.upsert("d", "http://127.0.0.1:9100", "decode", "static")
+    return c
+
+
+def test_short_prompts_routed_to_decode_alone() -> None:
+    c = _pd_conductor(local_prefill_max_tokens=32)
+    h = PromptHasher(None, tokens_per_block=32)
+    short, long_ = h.key(False, {"prompt": [5] * 32}), h.key(False, {"prompt": [5] * 33})
+    route = c.route(short, set())
+    assert route is not None and route.decode is None
+    assert route.prefill.instance.instance_id == "d"
+    route = c.route(long_, set())
+    assert route is not None and route.decode is not None
+    assert (route.prefill.instance.instance_id, route.decode.instance_id) == ("p", "d")
+    # Off by default: every prompt is disaggregated.
+    route = _pd_conductor().route(short, set())
+    assert route is not None and route.decode is not None
+
+
+def test_burst_spills_prefill_onto_idle_decode_when_faster() -> None:
+    c = _pd_conductor(local_prefill_when_faster=True)
+    key = PromptHasher(None, tokens_per_block=32).key(False, {"prompt": [7] * 500})
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    route = c.route(key, set())  # both idle: the prefill instance, disaggregated
+    assert route is not None and route.decode is d and route.prefill.instance is p
+    tickets = [PrefillTicket(p, 500)]  # P now has a prompt queued; D computes nothing
+    route = c.route(key, set())
+    assert route is not None and route.decode is None and route.prefill.instance is d
+    tickets.append(PrefillTicket(d, 500))  # equal queues again: back to P
+    route = c.route(key, set())
+    assert route is not None and route.decode is d
+    for t in tickets:
+        t.close()
+    # Without the flag a queue on P never moves prefill to D.
+    c2 = _pd_conductor()
+    PrefillTicket(c2.registry.get("p"), 5000)  # type: ignore[arg-type]
+    route = c2.route(key, set())
+    assert route is not None and route.decode is not None
