@@ -24,10 +24,6 @@ from .upstreams import Instance, Registry
 log = logging.getLogger(__name__)
 
 
-# Local prefills a decode instance must have served before its own TTFT model is trusted.
-MIN_OWN_OBSERVATIONS = 3
-
-
 @dataclass(frozen=True)
 class Route:
     prefill: PrefillChoice  # the prefill instance, or the "both" instance that serves alone
@@ -103,10 +99,10 @@ class Conductor:
                 return Route(assess(d, key), None)
             p = self.policy.choose_prefill(prefill, key)
             if self.config.local_prefill_when_faster:
-                # Until D has shown its own prefill speed, assume it computes like P (the same
-                # model on, as a rule, the same hardware) rather than trusting the prior.
-                seen = d.ttft.observations >= MIN_OWN_OBSERVATIONS
-                local = assess(d, key, None if seen else p.instance.ttft)
+                # D's prefill speed is taken to be P's (the same model on, as a rule, the same
+                # hardware): D's own TTFT samples come mostly from tiny local prompts and would
+                # not tell its rate for a long one.
+                local = assess(d, key, p.instance.ttft)
                 if local.predicted_ttft_s < p.predicted_ttft_s:
                     return Route(local, None)
             return Route(p, d)
