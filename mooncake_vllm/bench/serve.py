@@ -431,10 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with start_system(name, model, workdir, progress, args.startup_timeout,
                               conductor_args(args)) as urls:
-                for reported, url in urls.items():
-                    # The same seed for every system: they all see the same prompts.
-                    systems[reported] = bench_system(url, model, args, args.seed, progress,
-                                                     reported)
+                for i, (reported, url) in enumerate(urls.items()):
+                    # Every system sees the same prompts, except a second one over the same
+                    # servers: their prefix caches already hold those, so it gets fresh ones.
+                    systems[reported] = bench_system(url, model, args, args.seed + i,
+                                                     progress, reported)
         except (StartupError, RuntimeError, ImportError, TimeoutError) as e:
             # A peer that cannot run here is reported, not fatal.
             systems[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
