@@ -314,9 +314,10 @@ class RequestRun:
                 if p_task.done() and p_task.exception() is not None and not d_task.done():
                     raise p_task.exception()  # type: ignore[misc]
                 opened = await d_task
+                # D answered: P's half is done or finishing; let it end instead of aborting it.
+                committed = True
                 if opened.final is not None:
                     return opened.final
-                committed = True
                 self.first_output()
                 return await relay_stream(self.c, self.request, d, opened)
         finally:
