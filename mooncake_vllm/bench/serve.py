@@ -402,13 +402,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "the decode instance (0: disaggregate every request)")
     ap.add_argument("--local-prefill-when-faster", action=argparse.BooleanOptionalAction,
                     default=True, help="the conductor's flag of that name")
+    ap.add_argument("--pipeline-prefill-min-tokens", type=int, default=256, metavar="N",
+                    help="the conductor's flag: prompts of at least N tokens are prefilled by "
+                    "P and D in a pipeline (0: off)")
+    ap.add_argument("--pipeline-prefill-share", type=float, default=0.5, metavar="F",
+                    help="the conductor's flag: P's share of a pipelined prompt")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     return ap.parse_args(argv)
 
 
 def conductor_args(args: argparse.Namespace) -> list[str]:
-    flags = ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
+    flags = ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens),
+             "--pipeline-prefill-min-tokens", str(args.pipeline_prefill_min_tokens),
+             "--pipeline-prefill-share", str(args.pipeline_prefill_share)]
     return flags + (["--local-prefill-when-faster"] if args.local_prefill_when_faster else [])
 
 

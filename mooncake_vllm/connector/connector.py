@@ -68,11 +68,13 @@ class MooncakeVllmConnector(KVConnectorBase_V1):
             self.worker.bind(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        # Loads are pushed by the prefill side; registration already went out in bind.
+        # Loads are pushed by the prefill side; registration already went out in bind, and a
+        # pipelined load is waited for layer by layer in wait_for_layer_load.
         return
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        assert self.worker is not None
+        self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ from the network is trusted further than its type.
 
   D -> P  Register  "write this transfer's KV into these blocks of mine"
   D -> P  Release   "stop: I no longer want it (aborted, or already cached)"
+  P -> D  Layers    "layers [0, n) are written" (only when the registration asked for it)
   P -> D  Done      "every layer is written" (ok) or why not (refused, failed, aborted)
   P -> D  Released  "no write of mine will touch your blocks any more"
 """
@@ -43,12 +44,21 @@ class Register(msgspec.Struct, tag="register", frozen=True):
     first_block: int  # blocks [0, first_block) D already holds (its own prefix-cache hit)
     block_ids: list[int]  # D's block ids for logical blocks first_block, first_block+1, ...
     num_tokens: int
+    # Pipelined prefill: D computes the rest of the prompt while P computes this head, and
+    # each of D's layers waits for P's: P reports every layer as soon as it is written.
+    layer_progress: bool = False
 
 
 class Release(msgspec.Struct, tag="release", frozen=True):
     v: int
     transfer_id: str
     reason: str
+
+
+class Layers(msgspec.Struct, tag="layers", frozen=True):
+    v: int
+    transfer_id: str
+    written: int  # layers [0, written) are complete in D's blocks
 
 
 class Done(msgspec.Struct, tag="done", frozen=True):
@@ -67,7 +77,7 @@ class Released(msgspec.Struct, tag="released", frozen=True):
     transfer_id: str
 
 
-Message = Register | Release | Done | Released
+Message = Register | Release | Layers | Done | Released
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

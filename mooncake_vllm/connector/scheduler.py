@@ -9,6 +9,12 @@ reach the workers.
 Decode side (`do_remote_prefill`): report the prompt tokens it lacks as an asynchronous
 external hit; once blocks are allocated, hand the registration to the workers, which send it
 to the prefill workers and report the request received (or failed) later.
+
+Pipelined prefill (`do_remote_prefill` with `pipeline_tokens`: N): P computes only the first N
+tokens; D reports them as a *synchronous* external hit, so vLLM schedules the rest of the
+prompt at once and D's forward pass waits for P layer by layer (`wait_for_layer_load`). Both
+instances prefill at the same time, one layer apart (Mooncake's chunked pipeline prefill, with
+D as the second stage).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ class RecvSpec:
     remote_control: dict[str, Any]
     block_ids: list[int]  # all of the request's blocks
     first_block: int  # blocks already held locally (prefix-cache hit)
-    num_prompt_tokens: int
+    num_tokens: int  # prompt tokens whose KV P sends: all of them, or the pipelined head
+    sync: bool = False  # pipelined: this step's forward pass waits for each layer
 
 
 @dataclass
@@ -135,8 +142,21 @@ class MooncakeScheduler:
                 or request.request_id in self._d_handled):
             return 0, False
         self._d_local_hit[request.request_id] = num_computed_tokens
+        head = self._pipeline_head(request)
+        if head is not None:
+            count = head - num_computed_tokens
+            return (count, False) if count > 0 else (0, False)
         count = request.num_prompt_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
+
+    def _pipeline_head(self, request: Request) -> int | None:
+        """Tokens P computes in a pipelined prefill (whole blocks, at least one token left for
+        D to compute); None when the request is not pipelined."""
+        asked = _params(request).get("pipeline_tokens")
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0:
+            return None
+        bs = self.block_size
+        return min(asked, request.num_prompt_tokens - 1) // bs * bs
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
@@ -159,12 +179,13 @@ class MooncakeScheduler:
             self._pending_releases.append((tid, rc, "decode already holds the prompt"))
             return
         hit = self._d_local_hit.pop(rid, 0)
-        logger.debug("request %s: %d tokens to receive (local hit %d)", rid,
-                     num_external_tokens, hit)
+        head = self._pipeline_head(request)
+        logger.debug("request %s: %d tokens to receive (local hit %d, %s)", rid,
+                     num_external_tokens, hit, "pipelined" if head else "whole prompt")
         self._pending_recvs.append(RecvSpec(
             req_id=rid, transfer_id=tid, remote_control=rc,
             block_ids=list(blocks.get_block_ids()[0]), first_block=hit // self.block_size,
-            num_prompt_tokens=request.num_prompt_tokens))
+            num_tokens=head or request.num_prompt_tokens, sync=head is not None))
 
     def build_connector_meta(self, out: SchedulerOutput) -> MooncakeMetadata:
         meta = MooncakeMetadata(recvs=self._pending_recvs, releases=self._pending_releases,

@@ -29,6 +29,8 @@ class Outgoing:
     segment: int = -1
     remote_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     inflight: int = 0
+    layer_inflight: list[int] = field(default_factory=list)  # writes in flight per layer
+    layers_reported: int = 0  # pipelined: layers [0, n) reported written to D
     bytes: int = 0
     blocks: int = 0
     first_post: float = 0.0
@@ -44,6 +46,7 @@ class Outgoing:
     def __post_init__(self) -> None:
         self.ready = [0] * self.num_layers
         self.sent = [0] * self.num_layers
+        self.layer_inflight = [0] * self.num_layers
 
     @property
     def total_blocks(self) -> int:
@@ -52,9 +55,19 @@ class Outgoing:
     def fully_computed(self) -> bool:
         return all(r >= self.num_prompt_tokens for r in self.ready)
 
+    def _end_block(self, block_size: int) -> int:
+        return min(-(-self.num_prompt_tokens // block_size), self.total_blocks)
+
     def fully_posted(self, block_size: int) -> bool:
-        end = min(-(-self.num_prompt_tokens // block_size), self.total_blocks)
+        end = self._end_block(block_size)
         return all(s >= end for s in self.sent)
+
+    def layers_written(self, block_size: int) -> int:
+        """How many leading layers have every block posted and no write still in flight."""
+        end, n = self._end_block(block_size), 0
+        while n < self.num_layers and self.sent[n] >= end and self.layer_inflight[n] == 0:
+            n += 1
+        return n
 
     def stopped(self) -> bool:
         return bool(self.failed) or self.released
@@ -72,3 +85,7 @@ class Incoming:
     started: float = field(default_factory=time.monotonic)
     aborting: bool = False  # request finished here; waiting for P's Released
     releasing_for_timeout: bool = False
+    # Pipelined (synchronous) load: this step's forward pass waits for each layer in turn.
+    sync: bool = False
+    layers_written: int = 0
+    error: str = ""  # why the rest will never arrive

@@ -65,6 +65,7 @@ class MooncakeWorker:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.block_size = vllm_config.cache_config.block_size
         self.lock = threading.RLock()
+        self.layer_arrived = threading.Condition(self.lock)  # pipelined loads wait on it
         self.stats = MooncakeStats()
         self.engine: Any = None
         self.layout: KVLayout | None = None
@@ -79,8 +80,9 @@ class MooncakeWorker:
         self.early: dict[str, tuple[bytes, m.Register, float]] = {}  # registrations before P
         self.tombstones: dict[str, tuple[str, float]] = {}  # tid -> why it is gone, until
         self.finished_sending: set[str] = set()
+        # (transfer, batch id, layer, bytes, blocks, staging slot), in post order.
         self._completions: queue.SimpleQueue[
-            tuple[Outgoing, int, int, int, Slot | None] | None] = queue.SimpleQueue()
+            tuple[Outgoing, int, int, int, int, Slot | None] | None] = queue.SimpleQueue()
         self._completion_thread: threading.Thread | None = None
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.stager: StagingBuffer | None = None
@@ -161,7 +163,7 @@ class MooncakeWorker:
             item = self._posts.get()
             if item is None:
                 return
-            ev, tr, arrays, nbytes, nblocks, slot = item
+            ev, tr, layer, arrays, nbytes, nblocks, slot = item
             try:
                 ev.synchronize()
                 bid = self.engine.submit(tr.segment, "write", *arrays)
@@ -170,10 +172,11 @@ class MooncakeWorker:
                 self.stager.free(slot)
                 with self.lock:
                     tr.inflight -= 1
+                    tr.layer_inflight[layer] -= 1
                     self._fail(tr, f"posting a staged batch failed: {e}")
                     self._maybe_finish(tr)
                 continue
-            self._completions.put((tr, bid, nbytes, nblocks, slot))
+            self._completions.put((tr, bid, layer, nbytes, nblocks, slot))
 
     def shutdown(self) -> None:
         self._posts.put(None)
@@ -234,6 +237,34 @@ class MooncakeWorker:
             for ep in rc.get("control", []):
                 self._send(ep, m.Release(V, tid, why))
 
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """D, pipelined loads: block until P has written this layer of every head this step
+        reads. A head that fails or times out is given up: its blocks are reported as load
+        errors (vLLM then applies kv_load_failure_policy) and no later layer waits for it."""
+        meta = self._meta
+        if meta is None or not meta.recvs:
+            return
+        layer = self.layer_index.get(layer_name)
+        if layer is None:
+            return
+        with self.lock:
+            for r in meta.recvs:
+                tr = self.inc.get(r.transfer_id) if r.sync else None
+                while tr is not None and not tr.error and tr.layers_written <= layer:
+                    left = tr.deadline - time.monotonic()
+                    if left <= 0:
+                        tr.error = (f"layer {layer} did not arrive within "
+                                    f"{self.config.transfer_timeout_s:.1f}s")
+                        tr.releasing_for_timeout = True
+                        self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
+                        break
+                    self.layer_arrived.wait(left)
+                if tr is not None and tr.error:
+                    # Given up: the blocks stay the request's while vLLM recomputes or fails
+                    # it, so a late write from P could only rewrite the same values.
+                    self.inc.pop(tr.transfer_id, None)
+                    self._load_failed(tr, tr.error)
+
     def save_kv_layer(self, layer_name: str) -> None:
         meta = self._meta
         if meta is None or not meta.saves:
@@ -265,7 +296,9 @@ class MooncakeWorker:
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         with self.lock:
             for tr in self.inc.values():
-                if tr.req_id in finished_req_ids and not tr.aborting:
+                # A pipelined load is over once its forward pass ran: every layer arrived (P
+                # writes nothing more) or it was given up (and released) there.
+                if tr.req_id in finished_req_ids and not tr.aborting and not tr.sync:
                     # Aborted on D while its KV is still coming: vLLM keeps the blocks until
                     # we report the request received, which waits for P to stop writing.
                     tr.aborting = True
@@ -327,7 +360,8 @@ class MooncakeWorker:
                                     local_ids, remote_ids)
         if event is not None:  # device copy still running: the poster thread submits
             tr.inflight += 1
-            self._posts.put((event, tr, (la, ra, ln), int(ln.sum()), hi - lo, slot))
+            tr.layer_inflight[layer] += 1
+            self._posts.put((event, tr, layer, (la, ra, ln), int(ln.sum()), hi - lo, slot))
             bid = None
         else:
             try:
@@ -338,13 +372,14 @@ class MooncakeWorker:
                 self._fail(tr, f"posting layer {layer} failed: {e}")
                 return
             tr.inflight += 1
+            tr.layer_inflight[layer] += 1
         if not tr.first_post:
             tr.first_post = time.monotonic()
         if self.config.measure_non_overlapped and slot is None:
             tr.posted.append((la, ra, ln))
         tr.sent[layer] = hi
         if bid is not None:
-            self._completions.put((tr, bid, int(ln.sum()), hi - lo, slot))
+            self._completions.put((tr, bid, layer, int(ln.sum()), hi - lo, slot))
 
     def _completion_loop(self) -> None:
         unpin_current_thread()
@@ -352,7 +387,7 @@ class MooncakeWorker:
             item = self._completions.get()
             if item is None:
                 return
-            tr, bid, nbytes, nblocks, slot = item
+            tr, bid, layer, nbytes, nblocks, slot = item
             err = ""
             try:
                 self.engine.wait(bid, timeout_s=self.config.engine_timeout_s + 5)
@@ -365,6 +400,7 @@ class MooncakeWorker:
                     self.stager.free(slot)
             with self.lock:
                 tr.inflight -= 1
+                tr.layer_inflight[layer] -= 1
                 tr.last_done = time.monotonic()
                 if err:
                     self._fail(tr, f"write to decode failed: {err}")
@@ -380,6 +416,13 @@ class MooncakeWorker:
 
     def _maybe_finish(self, tr: Outgoing) -> None:
         """Tell D and free the blocks once nothing more will be written (lock held)."""
+        if tr.reg is not None and tr.reg.layer_progress and not tr.notified \
+                and not tr.stopped():
+            written = tr.layers_written(self.block_size)
+            if written > tr.layers_reported:
+                assert tr.reply_to is not None
+                tr.layers_reported = written
+                self._send(tr.reply_to, m.Layers(V, tr.transfer_id, written))
         if not tr.notified and tr.inflight == 0:
             if tr.stopped() and tr.reply_to is not None:
                 if tr.released:
@@ -473,7 +516,7 @@ class MooncakeWorker:
     def _register_with_prefill(self, r: RecvSpec) -> None:
         assert self.layout is not None and self.engine is not None
         controls = r.remote_control.get("control") or []
-        end = -(-r.num_prompt_tokens // self.block_size)
+        end = -(-r.num_tokens // self.block_size)
         blocks = r.block_ids[r.first_block:end]
         with self.lock:
             if self.tp_rank >= len(controls):
@@ -488,12 +531,12 @@ class MooncakeWorker:
             ep = controls[self.tp_rank]
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, ep, blocks,
-                deadline=time.monotonic() + self.config.transfer_timeout_s)
+                deadline=time.monotonic() + self.config.transfer_timeout_s, sync=r.sync)
         logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
         self._send(ep, m.Register(
             V, r.transfer_id, self.engine_id, self.segment_name,
             None if self.config.uses_etcd else self.engine.descriptor(),
-            self.layout.info(), r.first_block, blocks, r.num_prompt_tokens))
+            self.layout.info(), r.first_block, blocks, r.num_tokens, layer_progress=r.sync))
 
     # ------------------------------------------------------------------ control thread
 
@@ -507,6 +550,11 @@ class MooncakeWorker:
                 self._on_register(sender, msg)
             elif isinstance(msg, m.Release) and isinstance(sender, bytes):
                 self._on_release(sender, msg)
+            elif isinstance(msg, m.Layers):
+                tr = self.inc.get(msg.transfer_id)
+                if tr is not None and msg.written > tr.layers_written:
+                    tr.layers_written = msg.written
+                    self.layer_arrived.notify_all()
             elif isinstance(msg, m.Done | m.Released):
                 self._on_reply(msg)
             else:
@@ -554,6 +602,9 @@ class MooncakeWorker:
         tr = self.inc.pop(msg.transfer_id, None)
         if tr is None:
             return  # already timed out here; nothing waits for it
+        if tr.sync:
+            self._on_pipelined_reply(tr, msg)
+            return
         if isinstance(msg, m.Done) and msg.ok and not tr.aborting:
             self.stats.add(bytes_received=msg.bytes, blocks_received=msg.blocks,
                            transfers_received=1)
@@ -569,12 +620,28 @@ class MooncakeWorker:
         else:
             self.finished_recving.add(tr.req_id)
 
+    def _on_pipelined_reply(self, tr: Incoming, msg: m.Done | m.Released) -> None:
+        """A pipelined load is not reported in finished_recving: vLLM never parked the request
+        (the load was synchronous). A forward pass may be waiting on it: wake it."""
+        if isinstance(msg, m.Done) and msg.ok:
+            tr.layers_written = len(self.layer_index)
+            self.stats.add(bytes_received=msg.bytes, blocks_received=msg.blocks,
+                           transfers_received=1)
+            self.stats.observe("transfer_s", msg.transfer_s)
+        elif tr.layers_written < len(self.layer_index):
+            # The forward pass that waits for (or is about to read) the missing layers reports
+            # the load error: keep the record for it.
+            tr.error = msg.reason if isinstance(msg, m.Done) else "released by prefill"
+            self.inc[tr.transfer_id] = tr
+        self.layer_arrived.notify_all()
+
     def _load_failed(self, tr: Incoming, why: str) -> None:
         logger.error("KV load for request %s (transfer %s) failed: %s; %d blocks affected",
                      tr.req_id, tr.transfer_id, why, len(tr.block_ids))
         self.stats.add(failures=1)
         self.load_errors.update(tr.block_ids)
-        self.finished_recving.add(tr.req_id)
+        if not tr.sync:  # a pipelined request was never parked waiting for it
+            self.finished_recving.add(tr.req_id)
 
     def _on_tick(self) -> None:
         now = time.monotonic()
@@ -598,6 +665,12 @@ class MooncakeWorker:
                     self._maybe_finish(tr)
             for tid, tr in list(self.inc.items()):
                 if now < tr.deadline:
+                    continue
+                if tr.sync:
+                    # Its forward pass times it out (and reports it); this only forgets a
+                    # record whose final Done never came.
+                    if now >= tr.deadline + self.config.abort_ack_timeout_s:
+                        del self.inc[tid]
                     continue
                 if tr.aborting:
                     logger.warning("transfer %s: prefill did not confirm the release within "

@@ -40,6 +40,15 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
     ap.add_argument("--local-prefill-when-faster", action="store_true",
                     help="also prefill on the decode instance when its predicted TTFT beats "
                     "the prefill instances' (bursts use D's idle compute; costs D decode time)")
+    ap.add_argument("--pipeline-prefill-min-tokens", type=int,
+                    default=d.pipeline_prefill_min_tokens, metavar="N",
+                    help="prompts of at least N tokens are prefilled by P and D at once, one "
+                    "layer apart (needs --tokenizer or token-id prompts; default %(default)s: "
+                    "off)")
+    ap.add_argument("--pipeline-prefill-share", type=float,
+                    default=d.pipeline_prefill_share, metavar="F",
+                    help="the prefill instance's share of a pipelined prompt "
+                    "(default %(default)s)")
     ap.add_argument("--slo-ttft-s", type=float, default=None,
                     help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
     ap.add_argument("--tokenizer", default=None,
@@ -65,6 +74,8 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         both_urls=tuple(a.both), metadata_server=a.metadata_server, namespace=a.namespace,
         policy=a.policy, local_prefill_max_tokens=a.local_prefill_max_tokens,
         local_prefill_when_faster=a.local_prefill_when_faster,
+        pipeline_prefill_min_tokens=a.pipeline_prefill_min_tokens,
+        pipeline_prefill_share=a.pipeline_prefill_share,
         slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class Route:
     prefill: PrefillChoice  # the prefill instance, or the "both" instance that serves alone
     decode: Instance | None  # None: served alone, without disaggregation
+    # Pipelined prefill: P computes only the prompt's first this many tokens (0: all of it).
+    pipeline_tokens: int = 0
 
 
 class Conductor:
@@ -86,9 +88,10 @@ class Conductor:
         if self.session is not None:
             await self.session.close()
 
-    def route(self, key: PromptKey, exclude: set[str]) -> Route | None:
+    def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False) -> Route | None:
         """Disaggregated when prefill and decode instances are up (a short prompt: the decode
-        instance alone); else a "both" instance alone."""
+        instance alone; a long one, if `pipelinable`: P and D in a pipeline); else a "both"
+        instance alone."""
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
@@ -98,6 +101,9 @@ class Conductor:
             if key.num_tokens <= self.config.local_prefill_max_tokens:
                 return Route(assess(d, key), None)
             p = self.policy.choose_prefill(prefill, key)
+            head = self.pipeline_head(key) if pipelinable else 0
+            if head:
+                return Route(assess(p.instance, key.head(head)), d, pipeline_tokens=head)
             if self.config.local_prefill_when_faster:
                 # D's prefill speed is taken to be P's (the same model on, as a rule, the same
                 # hardware): D's own TTFT samples come mostly from tiny local prompts and would
@@ -110,3 +116,14 @@ class Conductor:
         if both:
             return Route(self.policy.choose_prefill(both, key), None)
         return None
+
+    def pipeline_head(self, key: PromptKey) -> int:
+        """How many leading tokens P computes when this prompt is prefilled in a pipeline:
+        P's share in whole blocks, leaving D at least one token; 0 when not pipelined."""
+        cfg = self.config
+        if (not cfg.pipeline_prefill_min_tokens or key.token_ids is None
+                or key.num_tokens < cfg.pipeline_prefill_min_tokens):
+            return 0
+        bs = key.tokens_per_block
+        head = round(key.num_tokens * cfg.pipeline_prefill_share / bs) * bs
+        return max(0, min(head, (key.num_tokens - 1) // bs * bs))

@@ -32,6 +32,14 @@ class ProxyConfig:
     # prefills plus this prompt) beats the best prefill instance's: a burst that queues up on
     # P then uses D's idle compute too, at the price of D's decode steps while it prefills.
     local_prefill_when_faster: bool = False
+    # Pipelined prefill: a prompt of at least this many tokens is prefilled by P and D at once,
+    # one layer apart: P computes its first `pipeline_prefill_share` (whole blocks) and writes
+    # each layer into D as it is done, while D computes the rest of the prompt, each of its
+    # layers waiting for P's. It needs exact token ids (--tokenizer, or token-id prompts) and a
+    # plain completions request; others are disaggregated as usual. D's running decodes wait
+    # while it prefills, so this is for decode instances with compute to spare. 0: off.
+    pipeline_prefill_min_tokens: int = 0
+    pipeline_prefill_share: float = 0.5
     # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
     # None: admit everything (predictions are still made and exported).
     slo_ttft_s: float | None = None
@@ -82,6 +90,11 @@ class ProxyConfig:
             raise bad("slo_ttft_s", "must be a positive number of seconds")
         if self.local_prefill_max_tokens < 0:
             raise bad("local_prefill_max_tokens", "must be >= 0 (0: always disaggregate)")
+        if self.pipeline_prefill_min_tokens < 0:
+            raise bad("pipeline_prefill_min_tokens", "must be >= 0 (0: no pipelined prefill)")
+        if not 0 < self.pipeline_prefill_share < 1:
+            raise bad("pipeline_prefill_share", "must be between 0 and 1 (the prefill "
+                      "instance's share of the prompt)")
         for key in ("block_tokens", "chars_per_block", "prefix_capacity_blocks", "max_attempts"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")

@@ -3,7 +3,9 @@
 Disaggregated: make a transfer id; send the prefill instance the request with `max_tokens=1`,
 `stream=false` and `kv_transfer_params={do_remote_decode, transfer_id}`, and at the same time the
 decode instance the request with `{do_remote_prefill, transfer_id, remote_control}`; relay the
-decode instance's answer. Alone ("both" instance): relay that instance's answer.
+decode instance's answer. Pipelined: the same, but P is sent only the prompt's first N token
+ids and D all of them with `pipeline_tokens: N`. Alone ("both" instance): relay that instance's
+answer.
 
 Failure rules:
 - Until the first byte of the answer has been written to the client nothing is committed: an
@@ -177,6 +179,19 @@ async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
     return out
 
 
+def pipelinable(path: str, body: dict[str, Any]) -> bool:
+    """Whether a request can be cut into a head for P and the rest for D: one plain completion
+    prompt (a chat template, several prompts, echo or prompt logprobs would need the whole
+    prompt on one instance, or in its original form)."""
+    prompt = body.get("prompt")
+    single = isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    return (path == "/v1/completions" and single and not body.get("echo")
+            and body.get("prompt_logprobs") is None and body.get("n", 1) == 1
+            and body.get("best_of", 1) in (1, None))
+
+
 def prefill_body(body: dict[str, Any], tid: str) -> dict[str, Any]:
     p = dict(body)
     p["max_tokens"] = 1
@@ -280,10 +295,9 @@ class RequestRun:
         finally:
             self.ticket.close()
 
-    async def _prefill(self, p: Instance, tid: str) -> dict[str, Any]:
+    async def _prefill(self, p: Instance, pbody: dict[str, Any]) -> dict[str, Any]:
         try:
-            answer = await _post_json(self.c, p, "prefill", self.path,
-                                      prefill_body(self.body, tid),
+            answer = await _post_json(self.c, p, "prefill", self.path, pbody,
                                       self.c.config.prefill_timeout_s)
             _learn_remote_control(p, answer)
             if not self.stream:
@@ -304,7 +318,15 @@ class RequestRun:
         dbody = dict(self.body)
         dbody["kv_transfer_params"] = {"do_remote_prefill": True, "transfer_id": tid,
                                        "remote_control": rc}
-        p_task = asyncio.create_task(self._prefill(p, tid))
+        pbody = prefill_body(self.body, tid)
+        head = self.route.pipeline_tokens
+        if head:
+            assert self.key.token_ids is not None
+            # Both get token ids, so D's first `head` tokens are exactly the ones P computes.
+            pbody["prompt"] = list(self.key.token_ids[:head])
+            dbody["prompt"] = list(self.key.token_ids)
+            dbody["kv_transfer_params"]["pipeline_tokens"] = head
+        p_task = asyncio.create_task(self._prefill(p, pbody))
         d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, dbody,
                                                    self.stream))
         committed = False
@@ -345,8 +367,9 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     stream = bool(body.get("stream", False))
     exclude: set[str] = set()
     last: UpstreamFailure | None = None
+    can_pipeline = pipelinable(path, body)
     for attempt in range(c.config.max_attempts):
-        route = c.route(key, exclude)
+        route = c.route(key, exclude, can_pipeline)
         if route is None:
             break
         choice = route.prefill
@@ -361,10 +384,13 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
         m.routing.labels(c.policy.name, choice.instance.role, choice.instance.instance_id).inc()
         if route.decode is not None:
             m.routing.labels(c.policy.name, "decode", route.decode.instance_id).inc()
+        if route.pipeline_tokens:
+            m.pipelined.inc()
         m.prompt_tokens.inc(key.num_tokens)
         m.cached_tokens.inc(choice.cached_tokens)
-        # From now on the chosen instance will hold this prompt's blocks.
-        choice.instance.prefix.insert(key.block_hashes)
+        # From now on the chosen instance will hold this prompt's blocks (its head, pipelined).
+        held = key.head(route.pipeline_tokens) if route.pipeline_tokens else key
+        choice.instance.prefix.insert(held.block_hashes)
         run = RequestRun(c, request, route, key, path, body, stream, started)
         try:
             if route.decode is None:

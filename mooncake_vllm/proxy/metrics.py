@@ -20,6 +20,8 @@ class ProxyMetrics:
         self.routing = Counter(p + "routing_decisions",
                                "Instances chosen, by policy and role",
                                ["policy", "role", "instance"], registry=r)
+        self.pipelined = Counter(p + "pipelined_prefills",
+                                 "Requests prefilled by P and D in a pipeline", registry=r)
         self.ttft = Histogram(p + "ttft_seconds", "Time to first streamed byte seen by clients",
                               buckets=TTFT_BUCKETS, registry=r)
         self.predicted_ttft = Histogram(p + "predicted_ttft_seconds",

@@ -33,6 +33,15 @@ class PromptKey:
     block_hashes: tuple[int, ...]
     num_tokens: int
     tokens_per_block: int
+    # The exact token ids, when the conductor tokenized (or was given) them; None when the
+    # prompt was hashed as text. A pipelined prefill needs them to cut the prompt.
+    token_ids: tuple[int, ...] | None = None
+
+    def head(self, num_tokens: int) -> PromptKey:
+        """The key of the prompt's first `num_tokens` tokens (a whole number of blocks)."""
+        blocks = num_tokens // self.tokens_per_block
+        ids = self.token_ids[:num_tokens] if self.token_ids is not None else None
+        return PromptKey(self.block_hashes[:blocks], num_tokens, self.tokens_per_block, ids)
 
     @property
     def cacheable_tokens(self) -> int:
@@ -143,7 +152,7 @@ class PromptHasher:
             b"".join((int(t) & 0xFFFFFFFF).to_bytes(4, "little") for t in ids[i:i + n])
             for i in range(0, len(ids) - n + 1, n)
         ]
-        return PromptKey(_chain(blocks), len(ids), n)
+        return PromptKey(_chain(blocks), len(ids), n, tuple(int(t) for t in ids))
 
     def _from_text(self, text: str) -> PromptKey:
         n = self.chars_per_block
