@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,8 @@ class PromptHasher:
                           f"messages[{i}]")} for i, m in enumerate(msgs)]
                 ids = self._tok.apply_chat_template(plain, tokenize=True,
                                                     add_generation_prompt=True)
-                if isinstance(ids, dict):  # newer transformers return a BatchEncoding
-                    ids = ids["input_ids"]
+                if isinstance(ids, Mapping):  # newer transformers: a BatchEncoding (a
+                    ids = ids["input_ids"]  # UserDict, not a dict) whose keys list() would give
                 return self._from_tokens(list(ids))
             text = "".join(f"{m['role']}: {_text_of_content(m.get('content'), f'messages[{i}]')}\n"
                            for i, m in enumerate(msgs))

@@ -42,14 +42,18 @@ def probe_remote_control(prefill: VllmServer) -> dict[str, Any]:
 
 
 def pd_completion(prefill: VllmServer, decode: VllmServer, rc: dict[str, Any],
-                  prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    """The proxy's two halves, sent at the same time; returns the decode answer."""
+                  prompt: list[int], max_tokens: int,
+                  pipeline_tokens: int = 0) -> dict[str, Any]:
+    """The proxy's two halves, sent at the same time; returns the decode answer. Pipelined
+    (`pipeline_tokens` > 0): P gets only the prompt's head, as the conductor sends it."""
     tid = uuid.uuid4().hex
+    d_kv: dict[str, Any] = {"do_remote_prefill": True, "transfer_id": tid, "remote_control": rc}
+    if pipeline_tokens:
+        d_kv["pipeline_tokens"] = pipeline_tokens
     with ThreadPoolExecutor(2) as pool:
-        p = pool.submit(completion, prefill, prompt, 1,
+        p = pool.submit(completion, prefill, prompt[:pipeline_tokens or len(prompt)], 1,
                         {"do_remote_decode": True, "transfer_id": tid})
-        d = pool.submit(completion, decode, prompt, max_tokens,
-                        {"do_remote_prefill": True, "transfer_id": tid, "remote_control": rc})
+        d = pool.submit(completion, decode, prompt, max_tokens, d_kv)
         p_out = p.result()
         assert (p_out.get("kv_transfer_params") or {}).get("remote_control") == rc
         return d.result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,35 @@ def test_layout_mismatch_is_refused_naming_both_values(servers: dict) -> None:
     wait_for(lambda: msg in log_text(p) and msg in log_text(d), 20, "refusal logged on both")
     # Refused means released: nothing stays allocated on either side.
     wait_for(lambda: kv_usage(d) == 0.0 and kv_usage(p) == 0.0, 30, "both caches idle")
+
+
+def test_pipelined_prefill_from_vanished_peer_ends_at_deadline(servers: dict) -> None:
+    """A pipelined request whose prefill instance is gone (its control endpoint has nobody
+    behind it): D's forward pass waits for layer 0 until transfer_timeout_s, then the load
+    fails: an error under the fail policy, a local recompute under the other. Neither hangs,
+    and the decode instance serves the next request."""
+    dfail, drec = servers["fail"], servers["recompute"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = s.getsockname()[1]  # freed again on close: nobody listens there
+    rc = {"v": 1, "engine_id": "gone", "instance_id": "gone", "tp_size": 1,
+          "control": [f"tcp://127.0.0.1:{gone}"]}
+    prompt = prompt_ids(200, seed=23)
+    kv = {"do_remote_prefill": True, "remote_control": rc, "pipeline_tokens": 4 * 32}
+    started = time.monotonic()
+    with cf.ThreadPoolExecutor(2) as pool:
+        f_fail = pool.submit(completion, dfail, prompt, 6, {**kv, "transfer_id": "pipe-gone-1"})
+        f_rec = pool.submit(completion, drec, prompt, 6, {**kv, "transfer_id": "pipe-gone-2"})
+        with pytest.raises(RuntimeError, match="500|error"):
+            f_fail.result(timeout=60)
+        recomputed = f_rec.result(timeout=60)
+    assert time.monotonic() - started < 40
+    for server, tid in ((dfail, "pipe-gone-1"), (drec, "pipe-gone-2")):
+        wait_for(lambda s=server, t=tid: f"transfer {t}) failed: layer 0 did not arrive "
+                 "within 6.0s" in log_text(s), 10, "the load failure logged with its cause")
+    assert_same_greedy(completion(drec, prompt, 6), recomputed)
+    wait_for(lambda: kv_usage(dfail) == 0.0, 30, "failed decode released its blocks")
+    completion(dfail, prompt_ids(40, seed=24), 3)  # still serving
 
 
 def test_prefill_killed_fail_errors_recompute_answers(servers: dict) -> None:

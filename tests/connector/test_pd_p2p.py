@@ -127,6 +127,27 @@ def test_client_abort_on_decode_releases_both_sides(pair: tuple) -> None:
     assert_same_greedy(completion(p, prompt, 6), pd_completion(p, d, rc, prompt, 6))
 
 
+@pytest.mark.parametrize("n,head", [(200, 3 * BLOCK), (2 * CHUNK + 77, 9 * BLOCK)],
+                         ids=["3-block-head", "head-chunked-on-prefill"])
+def test_pipelined_prefill_equals_single_instance(pair: tuple, n: int, head: int) -> None:
+    """P computes only the head (in chunks of CHUNK tokens in the second case) while D
+    computes the rest, each of D's layers waiting for P's; only the head's blocks travel.
+    Asked again, D holds the head itself (prefix cache): nothing travels, P is released."""
+    p, d, rc = pair
+    prompt = prompt_ids(n, seed=300 + n)
+    before = _blocks_sent(p)
+    failures = metrics(d).get("vllm:mooncake_failures_total", 0.0)
+    got = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
+    wait_for(lambda: _blocks_sent(p) - before == head // BLOCK * LAYERS, 30,
+             "the head's blocks sent, layer by layer")
+    assert_same_greedy(completion(p, prompt, 10), got)
+    again = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
+    assert_same_greedy(got, again)
+    time.sleep(1)
+    assert _blocks_sent(p) - before == head // BLOCK * LAYERS
+    assert metrics(d).get("vllm:mooncake_failures_total", 0.0) == failures
+
+
 def test_connector_metrics_exported(pair: tuple) -> None:
     p, d, rc = pair
     pd_completion(p, d, rc, prompt_ids(90, seed=13), 4)

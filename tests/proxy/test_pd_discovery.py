@@ -156,6 +156,35 @@ def test_short_prompts_prefilled_on_decode(cluster: Cluster, tiny_model: Path) -
                       {"role": "decode"}) >= 2
 
 
+def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
+                                                     tiny_model: Path) -> None:
+    """--pipeline-prefill-min-tokens: P computes only the prompt's head, D the rest (each of
+    its layers waiting for P's), and the answer is a single instance's; a chat request, which
+    the conductor cannot cut, is disaggregated whole."""
+    p, d = cluster.prefill, cluster.decode
+    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+                       "--pipeline-prefill-min-tokens", "128"]) as proxy:
+        assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
+                    _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200
+        body = _body(tiny_model, prompt="Pipelines overlap the two halves of a prefill. " * 30,
+                     max_tokens=12)
+        p_tokens = metric(p.url, "vllm:prompt_tokens_total")
+        d_tokens = metric(d.url, "vllm:prompt_tokens_total")
+        events = sse_events(proxy.url + "/v1/completions", {**body, "stream": True})
+        head = metric(p.url, "vllm:prompt_tokens_total") - p_tokens
+        whole = metric(d.url, "vllm:prompt_tokens_total") - d_tokens
+        assert stream_text(events, chat=False) == _reference(cluster, "/v1/completions", body)[
+            "choices"][0]["text"]
+        assert whole > 256 and head % 32 == 0 and 0.4 * whole < head < 0.6 * whole, (head, whole)
+        assert metric(proxy.url, "mooncake_proxy_pipelined_prefills_total") == 1
+        chat = _body(tiny_model, messages=[{"role": "user", "content": body["prompt"]}],
+                     max_tokens=6)
+        ref = _reference(cluster, "/v1/chat/completions", chat)["choices"][0]["message"]
+        assert post_json(proxy.url + "/v1/chat/completions", chat)["choices"][0][
+            "message"]["content"] == ref["content"]
+        assert metric(proxy.url, "mooncake_proxy_pipelined_prefills_total") == 1
+
+
 def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
     p, d = cluster.prefill, cluster.decode
     body = _body(tiny_model, prompt="Keep talking: " * 40, max_tokens=3500, stream=True,

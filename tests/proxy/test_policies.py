@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mooncake_vllm.proxy.admission import Admission
 from mooncake_vllm.proxy.conductor import Conductor
-from mooncake_vllm.proxy.config import ProxyConfig
+from mooncake_vllm.proxy.config import ProxyConfig, ProxyConfigError
+from mooncake_vllm.proxy.disagg import pipelinable
 from mooncake_vllm.proxy.metrics import ProxyMetrics
 from mooncake_vllm.proxy.prompt import BadRequest, PromptHasher
 from mooncake_vllm.proxy.routing import CacheAware, LeastLoaded, RoundRobin, make_policy
@@ -40,6 +43,20 @@ def test_token_prompts_hash_by_token_blocks() -> None:
     assert k.num_tokens == 10 and len(k.block_hashes) == 2  # only full blocks
     k2 = h.key(False, {"prompt": [0, 1, 2, 3, 9, 9, 9, 9]})
     assert k.block_hashes[0] == k2.block_hashes[0] and k.block_hashes[1] != k2.block_hashes[1]
+
+
+def test_chat_prompts_tokenized_with_the_chat_template(tiny_model: Path) -> None:
+    """With a tokenizer, a chat prompt is the template's token ids (vLLM's own prompt), not
+    the keys of the BatchEncoding that newer transformers return."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    msgs = [{"role": "user", "content": "Tell me about block tables " * 8}]
+    want = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    want = list(want.get("input_ids", want))
+    key = PromptHasher(str(tiny_model), tokens_per_block=32).key(True, {"messages": msgs})
+    assert key.token_ids == tuple(want) and key.num_tokens == len(want) > 32
+    assert len(key.block_hashes) == len(want) // 32
 
 
 @pytest.mark.parametrize("chat,body,needle", [
@@ -182,3 +199,44 @@ def test_burst_spills_prefill_onto_idle_decode_when_faster() -> None:
     PrefillTicket(c2.registry.get("p"), 5000)  # type: ignore[arg-type]
     route = c2.route(key, set())
     assert route is not None and route.decode is not None
+
+
+def test_long_token_prompts_pipelined_in_whole_blocks() -> None:
+    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_prefill_share=0.5)
+    ids = PromptHasher(None, tokens_per_block=32)
+    text = PromptHasher(None, tokens_per_block=32, chars_per_block=128)
+    long_ = ids.key(False, {"prompt": list(range(10, 1910))})
+    route = c.route(long_, set(), pipelinable=True)
+    assert route is not None and route.decode is not None
+    # Half of 1900 is 950: P's head is 30 blocks (960 tokens), and P is assessed for it alone.
+    assert route.pipeline_tokens == 960 and route.prefill.new_tokens == 960
+    assert long_.head(960).token_ids == tuple(range(10, 970))
+    assert long_.head(960).block_hashes == long_.block_hashes[:30]
+    # Not pipelined: below the threshold, a request that cannot be cut, or text hashed
+    # without a tokenizer (no exact token ids to cut at).
+    for key, cut in ((ids.key(False, {"prompt": [5] * 255}), True), (long_, False),
+                     (text.key(False, {"prompt": "word " * 2000}), True)):
+        route = c.route(key, set(), pipelinable=cut)
+        assert route is not None and route.decode is not None and route.pipeline_tokens == 0
+    # The head always leaves D at least one token, in whole blocks.
+    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 257})) == 128
+    c = _pd_conductor(pipeline_prefill_min_tokens=64, pipeline_prefill_share=0.99)
+    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 256})) == 224
+
+
+@pytest.mark.parametrize("path,body,ok", [
+    ("/v1/completions", {"prompt": "text"}, True),
+    ("/v1/completions", {"prompt": [1, 2, 3], "n": 1}, True),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, False),
+    ("/v1/completions", {"prompt": ["a", "b"]}, False),
+    ("/v1/completions", {"prompt": "text", "echo": True}, False),
+    ("/v1/completions", {"prompt": "text", "n": 2}, False),
+    ("/v1/completions", {"prompt": "text", "prompt_logprobs": 1}, False),
+])
+def test_which_requests_can_be_cut(path: str, body: dict, ok: bool) -> None:
+    assert pipelinable(path, body) is ok
+
+
+def test_pipeline_share_is_validated() -> None:
+    with pytest.raises(ProxyConfigError, match="pipeline_prefill_share=1.0"):
+        _pd_conductor(pipeline_prefill_share=1.0)
