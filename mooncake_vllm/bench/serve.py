@@ -412,10 +412,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def conductor_args(args: argparse.Namespace) -> list[str]:
+def attention_tokens(model: str) -> float:
+    """The conductor's --pipeline-attention-tokens for a Llama-like model directory: MACs per
+    token per layer outside attention (projections, gated MLP) over attention's MACs per
+    token of context (2 x heads x head_dim); 0 when its config.json cannot be read."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or h // heads
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 0.0
+    fixed = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * inter
+    return round(fixed / (2 * heads * head_dim), 1)
+
+
+def conductor_args(args: argparse.Namespace, model: str) -> list[str]:
     flags = ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens),
              "--pipeline-prefill-min-tokens", str(args.pipeline_prefill_min_tokens),
-             "--pipeline-prefill-share", str(args.pipeline_prefill_share)]
+             "--pipeline-prefill-share", str(args.pipeline_prefill_share),
+             "--pipeline-attention-tokens", str(attention_tokens(model))]
     return flags + (["--local-prefill-when-faster"] if args.local_prefill_when_faster else [])
 
 
@@ -437,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(exist_ok=True)
         try:
             with start_system(name, model, workdir, progress, args.startup_timeout,
-                              conductor_args(args)) as urls:
+                              conductor_args(args, model)) as urls:
                 for i, (reported, url) in enumerate(urls.items()):
                     # Every system sees the same prompts, except a second one over the same
                     # servers: their prefix caches already hold those, so it gets fresh ones.
@@ -453,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model, "dtype": "float32",
         "cores": {"single": [0, 1], "prefill": [0], "decode": [1]},
         "pinning": "each server's whole process tree (API server, engine core, workers)",
-        "conductor": {"mooncake_vllm": conductor_args(args), "mooncake_vllm_always_pd": []},
+        "conductor": {"mooncake_vllm": conductor_args(args, model), "mooncake_vllm_always_pd": []},
         "workload": {k: getattr(args, k) for k in (
             "rates", "sweep_requests", "prompt_min", "prompt_max", "output_min", "output_max",
             "output_len", "repeats", "seed")},

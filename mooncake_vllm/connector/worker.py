@@ -75,6 +75,7 @@ class MooncakeWorker:
         self.segment_name = f"{config.instance_id}-{self.engine_id}-tp{self.tp_rank}"
         self.handshake: WorkerHandshake | None = None
         self._meta: MooncakeMetadata | None = None
+        self._early_post: dict[str, bool] = {}  # layer -> its KV is in the cache at its start
         # P side
         self.out: dict[str, Outgoing] = {}  # by transfer id
         self.early: dict[str, tuple[bytes, m.Register, float]] = {}  # registrations before P
@@ -88,6 +89,7 @@ class MooncakeWorker:
         self.stager: StagingBuffer | None = None
         self._posts: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._poster_thread: threading.Thread | None = None
+        self._device_kv: torch.device | None = None  # KV in device memory, read by RDMA
         # D side
         self.inc: dict[str, Incoming] = {}  # by transfer id
         self.finished_recving: set[str] = set()
@@ -139,6 +141,9 @@ class MooncakeWorker:
     def _setup_staging(self, kv_caches: dict[str, torch.Tensor]) -> None:
         on_device = any(t.device.type != "cpu" for t in kv_caches.values())
         direct = getattr(self.engine, "protocol", self.config.protocol) == "rdma"
+        if on_device and direct:
+            self._device_kv = next(iter(kv_caches.values())).device
+            self._start_poster()
         if on_device and not direct and self.vllm_config.kv_transfer_config.is_kv_consumer:
             raise ValueError("MooncakeVllmConnector: receiving KV into device memory needs "
                              "protocol='rdma' (TCP cannot write GPU memory); got protocol="
@@ -149,15 +154,20 @@ class MooncakeWorker:
             self.stager = StagingBuffer(self.config.staging_buffer_mb << 20, device)
             self.engine.register(self.stager.base, self.stager.nbytes)
             if self.stager.stream is not None:
-                self._poster_thread = threading.Thread(
-                    target=self._poster_loop, name="mooncake-poster", daemon=True)
-                self._poster_thread.start()
+                self._start_poster()
             logger.info("MooncakeVllmConnector: sending through a %d MiB %s staging buffer",
                         self.config.staging_buffer_mb,
                         "pinned" if self.stager.stream is not None else "host")
 
+    def _start_poster(self) -> None:
+        if self._poster_thread is None:
+            self._poster_thread = threading.Thread(
+                target=self._poster_loop, name="mooncake-poster", daemon=True)
+            self._poster_thread.start()
+
     def _poster_loop(self) -> None:
-        """Posts staged batches once their device-to-host copy is done (GPU + TCP)."""
+        """Posts batches once the device work they read has run: the staged copy (GPU + TCP),
+        or the kernels that wrote the KV (GPU + RDMA reads device memory directly)."""
         unpin_current_thread()
         while True:
             item = self._posts.get()
@@ -168,8 +178,8 @@ class MooncakeWorker:
                 ev.synchronize()
                 bid = self.engine.submit(tr.segment, "write", *arrays)
             except Exception as e:
-                assert self.stager is not None
-                self.stager.free(slot)
+                if slot is not None and self.stager is not None:
+                    self.stager.free(slot)
                 with self.lock:
                     tr.inflight -= 1
                     tr.layer_inflight[layer] -= 1
@@ -238,14 +248,21 @@ class MooncakeWorker:
                 self._send(ep, m.Release(V, tid, why))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """D, pipelined loads: block until P has written this layer of every head this step
+        """Called as each attention layer starts.
+
+        P: where the backend writes the KV cache in an op of its own before attention (and
+        the cache is host memory, so the write is complete), this layer's KV is already in
+        place: post it now, not after the attention and MLP, which shortens the pipeline.
+        D, pipelined loads: block until P has written this layer of every head this step
         reads. A head that fails or times out is given up: its blocks are reported as load
         errors (vLLM then applies kv_load_failure_policy) and no later layer waits for it."""
         meta = self._meta
-        if meta is None or not meta.recvs:
+        if meta is None:
             return
+        if meta.saves and self._kv_written_before_attention(layer_name):
+            self.save_kv_layer(layer_name)
         layer = self.layer_index.get(layer_name)
-        if layer is None:
+        if not meta.recvs or layer is None:
             return
         with self.lock:
             for r in meta.recvs:
@@ -264,6 +281,24 @@ class MooncakeWorker:
                     # it, so a late write from P could only rewrite the same values.
                     self.inc.pop(tr.transfer_id, None)
                     self._load_failed(tr, tr.error)
+
+    def _kv_written_before_attention(self, layer_name: str) -> bool:
+        known = self._early_post.get(layer_name)
+        if known is None:
+            known = False
+            if all(t.device.type == "cpu" for t in self.kv_caches.values()):
+                try:
+                    from vllm.forward_context import get_forward_context
+
+                    backend = get_forward_context().no_compile_layers[layer_name].attn_backend
+                    known = not getattr(backend, "forward_includes_kv_cache_update", True)
+                except (AssertionError, AttributeError, KeyError):  # no context: the safe way
+                    known = False
+            if not self._early_post:
+                logger.info("MooncakeVllmConnector: each layer is posted %s", "as its KV is "
+                            "written, before attention" if known else "after attention")
+            self._early_post[layer_name] = known
+        return known
 
     def save_kv_layer(self, layer_name: str) -> None:
         meta = self._meta
@@ -356,6 +391,11 @@ class MooncakeWorker:
             local_planes = [(self.stager.base + slot.offset + p * n * bb, bb)
                             for p in range(len(local_planes))]
             local_ids = np.arange(n, dtype=np.int64)
+        elif self._device_kv is not None:
+            # RDMA reads device memory straight away: wait (on the poster thread, not here)
+            # until the kernels that wrote this layer's KV have run.
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._device_kv))
         la, ra, ln = layer_transfer(local_planes, tr.reg.layout.planes[layer], bb,
                                     local_ids, remote_ids)
         if event is not None:  # device copy still running: the poster thread submits

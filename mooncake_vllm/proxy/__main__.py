@@ -47,8 +47,13 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     "off)")
     ap.add_argument("--pipeline-prefill-share", type=float,
                     default=d.pipeline_prefill_share, metavar="F",
-                    help="the prefill instance's share of a pipelined prompt "
+                    help="the prefill instance's share of a pipelined prompt's compute "
                     "(default %(default)s)")
+    ap.add_argument("--pipeline-attention-tokens", type=float,
+                    default=d.pipeline_attention_tokens, metavar="C",
+                    help="context length at which a token's attention costs as much as the "
+                    "rest of its layer (the model's non-attention MACs per token / (2 x heads "
+                    "x head_dim)); balances the cut for it (default %(default)s: split tokens)")
     ap.add_argument("--slo-ttft-s", type=float, default=None,
                     help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
     ap.add_argument("--tokenizer", default=None,
@@ -76,6 +81,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         local_prefill_when_faster=a.local_prefill_when_faster,
         pipeline_prefill_min_tokens=a.pipeline_prefill_min_tokens,
         pipeline_prefill_share=a.pipeline_prefill_share,
+        pipeline_attention_tokens=a.pipeline_attention_tokens,
         slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 import aiohttp
@@ -125,5 +126,19 @@ class Conductor:
                 or key.num_tokens < cfg.pipeline_prefill_min_tokens):
             return 0
         bs = key.tokens_per_block
-        head = round(key.num_tokens * cfg.pipeline_prefill_share / bs) * bs
+        head = round(pipeline_cut(key.num_tokens, cfg.pipeline_prefill_share,
+                                  cfg.pipeline_attention_tokens) / bs) * bs
         return max(0, min(head, (key.num_tokens - 1) // bs * bs))
+
+
+def pipeline_cut(num_tokens: int, share: float, attention_tokens: float) -> float:
+    """Where to cut a prompt so that the head holds `share` of its prefill compute.
+
+    Token i costs 1 + i / C (C = `attention_tokens`: its layer's fixed work, plus attention
+    over the i tokens before it), so the first n tokens cost n + n^2 / 2C; solved for
+    n + n^2 / 2C = share * cost(num_tokens). C = 0: a plain share of the tokens."""
+    if attention_tokens <= 0:
+        return num_tokens * share
+    c = attention_tokens
+    target = share * (num_tokens + num_tokens * num_tokens / (2 * c))
+    return c * (math.sqrt(1 + 2 * target / c) - 1)

@@ -39,7 +39,13 @@ class ProxyConfig:
     # plain completions request; others are disaggregated as usual. D's running decodes wait
     # while it prefills, so this is for decode instances with compute to spare. 0: off.
     pipeline_prefill_min_tokens: int = 0
+    # P's share of the pipelined prompt's compute. A token's attention grows with the context
+    # before it, so the tail costs D more per token than the head costs P: with
+    # `pipeline_attention_tokens` C (the context at which a token's attention costs as much as
+    # the rest of its layer: non-attention MACs per token / (2 x heads x head_dim)), the cut is
+    # placed where the compute splits at this share; with 0 the tokens split at it.
     pipeline_prefill_share: float = 0.5
+    pipeline_attention_tokens: float = 0.0
     # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
     # None: admit everything (predictions are still made and exported).
     slo_ttft_s: float | None = None
@@ -92,6 +98,8 @@ class ProxyConfig:
             raise bad("local_prefill_max_tokens", "must be >= 0 (0: always disaggregate)")
         if self.pipeline_prefill_min_tokens < 0:
             raise bad("pipeline_prefill_min_tokens", "must be >= 0 (0: no pipelined prefill)")
+        if self.pipeline_attention_tokens < 0:
+            raise bad("pipeline_attention_tokens", "must be >= 0 (0: split tokens evenly)")
         if not 0 < self.pipeline_prefill_share < 1:
             raise bad("pipeline_prefill_share", "must be between 0 and 1 (the prefill "
                       "instance's share of the prompt)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mooncake_vllm.proxy.admission import Admission
-from mooncake_vllm.proxy.conductor import Conductor
+from mooncake_vllm.proxy.conductor import Conductor, pipeline_cut
 from mooncake_vllm.proxy.config import ProxyConfig, ProxyConfigError
 from mooncake_vllm.proxy.disagg import pipelinable
 from mooncake_vllm.proxy.metrics import ProxyMetrics
@@ -240,3 +240,17 @@ def test_which_requests_can_be_cut(path: str, body: dict, ok: bool) -> None:
 def test_pipeline_share_is_validated() -> None:
     with pytest.raises(ProxyConfigError, match="pipeline_prefill_share=1.0"):
         _pd_conductor(pipeline_prefill_share=1.0)
+
+
+def test_pipeline_cut_balances_compute_not_tokens() -> None:
+    """The tail's tokens attend over more context than the head's: with C set, the head
+    gets more tokens, exactly enough for an equal share of n + n^2 / 2C."""
+    def cost(n: float, c: float) -> float:
+        return n + n * n / (2 * c)
+
+    for t, c in ((1900, 1088.0), (500, 1088.0), (8000, 26600.0)):
+        cut = pipeline_cut(t, 0.5, c)
+        assert t / 2 < cut < t and cost(cut, c) == pytest.approx(cost(t, c) / 2)
+    assert pipeline_cut(1900, 0.5, 0) == 950
+    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_attention_tokens=1088)
+    assert c.pipeline_head(PromptHasher(None, 32).key(False, {"prompt": [9] * 1900})) == 1152
