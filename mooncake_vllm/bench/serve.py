@@ -8,7 +8,9 @@ Systems, each given the same two cores (float32, the tiny model unless `--model`
 - `mooncake_vllm`: prefill on core 0 and decode on core 1 with MooncakeVllmConnector, etcd,
   and the conductor in front, with conditional disaggregation (`--local-prefill-max-tokens`,
   `--local-prefill-when-faster`): short prompts, and prompts that would queue behind others
-  on P while D is idle, are prefilled on D;
+  on P while D is idle, are prefilled on D; and pipelined prefill
+  (`--pipeline-prefill-min-tokens`, the cut balanced for the model's attention cost): long
+  prompts are prefilled by P and D together, one layer apart;
 - `mooncake_vllm_always_pd`: the same servers behind a second conductor that disaggregates
   every request (what the connector alone achieves);
 - `vllm_mooncake`: the same pair with vLLM's built-in MooncakeConnector, where its transfer
