@@ -50,6 +50,11 @@ class ConnectorConfig:
     registration_timeout_s: float = 30.0  # P: wait for D's registration
     transfer_timeout_s: float = 60.0  # D: registration sent -> "done" received
     abort_ack_timeout_s: float = 10.0  # D: abort sent -> P confirms no more writes
+    # D, pipelined loads (its forward pass waits, so its whole batch waits): give up when P
+    # has said nothing of the transfer for this long. P repeats its progress every
+    # PIPELINE_HEARTBEAT_S while the transfer is open, queued or not: only a P that is gone
+    # (or cut off) falls silent.
+    pipeline_silence_timeout_s: float = 5.0
     engine_timeout_s: float = 30.0  # one batch of writes
     metadata_ttl_s: float = 10.0
     # GPU KV over TCP goes through pinned host staging buffers ("auto": when KV is on a
@@ -103,6 +108,7 @@ class ConnectorConfig:
             "registration_timeout_s",
             "transfer_timeout_s",
             "abort_ack_timeout_s",
+            "pipeline_silence_timeout_s",
             "engine_timeout_s",
             "metadata_ttl_s",
         ):

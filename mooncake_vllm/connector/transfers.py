@@ -88,4 +88,5 @@ class Incoming:
     # Pipelined (synchronous) load: this step's forward pass waits for each layer in turn.
     sync: bool = False
     layers_written: int = 0
+    heard: float = field(default_factory=time.monotonic)  # P's last word on it
     error: str = ""  # why the rest will never arrive

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 # A child of "vllm" so that our lines go through vLLM's handlers, format and level.
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 V = m.PROTOCOL_VERSION
+# P: how often it repeats a pipelined transfer's progress to D (D's silence timeout is longer).
+PIPELINE_HEARTBEAT_S = 0.5
 
 
 @dataclass
@@ -75,6 +77,7 @@ class MooncakeWorker:
         self.segment_name = f"{config.instance_id}-{self.engine_id}-tp{self.tp_rank}"
         self.handshake: WorkerHandshake | None = None
         self._meta: MooncakeMetadata | None = None
+        self._next_heartbeat = 0.0
         self._early_post: dict[str, bool] = {}  # layer -> its KV is in the cache at its start
         # P side
         self.out: dict[str, Outgoing] = {}  # by transfer id
@@ -267,15 +270,20 @@ class MooncakeWorker:
         with self.lock:
             for r in meta.recvs:
                 tr = self.inc.get(r.transfer_id) if r.sync else None
+                silence = self.config.pipeline_silence_timeout_s
                 while tr is not None and not tr.error and tr.layers_written <= layer:
-                    left = tr.deadline - time.monotonic()
-                    if left <= 0:
+                    now = time.monotonic()
+                    if now >= tr.deadline:
                         tr.error = (f"layer {layer} did not arrive within "
                                     f"{self.config.transfer_timeout_s:.1f}s")
-                        tr.releasing_for_timeout = True
-                        self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
-                        break
-                    self.layer_arrived.wait(left)
+                    elif now >= tr.heard + silence:
+                        tr.error = (f"waiting for layer {layer}, no word from the prefill "
+                                    f"instance for {silence:.1f}s (gone or cut off?)")
+                    else:
+                        self.layer_arrived.wait(min(tr.deadline, tr.heard + silence) - now)
+                        continue
+                    tr.releasing_for_timeout = True
+                    self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
                 if tr is not None and tr.error:
                     # Given up: the blocks stay the request's while vLLM recomputes or fails
                     # it, so a late write from P could only rewrite the same values.
@@ -592,9 +600,11 @@ class MooncakeWorker:
                 self._on_release(sender, msg)
             elif isinstance(msg, m.Layers):
                 tr = self.inc.get(msg.transfer_id)
-                if tr is not None and msg.written > tr.layers_written:
-                    tr.layers_written = msg.written
-                    self.layer_arrived.notify_all()
+                if tr is not None:
+                    tr.heard = time.monotonic()
+                    if msg.written > tr.layers_written:
+                        tr.layers_written = msg.written
+                        self.layer_arrived.notify_all()
             elif isinstance(msg, m.Done | m.Released):
                 self._on_reply(msg)
             else:
@@ -660,6 +670,17 @@ class MooncakeWorker:
         else:
             self.finished_recving.add(tr.req_id)
 
+    def _pipeline_heartbeats(self) -> None:
+        """P: tell D that pipelined transfers still open are alive (lock held): D's forward
+        pass is blocked on them and otherwise cannot tell a queued head from a dead peer."""
+        for tr in self.out.values():
+            if (tr.reg is not None and tr.reg.layer_progress and tr.reply_to is not None
+                    and not tr.notified and not tr.stopped()):
+                self._send(tr.reply_to, m.Layers(V, tr.transfer_id, tr.layers_reported))
+        for tid, (sender, reg, _) in self.early.items():
+            if reg.layer_progress:  # registered before P scheduled its half: still queued
+                self._send(sender, m.Layers(V, tid, 0))
+
     def _on_pipelined_reply(self, tr: Incoming, msg: m.Done | m.Released) -> None:
         """A pipelined load is not reported in finished_recving: vLLM never parked the request
         (the load was synchronous). A forward pass may be waiting on it: wake it."""
@@ -686,6 +707,9 @@ class MooncakeWorker:
     def _on_tick(self) -> None:
         now = time.monotonic()
         with self.lock:
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + PIPELINE_HEARTBEAT_S
+                self._pipeline_heartbeats()
             for tid, (sender, _, deadline) in list(self.early.items()):
                 if now >= deadline:
                     del self.early[tid]
