@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 import urllib.error
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,24 @@ def test_pipelined_prefill_equals_single_instance(pair: tuple, n: int, head: int
     assert_same_greedy(got, again)
     time.sleep(1)
     assert _blocks_sent(p) - before == head // BLOCK * LAYERS
+    assert metrics(d).get("vllm:mooncake_failures_total", 0.0) == failures
+
+
+def test_pipelined_load_waits_out_a_late_prefill_half(pair: tuple) -> None:
+    """D's forward pass waits for a head that P has not even scheduled yet for longer than
+    D's pipeline_silence_timeout_s (5 s by default): P holds the early registration and keeps
+    saying so, and the answer is still a single instance's."""
+    p, d, rc = pair
+    prompt, head, tid = prompt_ids(300, seed=77), 4 * BLOCK, uuid.uuid4().hex
+    failures = metrics(d).get("vllm:mooncake_failures_total", 0.0)
+    with ThreadPoolExecutor(1) as pool:
+        got = pool.submit(completion, d, prompt, 6, {
+            "do_remote_prefill": True, "transfer_id": tid, "remote_control": rc,
+            "pipeline_tokens": head})
+        time.sleep(6.5)
+        completion(p, prompt[:head], 1, {"do_remote_decode": True, "transfer_id": tid})
+        out = got.result(timeout=60)
+    assert_same_greedy(completion(p, prompt, 6), out)
     assert metrics(d).get("vllm:mooncake_failures_total", 0.0) == failures
 
 
