@@ -52,6 +52,9 @@ def _generation(path: str, chat: bool):  # type: ignore[no-untyped-def]
         try:
             resp = await serve(c, request, path, body, key)
         except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client's connection is lost; every
+            # upstream response was closed on the way out, which makes vLLM abort.
+            log.info("client went away (connection lost); %s request cancelled", endpoint)
             c.metrics.requests.labels(endpoint, "client_gone").inc()
             raise
         outcome = "client_gone" if resp.get(CLIENT_GONE) else str(resp.status)
