@@ -49,6 +49,7 @@ from mooncake_vllm.demo import Conductor, Progress, StartupError, wait_all_ready
 from mooncake_vllm.testing.vllm_server import VllmServer, free_port
 
 SYSTEMS = ("single", "single_1core", "mooncake_vllm", "vllm_mooncake")
+SCENARIOS = ("prompt_1900", "prompt_1", "concurrent8_500")
 FIRST_ORDINARY_TOKEN = 4  # the tiny model's special tokens are ids 0..3
 
 
@@ -274,6 +275,7 @@ def bench_system(url: str, model: str, args: argparse.Namespace, seed: int,
         "concurrent8_500": [r for _ in range(max(1, args.repeats // 4))
                             for r in fixed_scenario(make, 500, 8, args.output_len, True)],
     }
+    scenarios = {k: v for k, v in scenarios.items() if k in args.scenarios}
     result: dict[str, Any] = {"scenarios": {}, "sweep": []}
     for name, reqs in scenarios.items():
         if name == "concurrent8_500":  # rounds of 8 at once, one round after the other
@@ -328,6 +330,8 @@ def verdicts(systems: dict[str, Any]) -> dict[str, Any]:
             continue
         per: dict[str, Any] = {}
         for scen, (kind, bar) in CRITERIA.items():
+            if scen not in data["scenarios"] or scen not in single:
+                continue  # not run (--scenarios)
             ours, base = data["scenarios"][scen]["ttft_p50_s"], single[scen]["ttft_p50_s"]
             if not (isinstance(ours, float) and isinstance(base, float)):
                 per[scen] = {"error": "no TTFT measured"}
@@ -343,7 +347,9 @@ def verdicts(systems: dict[str, Any]) -> dict[str, Any]:
     for name in ("mooncake_vllm", "mooncake_vllm_always_pd"):
         ours = out.get(name)
         if ours and peer:
-            for scen in CRITERIA:
+            for scen in ours:
+                if scen not in peer:
+                    continue
                 mine = systems[name]["scenarios"][scen]["ttft_p50_s"]
                 ours[scen]["below_vllm_mooncake"] = bool(mine < peer[scen]["ttft_p50_s"])
     return out
@@ -381,6 +387,15 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mooncake_vllm.bench serve",
                                  description=__doc__.split("\n")[0])
@@ -388,6 +403,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="default: the hub-free tiny Llama")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    ap.add_argument("--scenarios", type=_names, default=list(SCENARIOS),
+                    help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     ap.add_argument("--rates", type=_floats, default=[1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--sweep-requests", type=int, default=24, help="requests per rate")
     ap.add_argument("--prompt-min", type=int, default=64)
@@ -409,6 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "P and D in a pipeline (0: off)")
     ap.add_argument("--pipeline-prefill-share", type=float, default=0.5, metavar="F",
                     help="the conductor's flag: P's share of a pipelined prompt")
+    ap.add_argument("--prefill-window-tokens", type=int, default=576, metavar="N",
+                    help="the conductor's flag: at most N prompt tokens in flight at P "
+                    "(0: off)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     return ap.parse_args(argv)
@@ -434,7 +454,8 @@ def conductor_args(args: argparse.Namespace, model: str) -> list[str]:
     flags = ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens),
              "--pipeline-prefill-min-tokens", str(args.pipeline_prefill_min_tokens),
              "--pipeline-prefill-share", str(args.pipeline_prefill_share),
-             "--pipeline-attention-tokens", str(attention_tokens(model))]
+             "--pipeline-attention-tokens", str(attention_tokens(model)),
+             "--prefill-window-tokens", str(args.prefill_window_tokens)]
     return flags + (["--local-prefill-when-faster"] if args.local_prefill_when_faster else [])
 
 

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     help="context length at which a token's attention costs as much as the "
                     "rest of its layer (the model's non-attention MACs per token / (2 x heads "
                     "x head_dim)); balances the cut for it (default %(default)s: split tokens)")
+    ap.add_argument("--prefill-window-tokens", type=int, default=d.prefill_window_tokens,
+                    metavar="N", help="at most N prompt tokens in flight at each prefill "
+                    "instance; later requests wait at the conductor, first come first served, "
+                    "so a burst is prefilled a few requests at a time (default %(default)s: "
+                    "off)")
     ap.add_argument("--slo-ttft-s", type=float, default=None,
                     help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
     ap.add_argument("--tokenizer", default=None,
@@ -82,6 +87,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         pipeline_prefill_min_tokens=a.pipeline_prefill_min_tokens,
         pipeline_prefill_share=a.pipeline_prefill_share,
         pipeline_attention_tokens=a.pipeline_attention_tokens,
+        prefill_window_tokens=a.prefill_window_tokens,
         slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,

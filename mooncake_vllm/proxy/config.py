@@ -46,6 +46,13 @@ class ProxyConfig:
     # placed where the compute splits at this share; with 0 the tokens split at it.
     pipeline_prefill_share: float = 0.5
     pipeline_attention_tokens: float = 0.0
+    # Prefill window: at most this many prompt tokens sent to one prefill instance and not yet
+    # prefilled; later requests (both of their halves) wait here, in arrival order. Without it
+    # a burst reaches P at once and P prefills it in one big step, so every request of the
+    # burst gets its first token only when the last one is done; with it P works through the
+    # burst a few requests at a time, first come first served, as a single vLLM instance does
+    # with chunked prefill. A request larger than the window goes alone. 0: off.
+    prefill_window_tokens: int = 0
     # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
     # None: admit everything (predictions are still made and exported).
     slo_ttft_s: float | None = None
@@ -98,6 +105,8 @@ class ProxyConfig:
             raise bad("local_prefill_max_tokens", "must be >= 0 (0: always disaggregate)")
         if self.pipeline_prefill_min_tokens < 0:
             raise bad("pipeline_prefill_min_tokens", "must be >= 0 (0: no pipelined prefill)")
+        if self.prefill_window_tokens < 0:
+            raise bad("prefill_window_tokens", "must be >= 0 (0: no window)")
         if self.pipeline_attention_tokens < 0:
             raise bad("pipeline_attention_tokens", "must be >= 0 (0: split tokens evenly)")
         if not 0 < self.pipeline_prefill_share < 1:

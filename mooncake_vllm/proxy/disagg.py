@@ -306,11 +306,27 @@ class RequestRun:
         finally:
             self.ticket.close()
 
+    async def _enter_window(self, p: Instance) -> None:
+        """Both halves wait together for P's prefill window (see prefill_window.py), so D's
+        half arrives in step with P's; bounded by the prefill deadline."""
+        limit = self.c.config.prefill_window_tokens
+        if limit <= 0:
+            return
+        timeout = self.c.config.prefill_timeout_s
+        try:
+            await asyncio.wait_for(self.ticket.enter_window(limit), timeout)
+        except TimeoutError as e:
+            raise UpstreamFailure(
+                p, "prefill", "window_timeout",
+                f"waited {timeout:.0f}s for its prefill window ({limit} tokens, "
+                f"{p.window.in_flight} in flight, {p.window.waiting} waiting)") from e
+
     async def disaggregated(self) -> web.StreamResponse:
         p, d = self.route.prefill.instance, self.route.decode
         assert d is not None
         try:
             rc = await remote_control(self.c, p, self.body.get("model"))
+            await self._enter_window(p)
         except BaseException:
             self.ticket.close()
             raise

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .prefill_window import PrefillWindow
 from .prefix_index import PrefixIndex
 from .ttft_model import TtftModel
 
@@ -40,6 +41,7 @@ class Instance:
     inflight: int = 0
     inflight_decode: int = 0
     queued_prefill_tokens: int = 0
+    window: PrefillWindow = field(default_factory=PrefillWindow)
     # Scraped from the instance's /metrics.
     running: float = 0.0
     waiting: float = 0.0
@@ -66,7 +68,9 @@ class Instance:
             "source": self.source, "healthy": self.healthy, "last_error": self.last_error,
             "models": self.models, "inflight": self.inflight,
             "inflight_decode": self.inflight_decode,
-            "queued_prefill_tokens": self.queued_prefill_tokens, "running": self.running,
+            "queued_prefill_tokens": self.queued_prefill_tokens,
+            "window_in_flight_tokens": self.window.in_flight,
+            "window_waiting": self.window.waiting, "running": self.running,
             "waiting": self.waiting, "kv_usage": self.kv_usage,
             "prefix_blocks": len(self.prefix), "has_remote_control": bool(self.remote_control),
             "ttft_overhead_s": a, "ttft_tokens_per_s": (1.0 / b) if b > 0 else None,
@@ -75,7 +79,8 @@ class Instance:
 
 class PrefillTicket:
     """One request's share of an instance's queued prefill work: added when the request is
-    sent, removed exactly once when its prefill is over (done, failed or cancelled)."""
+    routed (a request waiting in the prefill window is queued work too), removed exactly once
+    when its prefill is over (done, failed or cancelled)."""
 
     def __init__(self, inst: Instance, tokens: int) -> None:
         self.inst = inst
@@ -83,8 +88,15 @@ class PrefillTicket:
         self.queued_ahead = inst.queued_prefill_tokens
         self.sent_at = time.monotonic()
         self._open = True
+        self._in_window = False
         inst.queued_prefill_tokens += tokens
         inst.inflight += 1
+
+    async def enter_window(self, limit: int) -> None:
+        """Wait until the instance's prefill window takes this request (`limit` 0: at once)."""
+        if self._open and not self._in_window:
+            await self.inst.window.acquire(self.tokens, limit)
+            self._in_window = True
 
     @property
     def work_tokens(self) -> int:
@@ -95,6 +107,8 @@ class PrefillTicket:
             self._open = False
             self.inst.queued_prefill_tokens -= self.tokens
             self.inst.inflight -= 1
+            if self._in_window:
+                self.inst.window.release(self.tokens)
 
 
 @contextmanager

@@ -9,7 +9,10 @@ relay tests; the last test kills the decode instance and watches discovery drop 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +186,49 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
         assert post_json(proxy.url + "/v1/chat/completions", chat)["choices"][0][
             "message"]["content"] == ref["content"]
         assert metric(proxy.url, "mooncake_proxy_pipelined_prefills_total") == 1
+
+
+def test_prefill_window_holds_a_burst_back_first_come_first_served(
+        cluster: Cluster, tiny_model: Path) -> None:
+    """--prefill-window-tokens: of a burst sent at once, only what fits in the window is in
+    flight at P; the rest waits at the conductor and is served in turn, each answer a single
+    instance's, and nothing is left in the window afterwards."""
+    p, d = cluster.prefill, cluster.decode
+    window = 100
+    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+                       "--prefill-window-tokens", str(window)]) as proxy:
+        assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
+                    _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200
+        bodies = [_body(tiny_model, prompt=f"Request {i} waits its turn at the window. " * 5,
+                        max_tokens=6) for i in range(5)]
+        refs = [_reference(cluster, "/v1/completions", b)["choices"][0]["text"] for b in bodies]
+        seen: list[dict] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.extend(i for i in get_json(proxy.url + "/instances")[1]["instances"]
+                            if i["role"] == "prefill")
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                answers = list(pool.map(
+                    lambda b: post(proxy.url + "/v1/completions", b), bodies))
+        finally:
+            done.set()
+            watcher.join()
+        for (status, _, raw), ref in zip(answers, refs, strict=True):
+            assert status == 200, raw
+            assert json.loads(raw)["choices"][0]["text"] == ref
+        assert max(s["window_waiting"] for s in seen) >= 1, "no request ever waited"
+        # Each prompt is about 90 tokens: one fits at a time, and in flight never exceeds it.
+        assert max(s["window_in_flight_tokens"] for s in seen) <= window
+        last = [i for i in get_json(proxy.url + "/instances")[1]["instances"]
+                if i["role"] == "prefill"][0]
+        assert last["window_in_flight_tokens"] == 0 and last["window_waiting"] == 0
 
 
 def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
