@@ -425,9 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pipeline-prefill-min-tokens", type=int, default=256, metavar="N",
                     help="the conductor's flag: prompts of at least N tokens are prefilled by "
                     "P and D in a pipeline (0: off)")
-    ap.add_argument("--pipeline-prefill-share", type=float, default=0.6, metavar="F",
+    ap.add_argument("--pipeline-prefill-share", type=float, default=0.55, metavar="F",
                     help="the conductor's flag: P's share of a pipelined prompt")
-    ap.add_argument("--prefill-window-tokens", type=int, default=640, metavar="N",
+    ap.add_argument("--prefill-window-tokens", type=int, default=576, metavar="N",
                     help="the conductor's flag: at most N prompt tokens in flight at P "
                     "(0: off)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
