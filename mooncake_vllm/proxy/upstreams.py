@@ -8,7 +8,6 @@ health loop). Routing reads both; neither blocks.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,7 +85,6 @@ class PrefillTicket:
         self.inst = inst
         self.tokens = tokens
         self.queued_ahead = inst.queued_prefill_tokens
-        self.sent_at = time.monotonic()
         self._open = True
         self._in_window = False
         inst.queued_prefill_tokens += tokens
