@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,23 @@ def test_peer_killed_mid_batch_fails_in_time_others_unaffected(
     assert sha256(survivor.buffer) == sha256(local.buffer)
 
 
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until every thread of `pid` is stopped: kill() returns before a busy or sleeping thread
+    has taken the stop, and on a loaded host a small write can complete in that gap."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that exited meanwhile
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s}s")
+
+
 def test_hung_peer_times_out_then_reconnects(engine_factory, peer_factory) -> None:
     size = 4 << 20
     peer = peer_factory(size)
@@ -169,6 +187,7 @@ def test_hung_peer_times_out_then_reconnects(engine_factory, peer_factory) -> No
     local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [size])  # connected
     os.kill(peer.proc.pid, signal.SIGSTOP)
     try:
+        _wait_stopped(peer.proc.pid)
         started = time.monotonic()
         with pytest.raises(TransferError, match="timed out"):
             local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [size])
