@@ -361,7 +361,7 @@ def plot(systems: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for name, data in systems.items():
         sweep = data.get("sweep") or []
         if not sweep:
@@ -376,7 +376,8 @@ def plot(systems: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("TTFT vs load: disaggregated (P: core 0, D: core 1) vs single (cores 0-1)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # beside the plot: inside it, it hides the lines
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,6 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -94,6 +95,9 @@ class MooncakeVllmConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> MooncakeStats | None:
         return self.worker.take_stats() if self.worker is not None else None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self.worker.take_gate_report() if self.worker is not None else None
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -4,6 +4,9 @@ Small msgspec structs, tagged by kind, each with a protocol version. A frame tha
 decode into a known record of this version is refused with a reason the caller logs; nothing
 from the network is trusted further than its type.
 
+  D -> P  Watch     "tell me when you start computing this pipelined head" (before Register)
+  P -> D  Started   "its last chunk is in the step I am running now" (started), or, every
+                    half second until then, "still queued here" (not started)
   D -> P  Register  "write this transfer's KV into these blocks of mine"
   D -> P  Release   "stop: I no longer want it (aborted, or already cached)"
   P -> D  Layers    "layers [0, n) are written" (only when the registration asked for it)
@@ -49,6 +52,17 @@ class Register(msgspec.Struct, tag="register", frozen=True):
     layer_progress: bool = False
 
 
+class Watch(msgspec.Struct, tag="watch", frozen=True):
+    v: int
+    transfer_id: str
+
+
+class Started(msgspec.Struct, tag="started", frozen=True):
+    v: int
+    transfer_id: str
+    started: bool  # False: a heartbeat, the head is still queued on P
+
+
 class Release(msgspec.Struct, tag="release", frozen=True):
     v: int
     transfer_id: str
@@ -77,7 +91,7 @@ class Released(msgspec.Struct, tag="released", frozen=True):
     transfer_id: str
 
 
-Message = Register | Release | Layers | Done | Released
+Message = Watch | Started | Register | Release | Layers | Done | Released
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -14,18 +14,21 @@ Pipelined prefill (`do_remote_prefill` with `pipeline_tokens`: N): P computes on
 tokens; D reports them as a *synchronous* external hit, so vLLM schedules the rest of the
 prompt at once and D's forward pass waits for P layer by layer (`wait_for_layer_load`). Both
 instances prefill at the same time, one layer apart (Mooncake's chunked pipeline prefill, with
-D as the second stage).
+D as the second stage). D schedules such a request only once P has started its head
+(pipeline_gate.py), so that D's step never waits on P's queue.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from mooncake_vllm.config import ConnectorConfig
+from mooncake_vllm.connector.pipeline_gate import GateReport, Gates
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,6 +75,8 @@ class MooncakeMetadata(KVConnectorMetadata):
     recvs: list[RecvSpec] = field(default_factory=list)
     # D: transfers to call off without ever registering: (transfer_id, remote_control, why).
     releases: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    # D: pipelined transfers whose head D waits to hear P has started: (transfer_id, rc).
+    watches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def _params(request: Request) -> dict[str, Any]:
@@ -104,6 +109,8 @@ class MooncakeScheduler:
         self._d_handled: set[str] = set()
         self._pending_recvs: list[RecvSpec] = []
         self._pending_releases: list[tuple[str, dict[str, Any], str]] = []
+        self._gates = Gates(silence_s=config.pipeline_silence_timeout_s,
+                            max_wait_s=config.transfer_timeout_s)
 
     # ---- handshake: worker endpoints -> remote_control, instance registry ----
 
@@ -136,7 +143,7 @@ class MooncakeScheduler:
         self.kv_cache_manager = kv_cache_manager
 
     def get_num_new_matched_tokens(self, request: Request,
-                                   num_computed_tokens: int) -> tuple[int, bool]:
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
         p = _params(request)
         if (not self.is_consumer or not p.get("do_remote_prefill")
                 or request.request_id in self._d_handled):
@@ -145,7 +152,13 @@ class MooncakeScheduler:
         head = self._pipeline_head(request)
         if head is not None:
             count = head - num_computed_tokens
-            return (count, False) if count > 0 else (0, False)
+            if count <= 0:
+                return 0, False
+            rc = p.get("remote_control")
+            if isinstance(rc, dict) and not self._gates.may_schedule(
+                    request.request_id, str(p.get("transfer_id", "")), rc, time.monotonic()):
+                return None, False  # not yet: P has not started the head
+            return count, False
         count = request.num_prompt_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
@@ -189,7 +202,7 @@ class MooncakeScheduler:
 
     def build_connector_meta(self, out: SchedulerOutput) -> MooncakeMetadata:
         meta = MooncakeMetadata(recvs=self._pending_recvs, releases=self._pending_releases,
-                                held=self._pending_held)
+                                held=self._pending_held, watches=self._gates.take_watches())
         self._pending_recvs, self._pending_releases, self._pending_held = [], [], {}
         if self._p_reqs:
             computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
@@ -214,6 +227,7 @@ class MooncakeScheduler:
         p = _params(request)
         rid = request.request_id
         self._d_local_hit.pop(rid, None)
+        self._gates.forget(rid)
         if self.is_consumer and p.get("do_remote_prefill"):
             if rid not in self._d_handled and isinstance(p.get("remote_control"), dict):
                 # Finished (aborted) before any block was allocated: no registration will
@@ -241,12 +255,15 @@ class MooncakeScheduler:
     def update_connector_output(self, out: KVConnectorOutput) -> None:
         for rid in out.finished_sending or ():
             self._p_held.discard(rid)
+        report = out.kv_connector_worker_meta
+        if isinstance(report, GateReport):
+            self._gates.on_report(report, time.monotonic())
 
     def has_pending_work(self) -> bool:
         # Keeps the engine stepping (so workers get polled) while blocks are held for a
         # transfer or a message is still to be handed to the workers.
         return bool(self._p_held or self._pending_held or self._pending_recvs
-                    or self._pending_releases)
+                    or self._pending_releases or self._gates.has_pending())
 
     def shutdown(self) -> None:
         if self._metadata is not None:

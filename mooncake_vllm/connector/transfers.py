@@ -31,6 +31,7 @@ class Outgoing:
     inflight: int = 0
     layer_inflight: list[int] = field(default_factory=list)  # writes in flight per layer
     layers_reported: int = 0  # pipelined: layers [0, n) reported written to D
+    head_started: bool = False  # P has scheduled the prompt's last chunk (told to watchers)
     bytes: int = 0
     blocks: int = 0
     first_post: float = 0.0

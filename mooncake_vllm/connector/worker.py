@@ -28,6 +28,7 @@ from mooncake_vllm.connector.control import (
     widened_affinity,
 )
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer, memory_regions
+from mooncake_vllm.connector.pipeline_gate import GateReport, Watchers
 from mooncake_vllm.connector.scheduler import MooncakeMetadata, RecvSpec
 from mooncake_vllm.connector.staging import Slot, StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats
@@ -83,6 +84,7 @@ class MooncakeWorker:
         self.out: dict[str, Outgoing] = {}  # by transfer id
         self.early: dict[str, tuple[bytes, m.Register, float]] = {}  # registrations before P
         self.tombstones: dict[str, tuple[str, float]] = {}  # tid -> why it is gone, until
+        self.watchers = Watchers()  # D schedulers waiting for a pipelined head to start
         self.finished_sending: set[str] = set()
         # (transfer, batch id, layer, bytes, blocks, staging slot), in post order.
         self._completions: queue.SimpleQueue[
@@ -97,6 +99,7 @@ class MooncakeWorker:
         self.inc: dict[str, Incoming] = {}  # by transfer id
         self.finished_recving: set[str] = set()
         self.load_errors: set[int] = set()
+        self.gate_report = GateReport()
 
     # ------------------------------------------------------------------ setup
 
@@ -228,6 +231,11 @@ class MooncakeWorker:
                     if early is not None:
                         self._accept_registration(tr, early[0], early[1])
                 tr.block_ids = np.asarray(s.block_ids, np.int64)
+                if not tr.head_started and s.computed + s.scheduled >= s.num_prompt_tokens:
+                    tr.head_started = True  # its last chunk is in this step
+                    watcher = self.watchers.pop(s.transfer_id)
+                    if watcher is not None:
+                        self._send(watcher, m.Started(V, s.transfer_id, True))
                 logger.debug("transfer %s: step computes tokens %d..%d of %d", s.transfer_id,
                              s.computed, s.computed + s.scheduled, s.num_prompt_tokens)
                 # Tokens computed before this step (prefix-cache hits, earlier chunks) are
@@ -244,6 +252,10 @@ class MooncakeWorker:
                 if tr.reg is None and not tr.stopped():
                     tr.reg_deadline = now + self.config.registration_timeout_s
                 self._maybe_finish(tr)
+        for tid, rc in meta.watches:
+            controls = rc.get("control") or []
+            if self.tp_rank < len(controls):  # else the registration reports the mismatch
+                self._send(controls[self.tp_rank], m.Watch(V, tid))
         for r in meta.recvs:
             self._register_with_prefill(r)
         for tid, rc, why in meta.releases:
@@ -355,6 +367,11 @@ class MooncakeWorker:
         with self.lock:
             errs, self.load_errors = self.load_errors, set()
         return errs
+
+    def take_gate_report(self) -> GateReport | None:
+        with self.lock:
+            report, self.gate_report = self.gate_report, GateReport()
+        return report if report.started or report.alive else None
 
     def take_stats(self) -> MooncakeStats | None:
         with self.lock:
@@ -598,6 +615,11 @@ class MooncakeWorker:
                 self._on_register(sender, msg)
             elif isinstance(msg, m.Release) and isinstance(sender, bytes):
                 self._on_release(sender, msg)
+            elif isinstance(msg, m.Watch) and isinstance(sender, bytes):
+                self._on_watch(sender, msg)
+            elif isinstance(msg, m.Started):
+                (self.gate_report.started if msg.started else self.gate_report.alive).add(
+                    msg.transfer_id)
             elif isinstance(msg, m.Layers):
                 tr = self.inc.get(msg.transfer_id)
                 if tr is not None:
@@ -632,8 +654,20 @@ class MooncakeWorker:
         keep_s = max(self.config.registration_timeout_s, self.config.transfer_timeout_s)
         self.early[reg.transfer_id] = (sender, reg, time.monotonic() + keep_s)
 
+    def _on_watch(self, sender: bytes, watch: m.Watch) -> None:
+        """D waits to schedule a pipelined request until its head is started here: answer at
+        once if it is (or if the transfer is already over: D then learns why when it
+        registers), else when bind() schedules the head's last chunk."""
+        tr = self.out.get(watch.transfer_id)
+        if (tr is not None and tr.head_started) or watch.transfer_id in self.tombstones:
+            self._send(sender, m.Started(V, watch.transfer_id, True))
+            return
+        self.watchers.add(watch.transfer_id, sender,
+                          time.monotonic() + self.config.transfer_timeout_s)
+
     def _on_release(self, sender: bytes, rel: m.Release) -> None:
         logger.info("transfer %s released by decode: %s", rel.transfer_id, rel.reason)
+        self.watchers.pop(rel.transfer_id)
         tr = self.out.get(rel.transfer_id)
         early = self.early.pop(rel.transfer_id, None)
         if tr is None or tr.notified:
@@ -680,6 +714,8 @@ class MooncakeWorker:
         for tid, (sender, reg, _) in self.early.items():
             if reg.layer_progress:  # registered before P scheduled its half: still queued
                 self._send(sender, m.Layers(V, tid, 0))
+        for tid, sender in self.watchers.items():  # its head is still queued here
+            self._send(sender, m.Started(V, tid, False))
 
     def _on_pipelined_reply(self, tr: Incoming, msg: m.Done | m.Released) -> None:
         """A pipelined load is not reported in finished_recving: vLLM never parked the request
@@ -710,6 +746,7 @@ class MooncakeWorker:
             if now >= self._next_heartbeat:
                 self._next_heartbeat = now + PIPELINE_HEARTBEAT_S
                 self._pipeline_heartbeats()
+            self.watchers.expire(now)
             for tid, (sender, _, deadline) in list(self.early.items()):
                 if now >= deadline:
                     del self.early[tid]

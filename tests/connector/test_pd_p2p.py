@@ -7,9 +7,12 @@ after the P/D run so that the P/D run starts from cold caches.
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
 import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +168,53 @@ def test_pipelined_load_waits_out_a_late_prefill_half(pair: tuple) -> None:
         out = got.result(timeout=60)
     assert_same_greedy(completion(p, prompt, 6), out)
     assert metrics(d).get("vllm:mooncake_failures_total", 0.0) == failures
+
+
+def test_pipelined_request_waits_for_its_head_outside_decode_steps(pair: tuple) -> None:
+    """D holds a pipelined request back until P has started its head (pipeline_gate.py):
+    while P has not even received the head, a request decoding on D keeps decoding (without
+    the gate D's forward pass sits on layer 0 for the whole wait, and every decode on D
+    stalls with it), and once P computes the head the answer is a single instance's.
+
+    Counted, not timed: this VM's vCPUs are sometimes descheduled for seconds under load, so
+    the check is that D decodes through the wait at all (hundreds of events with the gate,
+    none without), not that no gap exceeds some bound."""
+    p, d, rc = pair
+    prompt, head, tid = prompt_ids(300, seed=78), 4 * BLOCK, uuid.uuid4().hex
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def decode_alongside() -> None:  # a plain request on D, each streamed event timestamped
+        body = {"model": d.model, "prompt": prompt_ids(20, seed=79), "max_tokens": 3000,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}
+        req = urllib.request.Request(d.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    stamps.append(time.monotonic())
+                if stop.is_set():
+                    return  # closing the stream aborts the request
+
+    with ThreadPoolExecutor(2) as pool:
+        alongside = pool.submit(decode_alongside)
+        wait_for(lambda: len(stamps) > 5 or alongside.done(), 30, "a request decoding on D")
+        got = pool.submit(completion, d, prompt, 6, {
+            "do_remote_prefill": True, "transfer_id": tid, "remote_control": rc,
+            "pipeline_tokens": head})
+        # Half a second for the request to reach D's scheduler (ungated, D's forward pass
+        # blocks from then on), then 2.5 s during which P has not seen the head.
+        counted_from = time.monotonic() + 0.5
+        time.sleep(3.0)
+        counted_to = time.monotonic()
+        completion(p, prompt[:head], 1, {"do_remote_decode": True, "transfer_id": tid})
+        out = got.result(timeout=60)
+        stop.set()
+        alongside.result(timeout=60)
+    during = sum(counted_from <= s <= counted_to for s in stamps)
+    print(f"decode events on D while the head was queued on P: {during} in 2.5s")
+    assert during >= 30, f"D stopped decoding while the head was queued: {during} events"
+    assert_same_greedy(completion(p, prompt, 6), out)
 
 
 def test_connector_metrics_exported(pair: tuple) -> None:

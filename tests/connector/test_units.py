@@ -99,3 +99,38 @@ def test_staging_gathers_raw_block_bytes_and_recycles_space() -> None:
         buf.alloc(4 * lay.block_bytes, timeout_s=0.1)
     buf.free(slot)
     buf.free(buf.alloc(8 * lay.block_bytes, timeout_s=0.1))  # whole buffer again after free
+
+
+def test_pipeline_gate_opens_on_started_and_on_silence() -> None:
+    from mooncake_vllm.connector.pipeline_gate import GateReport, Gates
+
+    rc = {"control": ["tcp://127.0.0.1:1"]}
+    gates = Gates(silence_s=2.0, max_wait_s=10.0)
+    # First ask: held back, and a watch goes to the workers (once).
+    assert not gates.may_schedule("r1", "t1", rc, now=0.0)
+    assert not gates.may_schedule("r2", "t2", rc, now=0.0)
+    assert gates.take_watches() == [("t1", rc), ("t2", rc)] and not gates.has_pending()
+    # P says t1 is still queued (alive), then started; t2 is never heard of again.
+    gates.on_report(GateReport(alive={"t1"}), now=1.5)
+    assert not gates.may_schedule("r1", "t1", rc, now=3.0)  # heard 1.5 s ago: still held
+    gates.on_report(GateReport(started={"t1"}, alive={"t9"}), now=3.1)
+    assert gates.may_schedule("r1", "t1", rc, now=3.2)
+    assert gates.may_schedule("r2", "t2", rc, now=2.0)  # silent for 2 s: opens anyway
+    # A live but never-started head is held for max_wait_s at most.
+    assert not gates.may_schedule("r3", "t3", rc, now=0.0)
+    for t in range(1, 10):
+        gates.on_report(GateReport(alive={"t3"}), now=float(t))
+        assert not gates.may_schedule("r3", "t3", rc, now=float(t))
+    gates.on_report(GateReport(alive={"t3"}), now=10.0)
+    assert gates.may_schedule("r3", "t3", rc, now=10.0)
+    # A finished request's gate is gone: a later report for it changes nothing.
+    gates.forget("r1")
+    gates.on_report(GateReport(started={"t1"}), now=11.0)
+    assert not gates.may_schedule("r1", "t1", rc, now=11.0)  # a new request would watch again
+    merged = GateReport(started={"a"}).aggregate(GateReport(started={"b"}, alive={"c"}))
+    assert merged.started == {"a", "b"} and merged.alive == {"c"}
+
+
+def test_watch_and_started_records_round_trip() -> None:
+    for msg in (m.Watch(m.PROTOCOL_VERSION, "t"), m.Started(m.PROTOCOL_VERSION, "t", False)):
+        assert m.decode(m.encode(msg)) == msg
