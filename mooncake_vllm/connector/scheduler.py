@@ -14,8 +14,8 @@ Pipelined prefill (`do_remote_prefill` with `pipeline_tokens`: N): P computes on
 tokens; D reports them as a *synchronous* external hit, so vLLM schedules the rest of the
 prompt at once and D's forward pass waits for P layer by layer (`wait_for_layer_load`). Both
 instances prefill at the same time, one layer apart (Mooncake's chunked pipeline prefill, with
-D as the second stage). D schedules such a request only once P has started its head
-(pipeline_gate.py), so that D's step never waits on P's queue.
+D as the second stage). With `pipeline_gate`: true, D schedules such a request only once P
+has started its head (pipeline_gate.py), so that D's step never waits on P's queue.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ class MooncakeScheduler:
             if count <= 0:
                 return 0, False
             rc = p.get("remote_control")
-            if isinstance(rc, dict) and not self._gates.may_schedule(
+            gated = p.get("pipeline_gate") is True and isinstance(rc, dict)
+            if gated and not self._gates.may_schedule(
                     request.request_id, str(p.get("transfer_id", "")), rc, time.monotonic()):
                 return None, False  # not yet: P has not started the head
             return count, False

@@ -256,6 +256,8 @@ class MooncakeWorker:
             controls = rc.get("control") or []
             if self.tp_rank < len(controls):  # else the registration reports the mismatch
                 self._send(controls[self.tp_rank], m.Watch(V, tid))
+                with self.lock:
+                    self.stats.add(pipeline_gate_waits=1)
         for r in meta.recvs:
             self._register_with_prefill(r)
         for tid, rc, why in meta.releases:

@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     help="context length at which a token's attention costs as much as the "
                     "rest of its layer (the model's non-attention MACs per token / (2 x heads "
                     "x head_dim)); balances the cut for it (default %(default)s: split tokens)")
+    ap.add_argument("--pipeline-gate", action="store_true",
+                    help="D schedules a pipelined request's part only once P has started its "
+                    "head: D's running decodes never wait on P's queue, at the price of the "
+                    "pipelined request's TTFT")
     ap.add_argument("--prefill-window-tokens", type=int, default=d.prefill_window_tokens,
                     metavar="N", help="at most N prompt tokens in flight at each prefill "
                     "instance; later requests wait at the conductor, first come first served, "
@@ -86,7 +90,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         local_prefill_when_faster=a.local_prefill_when_faster,
         pipeline_prefill_min_tokens=a.pipeline_prefill_min_tokens,
         pipeline_prefill_share=a.pipeline_prefill_share,
-        pipeline_attention_tokens=a.pipeline_attention_tokens,
+        pipeline_attention_tokens=a.pipeline_attention_tokens, pipeline_gate=a.pipeline_gate,
         prefill_window_tokens=a.prefill_window_tokens,
         slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,

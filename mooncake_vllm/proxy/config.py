@@ -46,6 +46,10 @@ class ProxyConfig:
     # placed where the compute splits at this share; with 0 the tokens split at it.
     pipeline_prefill_share: float = 0.5
     pipeline_attention_tokens: float = 0.0
+    # Pipelined requests ask D to schedule its part only once P has started the head
+    # (`pipeline_gate` in D's kv_transfer_params): D's running decodes then never wait on P's
+    # queue, at the price of the pipelined request's TTFT (its tail starts one D step later).
+    pipeline_gate: bool = False
     # Prefill window: at most this many prompt tokens sent to one prefill instance and not yet
     # prefilled; later requests (both of their halves) wait here, in arrival order. Without it
     # a burst reaches P at once and P prefills it in one big step, so every request of the

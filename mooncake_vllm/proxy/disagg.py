@@ -342,6 +342,8 @@ class RequestRun:
             pbody["prompt"] = list(self.key.token_ids[:head])
             dbody["prompt"] = list(self.key.token_ids)
             dbody["kv_transfer_params"]["pipeline_tokens"] = head
+            if self.c.config.pipeline_gate:
+                dbody["kv_transfer_params"]["pipeline_gate"] = True
         p_task = asyncio.create_task(self._prefill(p, pbody))
         d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, dbody,
                                                    self.stream))

@@ -171,7 +171,7 @@ def test_pipelined_load_waits_out_a_late_prefill_half(pair: tuple) -> None:
 
 
 def test_pipelined_request_waits_for_its_head_outside_decode_steps(pair: tuple) -> None:
-    """D holds a pipelined request back until P has started its head (pipeline_gate.py):
+    """With `pipeline_gate`, D holds a pipelined request back until P has started its head:
     while P has not even received the head, a request decoding on D keeps decoding (without
     the gate D's forward pass sits on layer 0 for the whole wait, and every decode on D
     stalls with it), and once P computes the head the answer is a single instance's.
@@ -199,9 +199,10 @@ def test_pipelined_request_waits_for_its_head_outside_decode_steps(pair: tuple) 
     with ThreadPoolExecutor(2) as pool:
         alongside = pool.submit(decode_alongside)
         wait_for(lambda: len(stamps) > 5 or alongside.done(), 30, "a request decoding on D")
+        waits = metrics(d).get("vllm:mooncake_pipeline_gate_waits_total", 0.0)
         got = pool.submit(completion, d, prompt, 6, {
             "do_remote_prefill": True, "transfer_id": tid, "remote_control": rc,
-            "pipeline_tokens": head})
+            "pipeline_tokens": head, "pipeline_gate": True})
         # Half a second for the request to reach D's scheduler (ungated, D's forward pass
         # blocks from then on), then 2.5 s during which P has not seen the head.
         counted_from = time.monotonic() + 0.5
@@ -215,6 +216,8 @@ def test_pipelined_request_waits_for_its_head_outside_decode_steps(pair: tuple) 
     print(f"decode events on D while the head was queued on P: {during} in 2.5s")
     assert during >= 30, f"D stopped decoding while the head was queued: {during} events"
     assert_same_greedy(completion(p, prompt, 6), out)
+    wait_for(lambda: metrics(d).get("vllm:mooncake_pipeline_gate_waits_total", 0.0)
+             == waits + 1, 10, "the gate wait counted on D")
 
 
 def test_connector_metrics_exported(pair: tuple) -> None:

@@ -163,16 +163,18 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
                                                      tiny_model: Path) -> None:
     """--pipeline-prefill-min-tokens: P computes only the prompt's head, D the rest (each of
     its layers waiting for P's), and the answer is a single instance's; a chat request, which
-    the conductor cannot cut, is disaggregated whole."""
+    the conductor cannot cut, is disaggregated whole. With --pipeline-gate D waits for P to
+    start the head before it schedules its part (one gate wait counted on D)."""
     p, d = cluster.prefill, cluster.decode
     with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
-                       "--pipeline-prefill-min-tokens", "128"]) as proxy:
+                       "--pipeline-prefill-min-tokens", "128", "--pipeline-gate"]) as proxy:
         assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
                     _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200
         body = _body(tiny_model, prompt="Pipelines overlap the two halves of a prefill. " * 30,
                      max_tokens=12)
         p_tokens = metric(p.url, "vllm:prompt_tokens_total")
         d_tokens = metric(d.url, "vllm:prompt_tokens_total")
+        gate_waits = metric(d.url, "vllm:mooncake_pipeline_gate_waits_total")
         events = sse_events(proxy.url + "/v1/completions", {**body, "stream": True})
         head = metric(p.url, "vllm:prompt_tokens_total") - p_tokens
         whole = metric(d.url, "vllm:prompt_tokens_total") - d_tokens
@@ -180,6 +182,8 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
             "choices"][0]["text"]
         assert whole > 256 and head % 32 == 0 and 0.4 * whole < head < 0.6 * whole, (head, whole)
         assert metric(proxy.url, "mooncake_proxy_pipelined_prefills_total") == 1
+        wait_for(lambda: metric(d.url, "vllm:mooncake_pipeline_gate_waits_total")
+                 - gate_waits == 1, 10, "the gate wait counted on D")
         chat = _body(tiny_model, messages=[{"role": "user", "content": body["prompt"]}],
                      max_tokens=6)
         ref = _reference(cluster, "/v1/chat/completions", chat)["choices"][0]["message"]
