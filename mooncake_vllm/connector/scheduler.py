@@ -183,6 +183,7 @@ class MooncakeScheduler:
         if not (self.is_consumer and p.get("do_remote_prefill")) or rid in self._d_handled:
             return
         self._d_handled.add(rid)
+        self._gates.forget(rid)  # scheduled: the gate (if any) has done its job
         tid, rc = str(p.get("transfer_id", "")), p.get("remote_control")
         if not tid or not isinstance(rc, dict):
             logger.error("request %s: do_remote_prefill without transfer_id/remote_control "

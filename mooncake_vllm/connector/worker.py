@@ -252,12 +252,13 @@ class MooncakeWorker:
                 if tr.reg is None and not tr.stopped():
                     tr.reg_deadline = now + self.config.registration_timeout_s
                 self._maybe_finish(tr)
+        if meta.watches:
+            with self.lock:
+                self.stats.add(pipeline_gate_waits=len(meta.watches))
         for tid, rc in meta.watches:
             controls = rc.get("control") or []
             if self.tp_rank < len(controls):  # else the registration reports the mismatch
                 self._send(controls[self.tp_rank], m.Watch(V, tid))
-                with self.lock:
-                    self.stats.add(pipeline_gate_waits=1)
         for r in meta.recvs:
             self._register_with_prefill(r)
         for tid, rc, why in meta.releases:
