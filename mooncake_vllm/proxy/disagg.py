@@ -386,8 +386,14 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     exclude: set[str] = set()
     last: UpstreamFailure | None = None
     can_pipeline = pipelinable(path, body)
+    rechecked = False
     for attempt in range(c.config.max_attempts):
         route = c.route(key, exclude, can_pipeline)
+        if route is None and not rechecked and c.health is not None:
+            # Nothing in rotation: an instance may have come up since the last health round.
+            rechecked = True
+            await c.health.recheck_down()
+            route = c.route(key, exclude, can_pipeline)
         if route is None:
             break
         choice = route.prefill

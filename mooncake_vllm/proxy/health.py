@@ -4,6 +4,11 @@ Each round, for every instance at once: GET /health (out of rotation on failure,
 answers again), GET /metrics (running and waiting requests, KV usage), and GET /v1/models until
 the served models are known. An instance that comes back after an outage may have restarted:
 its believed prefix cache and probed control endpoint are dropped.
+
+Between rounds an instance can come up unseen (a discovered one registers before its HTTP
+server listens, and the first round finds the port closed): a request that finds no instance in
+rotation asks for `recheck_down` before it is refused, so it is not turned away for the rest of
+a round by an instance that is serving.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class HealthChecker:
         self.interval_s = interval_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._task: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
 
     async def check(self, inst: Instance) -> None:
         try:
@@ -91,6 +97,18 @@ class HealthChecker:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(i) for i in self.registry), return_exceptions=True)
 
+    async def recheck_down(self) -> None:
+        """Check every instance out of rotation now (bounded by the health timeout). Requests
+        that ask while one recheck runs share it: an outage costs one probe per instance, not
+        one per refused request."""
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.get_running_loop().create_task(self._check_down())
+        await asyncio.shield(self._recheck)
+
+    async def _check_down(self) -> None:
+        down = [i for i in self.registry if not i.healthy]
+        await asyncio.gather(*(self.check(i) for i in down), return_exceptions=True)
+
     async def _loop(self) -> None:
         while True:
             await self.check_all()
@@ -100,7 +118,8 @@ class HealthChecker:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._recheck):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -179,6 +179,31 @@ def test_unresponsive_instance_taken_out_until_it_recovers(proxy: ProxyProcess, 
     wait_for(lambda: instance(proxy.url, b_id)["healthy"], 15, "b back in rotation")
 
 
+def test_instance_back_between_health_rounds_serves_at_once(two_plain_servers,
+                                                           tiny_model: Path) -> None:
+    """The race a discovered instance runs (it registers before it listens): the one health
+    round so far found it down, it serves now, and the next round is a minute away. A request
+    must not be refused for that minute: finding nothing in rotation, the conductor rechecks."""
+    _, b = two_plain_servers
+    b_id = static_id("both", b.url)
+    assert b.proc is not None
+    os.killpg(b.proc.pid, signal.SIGSTOP)
+    try:
+        p = ProxyProcess(["--both", b.url, "--health-interval-s", "60",
+                          "--health-timeout-s", "1"]).start()
+        wait_for(lambda: not instance(p.url, b_id)["healthy"], 10, "b out of rotation")
+    finally:
+        os.killpg(b.proc.pid, signal.SIGCONT)
+    try:
+        body = _body(tiny_model, prompt="Back before the next round", max_tokens=3)
+        status, _, raw = post(p.url + "/v1/completions", body, timeout_s=30)
+        assert status == 200, raw
+        assert instance(p.url, b_id)["healthy"]
+        assert metric(p.url, "mooncake_proxy_rejections_total", {"reason": "no_instance"}) == 0
+    finally:
+        p.stop()
+
+
 def test_early_rejection_under_overload(two_plain_servers, tiny_model: Path) -> None:
     a, b = two_plain_servers
     text = _corpus()
