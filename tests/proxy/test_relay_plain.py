@@ -189,19 +189,18 @@ def test_instance_back_between_health_rounds_serves_at_once(two_plain_servers,
     assert b.proc is not None
     os.killpg(b.proc.pid, signal.SIGSTOP)
     try:
-        p = ProxyProcess(["--both", b.url, "--health-interval-s", "60",
-                          "--health-timeout-s", "1"]).start()
-        wait_for(lambda: not instance(p.url, b_id)["healthy"], 10, "b out of rotation")
+        with ProxyProcess(["--both", b.url, "--health-interval-s", "60",
+                           "--health-timeout-s", "1"]) as p:
+            wait_for(lambda: not instance(p.url, b_id)["healthy"], 10, "b out of rotation")
+            os.killpg(b.proc.pid, signal.SIGCONT)
+            body = _body(tiny_model, prompt="Back before the next round", max_tokens=3)
+            status, _, raw = post(p.url + "/v1/completions", body, timeout_s=30)
+            assert status == 200, raw
+            assert instance(p.url, b_id)["healthy"]
+            assert metric(p.url, "mooncake_proxy_rejections_total",
+                          {"reason": "no_instance"}) == 0
     finally:
-        os.killpg(b.proc.pid, signal.SIGCONT)
-    try:
-        body = _body(tiny_model, prompt="Back before the next round", max_tokens=3)
-        status, _, raw = post(p.url + "/v1/completions", body, timeout_s=30)
-        assert status == 200, raw
-        assert instance(p.url, b_id)["healthy"]
-        assert metric(p.url, "mooncake_proxy_rejections_total", {"reason": "no_instance"}) == 0
-    finally:
-        p.stop()
+        os.killpg(b.proc.pid, signal.SIGCONT)  # also when the test failed before resuming b
 
 
 def test_early_rejection_under_overload(two_plain_servers, tiny_model: Path) -> None:
