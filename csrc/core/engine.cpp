@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "mooncake_vllm/log.h"
+#include "transports/common/socket_io.h"
 #include "transports/tcp/tcp_transport.h"
 #ifdef MV_WITH_RDMA
 #include "transports/rdma/rdma_transport.h"
@@ -52,9 +53,18 @@ std::unique_ptr<Transport> make_transport(const EngineConfig& config, RegionRegi
 TransferEngine::TransferEngine(EngineConfig config) : config_(std::move(config)) {
   if (config_.timeout_s <= 0) throw InvalidArgument("timeout_s must be > 0");
   if (config_.connections_per_peer < 1) throw InvalidArgument("connections_per_peer must be >= 1");
+  if (config_.max_connections < 1 || config_.max_connections_per_address < 1)
+    throw InvalidArgument("max_connections and max_connections_per_address must be >= 1");
+  if (config_.idle_timeout_s <= 0) throw InvalidArgument("idle_timeout_s must be > 0");
   transport_ = make_transport(config_, registry_, &protocol_, &protocol_note_);
   if (!protocol_note_.empty()) MV_LOG(kInfo, protocol_note_);
   endpoint_ = transport_->start();
+  if (config_.cluster_token.empty() && config_.hostname != "127.0.0.1" &&
+      config_.hostname != "localhost" && config_.hostname != "::1")
+    MV_LOG(kWarn, "no cluster_token: anyone who reaches " << endpoint_
+                                                          << " can write into registered memory "
+                                                             "(and read regions registered with "
+                                                             "remote_read)");
 }
 
 TransferEngine::~TransferEngine() { close(); }
@@ -68,11 +78,12 @@ void TransferEngine::check_open() const {
   if (closed_.load()) throw TransferError("engine is closed");
 }
 
-void TransferEngine::register_memory(uint64_t addr, uint64_t length) {
+void TransferEngine::register_memory(uint64_t addr, uint64_t length, bool remote_read) {
   check_open();
   auto region = std::make_shared<Region>();
   region->addr = addr;
   region->length = length;
+  region->remote_read = remote_read;
   if (length == 0) throw InvalidArgument("register: length must be > 0");
   transport_->on_register(*region);
   try {
@@ -107,7 +118,7 @@ uint64_t TransferEngine::open_segment(const SegmentDescriptor& desc) {
   check_open();
   if (desc.name.empty()) throw InvalidArgument("segment descriptor has an empty 'name'");
   if (desc.endpoint.empty()) throw InvalidArgument("segment descriptor has an empty 'endpoint'");
-  tcp::split_endpoint(desc.endpoint);  // throws InvalidArgument naming a malformed endpoint
+  net::split_endpoint(desc.endpoint);  // throws InvalidArgument naming a malformed endpoint
   if (desc.protocol != protocol_)
     throw InvalidArgument("segment '" + desc.name + "' speaks '" + desc.protocol +
                           "' but this engine uses '" + protocol_ + "'");

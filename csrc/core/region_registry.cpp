@@ -46,6 +46,15 @@ const Region* LeaseSet::find(uint64_t addr, uint64_t len) const {
   return nullptr;
 }
 
+std::string LeaseSet::check_remote_read() const {
+  for (const auto& lease : leases_)
+    if (!lease.region()->remote_read)
+      return "region " + hex_addr(lease.region()->addr) + "+" +
+             std::to_string(lease.region()->length) +
+             " is not registered for remote read (register it with remote_read=True)";
+  return {};
+}
+
 void RegionRegistry::add(std::shared_ptr<Region> region) {
   if (region->length == 0) throw InvalidArgument("register: length must be > 0");
   if (region->addr == 0) throw InvalidArgument("register: address must not be 0");

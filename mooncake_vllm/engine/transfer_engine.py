@@ -77,9 +77,19 @@ class TransferEngine:
         fake_nics: int = 2,
         rdma_slice_bytes: int = 1 << 20,
         rdma_signal_every: int = 16,
+        rdma_gid_index: int = -1,
+        rdma_port: int = 0,
+        max_connections: int = 256,
+        max_connections_per_address: int = 64,
+        idle_timeout_s: float = 120.0,
     ) -> None:
         """`verbs="fake"` swaps the ibverbs library for the in-process software NIC test double
-        (FakeVerbs, `fake_nics` devices): for tests of the RDMA transport's logic only."""
+        (FakeVerbs, `fake_nics` devices): for tests of the RDMA transport's logic only.
+
+        The listener serves at most `max_connections` connections at once, at most
+        `max_connections_per_address` from one peer address, and closes a connection that sends
+        no request for `idle_timeout_s`. `rdma_gid_index` (-1: chosen, a RoCE v2 IPv4-mapped GID
+        preferred) and `rdma_port` (0: the first active port) override the RDMA address choice."""
         self._native = _engine.Engine(
             hostname,
             protocol,
@@ -92,6 +102,11 @@ class TransferEngine:
             fake_nics=fake_nics,
             rdma_slice_bytes=rdma_slice_bytes,
             rdma_signal_every=rdma_signal_every,
+            rdma_gid_index=int(rdma_gid_index),
+            rdma_port=int(rdma_port),
+            max_connections=int(max_connections),
+            max_connections_per_address=int(max_connections_per_address),
+            idle_timeout_s=float(idle_timeout_s),
         )
         self.timeout_s = float(timeout_s)
         if self._native.protocol_note:
@@ -109,8 +124,10 @@ class TransferEngine:
     def name(self) -> str:
         return str(self._native.endpoint)
 
-    def register(self, addr: int, length: int) -> None:
-        self._native.register(int(addr), int(length))
+    def register(self, addr: int, length: int, *, remote_read: bool = False) -> None:
+        """Makes [addr, addr+length) a transfer source and a target of peers' WRITEs; peers
+        may READ it only when `remote_read` is True."""
+        self._native.register(int(addr), int(length), bool(remote_read))
 
     def unregister(self, addr: int) -> None:
         """Removes the region; returns once no transfer touches its memory any more."""

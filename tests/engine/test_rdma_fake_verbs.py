@@ -28,9 +28,10 @@ def fake_pair(request) -> Iterator[tuple[LocalEngine, LocalEngine, int]]:
     """Initiator and target with 2 fake NICs each; yields (a, b, segment handle on a)."""
     options = getattr(request, "param", {})
     size = options.pop("size", 8 << 20)
+    remote_read = options.pop("remote_read", False)
     testing.fake_verbs_reset()
     a = LocalEngine(size, protocol="rdma", verbs="fake", fake_nics=2, **options)
-    b = LocalEngine(size, protocol="rdma", verbs="fake", fake_nics=2)
+    b = LocalEngine(size, protocol="rdma", verbs="fake", fake_nics=2, remote_read=remote_read)
     try:
         yield a, b, a.engine.open_segment(b.engine.descriptor())
     finally:
@@ -74,6 +75,7 @@ def test_write_is_sliced_striped_and_selectively_signalled(fake_pair) -> None:
     assert stats["error_completions"] == 0 and stats["cq_overflows"] == 0
 
 
+@pytest.mark.parametrize("fake_pair", [{"remote_read": True}], indirect=True)
 def test_read_back(fake_pair) -> None:
     a, b, seg = fake_pair
     b.buffer[:] = pattern(b.buffer.nbytes, seed=32)

@@ -15,7 +15,7 @@ def test_tcp_is_compiled_in() -> None:
 
 def test_write_then_read_in_one_process(engine_factory) -> None:
     a = engine_factory(4 << 20)
-    b = engine_factory(4 << 20)
+    b = engine_factory(4 << 20, remote_read=True)
     a.buffer[:] = pattern(a.buffer.nbytes, seed=1)
     seg = a.engine.open_segment(b.engine.descriptor())
     # 3 scattered blocks of different sizes, one of them crossing nothing but its own range
@@ -75,7 +75,7 @@ def test_small_batches_queued_together_share_system_calls(engine_factory) -> Non
 
 def test_write_and_read_across_processes(engine_factory, peer_factory) -> None:
     size = 8 << 20
-    peer = peer_factory(size)
+    peer = peer_factory(size, remote_read=True)
     local = engine_factory(size)
     local.buffer[:] = pattern(size, seed=3)
     seg = local.engine.open_segment(peer.descriptor)

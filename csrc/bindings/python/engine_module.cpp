@@ -148,7 +148,9 @@ PYBIND11_MODULE(_engine, m) {
                        const std::string& cluster_token, double timeout_s,
                        int connections_per_peer, const std::vector<std::string>& rdma_devices,
                        const std::string& verbs, int fake_nics, uint64_t rdma_slice_bytes,
-                       int rdma_signal_every) {
+                       int rdma_signal_every, int rdma_gid_index, int rdma_port,
+                       int max_connections, int max_connections_per_address,
+                       double idle_timeout_s) {
              if (port < 0 || port > 65535) throw InvalidArgument("port must be in 0..65535");
              EngineConfig config;
              config.hostname = hostname;
@@ -162,20 +164,28 @@ PYBIND11_MODULE(_engine, m) {
              config.fake_nics = fake_nics;
              config.rdma_slice_bytes = rdma_slice_bytes;
              config.rdma_signal_every = rdma_signal_every;
+             config.rdma_gid_index = rdma_gid_index;
+             config.rdma_port = rdma_port;
+             config.max_connections = max_connections;
+             config.max_connections_per_address = max_connections_per_address;
+             config.idle_timeout_s = idle_timeout_s;
              py::gil_scoped_release release;
              return std::make_unique<TransferEngine>(config);
            }),
            py::arg("hostname"), py::arg("protocol"), py::arg("port"), py::arg("cluster_token"),
            py::arg("timeout_s"), py::arg("connections_per_peer"), py::arg("rdma_devices"),
            py::arg("verbs") = "ibverbs", py::arg("fake_nics") = 2,
-           py::arg("rdma_slice_bytes") = 1 << 20, py::arg("rdma_signal_every") = 16)
+           py::arg("rdma_slice_bytes") = 1 << 20, py::arg("rdma_signal_every") = 16,
+           py::arg("rdma_gid_index") = -1, py::arg("rdma_port") = 0,
+           py::arg("max_connections") = 256, py::arg("max_connections_per_address") = 64,
+           py::arg("idle_timeout_s") = 120.0)
       .def_property_readonly("protocol", &TransferEngine::protocol)
       .def_property_readonly("protocol_note", &TransferEngine::protocol_note)
       .def_property_readonly("endpoint", &TransferEngine::endpoint)
       .def_property_readonly("live_batches", &TransferEngine::live_batches)
       .def("stats", &TransferEngine::stats)
       .def("register", &TransferEngine::register_memory, py::arg("addr"), py::arg("length"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("remote_read") = false, py::call_guard<py::gil_scoped_release>())
       .def("unregister", &TransferEngine::unregister_memory, py::arg("addr"),
            py::call_guard<py::gil_scoped_release>())
       .def("descriptor", [](const TransferEngine& e) { return to_dict(e.descriptor()); })

@@ -3,7 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "mooncake_vllm/types.h"
-#include "transports/tcp/auth.h"
+#include "transports/common/auth.h"
 #ifdef MV_WITH_RDMA
 #include "transports/rdma/fake_verbs.h"
 #endif
@@ -28,7 +28,7 @@ ibv_wc_status parse_status(const std::string& name) {
 void bind_testing(py::module_ m) {
   m.def("hmac_sha256", [](const std::string& key, const py::bytes& data) {
     std::string bytes = data;
-    auto mac = mooncake_vllm::tcp::hmac_sha256(key, reinterpret_cast<const uint8_t*>(bytes.data()),
+    auto mac = mooncake_vllm::net::hmac_sha256(key, reinterpret_cast<const uint8_t*>(bytes.data()),
                                                bytes.size());
     return py::bytes(reinterpret_cast<const char*>(mac.data()), mac.size());
   });

@@ -27,7 +27,8 @@ class TransferEngine {
   const std::string& protocol_note() const { return protocol_note_; }
   const std::string& endpoint() const { return endpoint_; }
 
-  void register_memory(uint64_t addr, uint64_t length);
+  // remote_read: peers may READ the region (by default they may only WRITE into it).
+  void register_memory(uint64_t addr, uint64_t length, bool remote_read = false);
   void unregister_memory(uint64_t addr);
   SegmentDescriptor descriptor() const;
   uint64_t open_segment(const SegmentDescriptor& desc);

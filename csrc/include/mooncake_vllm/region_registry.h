@@ -24,6 +24,9 @@ struct Region {
   std::vector<uint32_t> lkeys;  // RDMA: per device; empty for TCP
   std::vector<uint32_t> rkeys;
   std::vector<void*> mrs;       // RDMA: per device memory region handles
+  // Peers may READ this region only when it was registered with remote_read; by default a
+  // region is a write target only (the connector only ever WRITEs from P into D).
+  bool remote_read = false;
   bool contains(uint64_t a, uint64_t len) const {
     return a >= addr && len <= length && a - addr <= length - len;
   }
@@ -57,6 +60,9 @@ class LeaseSet {
   bool holds(uint64_t addr, uint64_t len) const;
   void add(Lease lease) { leases_.push_back(std::move(lease)); }
   const Region* find(uint64_t addr, uint64_t len) const;
+  // Empty when every held region allows remote READ, else the error naming the first that
+  // does not.
+  std::string check_remote_read() const;
   void clear() { leases_.clear(); }
 
  private:

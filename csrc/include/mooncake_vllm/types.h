@@ -44,6 +44,13 @@ struct EngineConfig {
   int fake_nics = 2;                      // devices the fake fabric shows this engine
   uint64_t rdma_slice_bytes = 1 << 20;    // RDMA transfers are cut into slices of this size
   int rdma_signal_every = 16;             // one signalled WR per this many in a chain
+  int rdma_gid_index = -1;                // -1: chosen (RoCE v2 IPv4-mapped GID preferred)
+  int rdma_port = 0;                      // 0: the first ACTIVE port of each device
+  // The listener: connections served at once, in total and from one peer address, and how
+  // long a connection may stay without sending a request before it is closed.
+  int max_connections = 256;
+  int max_connections_per_address = 64;
+  double idle_timeout_s = 120.0;
 };
 
 struct RdmaDeviceInfo {

@@ -12,8 +12,8 @@
 #include "handshake.h"
 #include "mooncake_vllm/log.h"
 #include "mooncake_vllm/request_planner.h"
-#include "transports/tcp/tcp_server.h"
-#include "transports/tcp/tcp_transport.h"
+#include "transports/common/frames.h"
+#include "transports/common/listener.h"
 #include "verbs.h"
 
 namespace mooncake_vllm::rdma {
@@ -22,7 +22,14 @@ namespace {
 
 constexpr uint32_t kMaxSendWr = 256;  // send-queue depth per QP
 constexpr int kCqDepth = 4096;
-constexpr int kAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+// QPs allow both; each MR allows remote READ only when its region was registered with
+// remote_read (the NIC then refuses a READ of any other region with a remote access error).
+constexpr int kQpAccess =
+    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+int mr_access(const Region& region) {
+  return IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE |
+         (region.remote_read ? IBV_ACCESS_REMOTE_READ : 0);
+}
 
 std::unique_ptr<Verbs> make_verbs(const EngineConfig& config) {
   if (config.verbs == "fake") return make_fake_verbs(config.fake_nics);
@@ -95,8 +102,7 @@ class RdmaTransport : public Transport {
       : registry_(registry),
         config_(config),
         verbs_(make_verbs(config)),
-        server_(registry, config.hostname, config.port, config.cluster_token,
-                std::min(config.timeout_s, 10.0)) {
+        server_(net::listener_options(config)) {
     auto names = select_devices(*verbs_, config);
     if (names.empty()) throw TransferError("no RDMA device matches " + device_filter());
     for (const auto& name : names) open_device(name);
@@ -125,7 +131,7 @@ class RdmaTransport : public Transport {
   void on_register(Region& region) override {
     for (const auto& dev : devices_) {
       ibv_mr* mr = verbs_->reg_mr(dev->pd, reinterpret_cast<void*>(region.addr), region.length,
-                                  kAccess);
+                                  mr_access(region));
       if (!mr) {
         int err = errno;
         on_unregister(region);
@@ -272,7 +278,7 @@ class RdmaTransport : public Transport {
     attr.qp_state = IBV_QPS_INIT;
     attr.pkey_index = 0;
     attr.port_num = 1;
-    attr.qp_access_flags = kAccess;
+    attr.qp_access_flags = kQpAccess;
     modify(*lane, attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT");
     return lane;
   }
@@ -379,7 +385,7 @@ class RdmaTransport : public Transport {
     }
     try {
       std::string reply_blob =
-          tcp::control_call(peer.desc.endpoint, config_.cluster_token, encode_request(request),
+          net::control_call(peer.desc.endpoint, config_.cluster_token, encode_request(request),
                             std::min(config_.timeout_s, 10.0));
       auto reply = decode_reply(reply_blob);
       if (reply.size() != lanes.size())
@@ -616,7 +622,7 @@ class RdmaTransport : public Transport {
   RegionRegistry& registry_;
   EngineConfig config_;
   std::unique_ptr<Verbs> verbs_;
-  tcp::TcpServer server_;
+  net::Listener server_;
   std::vector<std::unique_ptr<Device>> devices_;
   std::string endpoint_;
   std::mutex mu_;

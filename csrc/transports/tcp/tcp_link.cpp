@@ -2,11 +2,15 @@
 
 #include <poll.h>
 
-#include "auth.h"
+#include <system_error>
+
 #include "mooncake_vllm/log.h"
-#include "wire.h"
+#include "transports/common/auth.h"
+#include "transports/common/frames.h"
 
 namespace mooncake_vllm::tcp {
+
+using namespace net;
 
 namespace {
 bool peer_hung_up(int fd) {
@@ -21,8 +25,14 @@ Link::Link(RegionRegistry& registry, LinkSettings settings, int index, LinkCount
 Link::~Link() { stop(); }
 
 void Link::start() {
-  sender_ = std::thread([this] { sender_loop(); });
-  receiver_ = std::thread([this] { receiver_loop(); });
+  try {
+    sender_ = std::thread([this] { sender_loop(); });
+    receiver_ = std::thread([this] { receiver_loop(); });
+  } catch (const std::system_error& e) {
+    stop();
+    throw TransferError("connection " + std::to_string(index_) + " to " + settings_.endpoint +
+                        ": cannot start its threads: " + e.what());
+  }
 }
 
 void Link::set_endpoint(const std::string& endpoint) {
@@ -107,7 +117,7 @@ std::shared_ptr<Link::Conn> Link::ensure_connected(const std::shared_ptr<Message
   auto conn = std::make_shared<Conn>();
   auto deadline = msg->batch->deadline();
   double left = std::chrono::duration<double>(deadline - Clock::now()).count();
-  conn->sock = connect_to(endpoint, deadline);
+  conn->sock = connect_to(endpoint, deadline, settings_.timeout_s);
   client_handshake(conn->sock.fd(), endpoint, settings_.token, std::max(left, 0.001));
   counters_.connects.fetch_add(1, std::memory_order_relaxed);
   std::lock_guard lock(mu_);
@@ -128,23 +138,43 @@ constexpr size_t kCoalesceGroupMessages = 64;
 
 void Link::sender_loop() {
   for (;;) {
-    std::vector<std::shared_ptr<Message>> group;
     {
       std::unique_lock lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (stop_) return;
-      uint64_t bytes = 0;
-      do {
-        bytes += queue_.front()->bytes;
-        group.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      } while (!queue_.empty() && group.back()->bytes <= kCoalesceMessageBytes &&
-               queue_.front()->bytes <= kCoalesceMessageBytes &&
-               bytes + queue_.front()->bytes <= kCoalesceGroupBytes &&
-               group.size() < kCoalesceGroupMessages);
     }
-    std::vector<Outgoing> ready;
-    ready.reserve(group.size());
+    // An exception here would end the thread (and std::terminate the process): it fails the
+    // connection and its messages instead, and the loop goes on.
+    try {
+      send_next();
+    } catch (const std::exception& e) {
+      MV_LOG(kError, "connection " << index_ << " to " << settings_.endpoint << ": " << e.what());
+      abort(std::string("sender failed: ") + e.what());
+    } catch (...) {
+      MV_LOG(kError, "connection " << index_ << " to " << settings_.endpoint << ": unknown exception");
+      abort("sender failed: unknown exception");
+    }
+  }
+}
+
+void Link::send_next() {
+  std::vector<std::shared_ptr<Message>> group;
+  {
+    std::unique_lock lock(mu_);
+    if (stop_ || queue_.empty()) return;
+    uint64_t bytes = 0;
+    do {
+      bytes += queue_.front()->bytes;
+      group.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    } while (!queue_.empty() && group.back()->bytes <= kCoalesceMessageBytes &&
+             queue_.front()->bytes <= kCoalesceMessageBytes &&
+             bytes + queue_.front()->bytes <= kCoalesceGroupBytes &&
+             group.size() < kCoalesceGroupMessages);
+  }
+  std::vector<Outgoing> ready;
+  ready.reserve(group.size());
+  try {
     for (auto& msg : group) {
       if (msg->batch->failed_early()) {
         msg->complete(false, "batch already failed");
@@ -153,15 +183,17 @@ void Link::sender_loop() {
       Outgoing out;
       if (prepare(msg, out)) ready.push_back(std::move(out));
     }
-    if (ready.empty()) continue;
-    std::shared_ptr<Conn> conn;
-    try {
-      conn = ensure_connected(ready.front().msg);
-    } catch (const std::exception& e) {
-      for (auto& out : ready) out.msg->complete(false, e.what());
-      continue;
-    }
+    if (ready.empty()) return;
+    std::shared_ptr<Conn> conn = ensure_connected(ready.front().msg);
     send_group(conn, ready);
+  } catch (const TransferError& e) {
+    // Could not connect or authenticate: these messages fail with the cause; nothing was sent.
+    for (auto& msg : group) msg->complete(false, e.what());
+  } catch (...) {
+    // Anything else is a bug or resource exhaustion: fail this group, and (sender_loop) the
+    // connection with whatever it has in flight.
+    for (auto& msg : group) msg->complete(false, "internal error while sending");
+    throw;
   }
 }
 
@@ -203,6 +235,7 @@ void Link::send_group(const std::shared_ptr<Conn>& conn, std::vector<Outgoing>& 
     }
     for (auto& out : group) {
       out.header.seq = conn->next_seq++;
+      out.msg->seq = out.header.seq;
       conn->inflight.push_back(out.msg);
     }
     cv_.notify_all();
@@ -238,21 +271,44 @@ void Link::receiver_loop() {
       conn = conn_;
       msg = conn->inflight.front();
     }
-    receive_response(conn, msg);
+    try {
+      receive_response(conn, msg);
+    } catch (const std::exception& e) {
+      MV_LOG(kError, "connection " << index_ << " to " << settings_.endpoint << ": " << e.what());
+      fail_conn(conn, std::string("receiver failed: ") + e.what());
+    } catch (...) {
+      MV_LOG(kError, "connection " << index_ << " to " << settings_.endpoint << ": unknown exception");
+      fail_conn(conn, "receiver failed: unknown exception");
+    }
   }
 }
 
+// Everything the peer says is checked against what was asked before it is read: the error
+// text's length (bounded), the sequence number, and the payload size (a READ's exact size,
+// nothing for anything else). A peer that breaks the protocol loses the connection, and its
+// messages fail naming why; the next batch reconnects.
 void Link::receive_response(const std::shared_ptr<Conn>& conn,
                             const std::shared_ptr<Message>& msg) {
   const std::string& peer = settings_.endpoint;
   ResponseHeader resp{};
-  std::string err = recv_bytes(conn->sock.fd(), &resp, sizeof(resp));
-  if (err.empty() && resp.magic != kMagic) err = "malformed response";
-  std::string remote_error(err.empty() ? resp.error_len : 0, '\0');
-  if (err.empty() && !remote_error.empty())
-    err = recv_bytes(conn->sock.fd(), remote_error.data(), remote_error.size());
+  std::string remote_error;
+  std::string err = recv_response(conn->sock.fd(), resp, remote_error);
+  bool protocol_error = false;
+  if (err.empty() && resp.seq != msg->seq) {
+    err = "response for request " + std::to_string(resp.seq) + ", expected " +
+          std::to_string(msg->seq);
+    protocol_error = true;
+  }
+  const uint64_t expected = resp.status == 0 && msg->op == OpCode::kRead ? msg->bytes : 0;
+  if (err.empty() && resp.payload_bytes != expected) {
+    err = "response carries " + std::to_string(resp.payload_bytes) + " payload bytes, expected " +
+          std::to_string(expected);
+    protocol_error = true;
+  }
   if (!err.empty()) {
-    fail_conn(conn, "connection to " + peer + " lost: " + err);
+    if (protocol_error || err.rfind("malformed", 0) == 0)
+      MV_LOG(kWarn, "dropping connection " << index_ << " to " << peer << ": " << err);
+    fail_conn(conn, "connection to " + peer + ": " + err);
     return;
   }
   {
@@ -260,24 +316,17 @@ void Link::receive_response(const std::shared_ptr<Conn>& conn,
     if (conn->broken || conn->inflight.empty() || conn->inflight.front() != msg) return;
     conn->inflight.pop_front();
   }
-  if (resp.status == 0 && msg->op == OpCode::kRead) {
-    if (resp.payload_bytes != msg->bytes) {
-      fail_conn(conn, "peer " + peer + " answered a READ with the wrong size");
-      msg->complete(false, "peer " + peer + " answered a READ with the wrong size");
-      return;
-    }
+  if (expected > 0) {
     std::vector<iovec> iov;
     iov.reserve(msg->requests.size());
-    for (const Request& r : msg->requests) iov.push_back({reinterpret_cast<void*>(r.local), r.length});
+    for (const Request& r : msg->requests)
+      iov.push_back({reinterpret_cast<void*>(r.local), r.length});
     err = recv_all(conn->sock.fd(), iov.data(), iov.size());
     if (!err.empty()) {
       msg->complete(false, "connection to " + peer + " lost during READ: " + err);
       fail_conn(conn, "connection to " + peer + " lost: " + err);
       return;
     }
-  } else if (resp.payload_bytes > 0) {
-    err = discard_bytes(conn->sock.fd(), resp.payload_bytes);
-    if (!err.empty()) fail_conn(conn, "connection to " + peer + " lost: " + err);
   }
   if (resp.status == 0)
     msg->complete(true, "");

@@ -14,8 +14,8 @@
 
 #include "mooncake_vllm/batch.h"
 #include "mooncake_vllm/region_registry.h"
-#include "socket_io.h"
-#include "wire.h"
+#include "transports/common/socket_io.h"
+#include "transports/common/wire.h"
 
 namespace mooncake_vllm::tcp {
 
@@ -26,6 +26,7 @@ struct Message {
   uint64_t bytes = 0;
   std::shared_ptr<Batch> batch;
   LeaseSet leases;  // local regions, held while their memory is read (WRITE) or written (READ)
+  uint64_t seq = 0;  // on its connection; the response must carry the same
   std::atomic<bool> completed{false};
   void complete(bool ok, const std::string& error) {
     if (completed.exchange(true)) return;
@@ -62,19 +63,20 @@ class Link : public std::enable_shared_from_this<Link> {
 
  private:
   struct Conn {
-    Socket sock;
+    net::Socket sock;
     bool broken = false;
     uint64_t next_seq = 1;
     std::deque<std::shared_ptr<Message>> inflight;
   };
   void sender_loop();
+  void send_next();
   void receiver_loop();
   std::shared_ptr<Conn> ensure_connected(const std::shared_ptr<Message>& msg);
   void fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reason);
   struct Outgoing {
     std::shared_ptr<Message> msg;
-    RequestHeader header;
-    std::vector<Entry> entries;
+    net::RequestHeader header;
+    std::vector<net::Entry> entries;
   };
   bool prepare(const std::shared_ptr<Message>& msg, Outgoing& out);
   void send_group(const std::shared_ptr<Conn>& conn, std::vector<Outgoing>& group);

@@ -1,8 +1,7 @@
 #include "tcp_transport.h"
 
-#include "auth.h"
+#include "data_service.h"
 #include "mooncake_vllm/request_planner.h"
-#include "wire.h"
 
 namespace mooncake_vllm::tcp {
 
@@ -19,8 +18,11 @@ constexpr size_t kMaxPartRequests = 4096;
 TcpTransport::TcpTransport(RegionRegistry& registry, const EngineConfig& config)
     : registry_(registry),
       config_(config),
-      server_(registry, config.hostname, config.port, config.cluster_token,
-              std::min(config.timeout_s, 10.0)) {}
+      server_(net::listener_options(config)) {
+  server_.set_data_handler([this](int fd, const net::RequestHeader& req, const std::string& peer) {
+    return serve_data_request(registry_, fd, req, peer);
+  });
+}
 
 TcpTransport::~TcpTransport() { stop(); }
 
@@ -99,35 +101,9 @@ std::map<std::string, uint64_t> TcpTransport::stats() const {
   return {{"messages_sent", counters_.messages_sent.load()},
           {"send_calls", counters_.send_calls.load()},
           {"bytes_sent", counters_.bytes_sent.load()},
-          {"connects", counters_.connects.load()}};
-}
-
-std::string control_call(const std::string& endpoint, const std::string& token,
-                         const std::string& request, double timeout_s) {
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(timeout_s));
-  Socket sock = connect_to(endpoint, deadline);
-  client_handshake(sock.fd(), endpoint, token, timeout_s);
-  set_recv_timeout(sock.fd(), timeout_s);
-  RequestHeader header{};
-  header.magic = kMagic;
-  header.op = static_cast<uint8_t>(WireOp::kControl);
-  header.seq = 1;
-  header.total_bytes = request.size();
-  iovec iov[2] = {{&header, sizeof(header)}, {const_cast<char*>(request.data()), request.size()}};
-  std::string err = send_all(sock.fd(), iov, 2);
-  ResponseHeader resp{};
-  if (err.empty()) err = recv_bytes(sock.fd(), &resp, sizeof(resp));
-  if (err.empty() && resp.magic != kMagic) err = "malformed response";
-  std::string remote_error(err.empty() ? resp.error_len : 0, '\0');
-  if (err.empty() && !remote_error.empty())
-    err = recv_bytes(sock.fd(), remote_error.data(), remote_error.size());
-  std::string reply(err.empty() ? resp.payload_bytes : 0, '\0');
-  if (err.empty() && !reply.empty()) err = recv_bytes(sock.fd(), reply.data(), reply.size());
-  if (!err.empty()) throw TransferError("control request to " + endpoint + ": " + err);
-  if (resp.status != 0)
-    throw TransferError("peer " + endpoint + " refused control request: " + remote_error);
-  return reply;
+          {"connects", counters_.connects.load()},
+          {"server_connections", server_.open_connections()},
+          {"server_refused_connections", server_.refused_connections()}};
 }
 
 }  // namespace mooncake_vllm::tcp

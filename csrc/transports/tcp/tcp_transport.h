@@ -10,7 +10,7 @@
 
 #include "mooncake_vllm/transport.h"
 #include "tcp_link.h"
-#include "tcp_server.h"
+#include "transports/common/listener.h"
 
 namespace mooncake_vllm::tcp {
 
@@ -25,7 +25,6 @@ class TcpTransport : public Transport {
               std::vector<Request> requests) override;
   void stop() override;
   std::map<std::string, uint64_t> stats() const override;
-  TcpServer& server() { return server_; }
 
  private:
   struct PeerLinks {
@@ -34,15 +33,11 @@ class TcpTransport : public Transport {
   };
   RegionRegistry& registry_;
   EngineConfig config_;
-  TcpServer server_;
+  net::Listener server_;
   std::mutex mu_;
   std::map<uint64_t, std::shared_ptr<PeerLinks>> peers_;
   bool stopped_ = false;
   LinkCounters counters_;
 };
-
-// One request/response on a fresh authenticated connection (the RDMA QP handshake).
-std::string control_call(const std::string& endpoint, const std::string& token,
-                         const std::string& request, double timeout_s);
 
 }  // namespace mooncake_vllm::tcp

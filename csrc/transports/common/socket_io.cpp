@@ -16,7 +16,7 @@
 
 #include "mooncake_vllm/types.h"
 
-namespace mooncake_vllm::tcp {
+namespace mooncake_vllm::net {
 
 Socket& Socket::operator=(Socket&& other) noexcept {
   if (this != &other) {
@@ -71,7 +71,8 @@ void resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out
 
 }  // namespace
 
-Socket connect_to(const std::string& endpoint, std::chrono::steady_clock::time_point deadline) {
+Socket connect_to(const std::string& endpoint, std::chrono::steady_clock::time_point deadline,
+                  double dead_after_s) {
   auto [host, port] = split_endpoint(endpoint);
   AddrInfo info;
   resolve(host, port, false, info);
@@ -108,7 +109,7 @@ Socket connect_to(const std::string& endpoint, std::chrono::steady_clock::time_p
       }
     }
     fcntl(sock.fd(), F_SETFL, flags & ~O_NONBLOCK);
-    tune_data_socket(sock.fd());
+    tune_data_socket(sock.fd(), dead_after_s);
     return sock;
   }
   throw TransferError("connect to " + endpoint + " failed: " + last_error);
@@ -138,10 +139,36 @@ Socket listen_on(const std::string& host, uint16_t port, uint16_t* bound_port) {
   throw TransferError("cannot listen on " + host + ":" + std::to_string(port) + ": " + last_error);
 }
 
-void tune_data_socket(int fd) {
+void tune_data_socket(int fd, double dead_after_s) {
   int one = 1;
   // Responses and small batches must not wait for Nagle; big sends are single writev calls.
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  // An idle connection probes after half the budget, then every sixth of it; unacknowledged
+  // data (or probes) for the whole budget closes the connection with ETIMEDOUT.
+  int budget = std::max(2, static_cast<int>(dead_after_s));
+  int idle = std::max(1, budget / 2), interval = std::max(1, budget / 6), count = 3;
+  unsigned int user_timeout_ms = static_cast<unsigned int>(budget) * 1000u;
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
+  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
+}
+
+bool wait_readable(int fd, double seconds) {
+  auto deadline = std::chrono::steady_clock::now() +
+                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                      std::chrono::duration<double>(seconds));
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now())
+                    .count();
+    if (left <= 0) return false;
+    pollfd pfd{fd, POLLIN | POLLRDHUP, 0};
+    int ready = ::poll(&pfd, 1, static_cast<int>(std::min<long long>(left, 1 << 30)));
+    if (ready > 0) return true;
+    if (ready < 0 && errno != EINTR) return true;  // let the read report the error
+  }
 }
 
 void set_recv_timeout(int fd, double seconds) {
@@ -232,4 +259,4 @@ std::string discard_bytes(int fd, uint64_t len) {
   return {};
 }
 
-}  // namespace mooncake_vllm::tcp
+}  // namespace mooncake_vllm::net

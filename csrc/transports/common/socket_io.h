@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace mooncake_vllm::tcp {
+namespace mooncake_vllm::net {
 
 // Owns a socket file descriptor.
 class Socket {
@@ -33,14 +33,21 @@ class Socket {
 std::pair<std::string, uint16_t> split_endpoint(const std::string& endpoint);
 
 // Connects with a deadline. Throws TransferError("connect to <endpoint> failed: <cause>").
-Socket connect_to(const std::string& endpoint, std::chrono::steady_clock::time_point deadline);
+Socket connect_to(const std::string& endpoint, std::chrono::steady_clock::time_point deadline,
+                  double dead_after_s);
 
 // Listening socket bound to exactly `host` (not the wildcard address); port 0 picks one.
 Socket listen_on(const std::string& host, uint16_t port, uint16_t* bound_port);
 
-void tune_data_socket(int fd);
-// Receive timeout for the handshake; 0 disables it.
+// Every data socket, client and server: no Nagle delay, and TCP keepalive plus
+// TCP_USER_TIMEOUT so that a peer that vanished (partition, power loss: no FIN, no RST) is
+// detected within about `dead_after_s` instead of holding the connection (and its thread)
+// forever.
+void tune_data_socket(int fd, double dead_after_s);
+// Send and receive timeout of every blocking call on `fd`; 0 disables it.
 void set_recv_timeout(int fd, double seconds);
+// Waits until `fd` is readable (or hung up); false when `seconds` passed first.
+bool wait_readable(int fd, double seconds);
 
 // Both return an empty string on success, else the cause ("peer closed the connection",
 // strerror text). They retry on partial transfers and EINTR. `iov` is modified.
@@ -51,4 +58,4 @@ std::string recv_bytes(int fd, void* data, size_t len);
 // Reads and throws away `len` bytes (payload of a refused WRITE).
 std::string discard_bytes(int fd, uint64_t len);
 
-}  // namespace mooncake_vllm::tcp
+}  // namespace mooncake_vllm::net
