@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "MOONCAKE_VLLM_"
+# The longest a control message can take from D's send to P's handler: the channel's
+# heartbeat drops a connection that stops answering within this, and the messages queued on
+# it with it (control.py), so a registration cannot reach P after D has given up on it.
+CONTROL_DELIVERY_S = 5.0
+# Keys that existed once, with what replaced them.
+_REMOVED = {
+    "abort_ack_timeout_s": "D now takes its blocks back when P confirms, or at the write "
+                           "horizon derived from transfer_timeout_s and engine_timeout_s",
+}
 
 
 class ConfigError(ValueError):
@@ -37,7 +46,12 @@ class ConnectorConfig:
     protocol: str = "tcp"  # "tcp" | "rdma" | "auto"
     hostname: str = field(default_factory=_default_hostname)
     engine_port: int = 0
+    # Shared secret of the cluster: engine connections and control frames prove it, and
+    # kv_transfer_params must carry the conductor's signature made with it.
     cluster_token: str | None = None
+    # Listen on a non-loopback address with no cluster_token: anyone who reaches the ports
+    # can then read and write the KV cache. Refused unless this is set (and then warned).
+    insecure: bool = False
     connections_per_peer: int = 4
     rdma_devices: tuple[str, ...] | None = None
     # Control channel: base port of the workers' pyzmq sockets (rank r binds base + r);
@@ -49,7 +63,6 @@ class ConnectorConfig:
     # Deadlines (seconds).
     registration_timeout_s: float = 30.0  # P: wait for D's registration
     transfer_timeout_s: float = 60.0  # D: registration sent -> "done" received
-    abort_ack_timeout_s: float = 10.0  # D: abort sent -> P confirms no more writes
     # D, pipelined loads (its forward pass waits, so its whole batch waits): give up when P
     # has said nothing of the transfer for this long. P repeats its progress every
     # PIPELINE_HEARTBEAT_S while the transfer is open, queued or not: only a P that is gone
@@ -64,6 +77,26 @@ class ConnectorConfig:
     # Benchmark only: after the overlapped transfer, send the same bytes again (before telling
     # D "done", so D's blocks are not in use) and report how long that takes.
     measure_non_overlapped: bool = False
+
+    @property
+    def write_horizon_s(self) -> float:
+        """From D's registration to the moment no write of P's can land any more, whatever P
+        says: P posts nothing after D's wait (transfer_timeout_s) from receiving the
+        registration, which arrives within CONTROL_DELIVERY_S, and the engine fails a batch
+        (closing its connection) within engine_timeout_s."""
+        return self.transfer_timeout_s + CONTROL_DELIVERY_S + self.engine_timeout_s + 1.0
+
+    def exposure_refusal(self) -> str | None:
+        """Why this instance must not start listening as configured; None when it may."""
+        from mooncake_vllm.security import is_loopback_host
+
+        if self.cluster_token or self.insecure or is_loopback_host(self.hostname):
+            return None
+        return (f"hostname={self.hostname!r} is not a loopback address and no cluster_token "
+                "is set: anyone who reaches the engine or control ports could read and "
+                "overwrite the KV cache. Set cluster_token (MOONCAKE_VLLM_CLUSTER_TOKEN) on "
+                "every instance and the conductor, or set insecure=true to accept the risk "
+                "on an isolated network")
 
     @property
     def uses_etcd(self) -> bool:
@@ -81,6 +114,9 @@ class ConnectorConfig:
             if raw is not None and raw != "":
                 values[name] = _coerce(name, raw, f"environment {ENV_PREFIX}{name.upper()}")
         for key, raw in (extra or {}).items():
+            if key in _REMOVED:
+                raise ConfigError(f"kv_connector_extra_config: {key!r} was removed: "
+                                  f"{_REMOVED[key]}")
             if key not in known:
                 raise ConfigError(
                     f"kv_connector_extra_config: unknown key {key!r} (value {raw!r}); "
@@ -107,7 +143,6 @@ class ConnectorConfig:
         for key in (
             "registration_timeout_s",
             "transfer_timeout_s",
-            "abort_ack_timeout_s",
             "pipeline_silence_timeout_s",
             "engine_timeout_s",
             "metadata_ttl_s",
@@ -122,6 +157,9 @@ class ConnectorConfig:
             raise bad("advertise_url", "expected an http:// or https:// URL")
         if not self.hostname:
             raise bad("hostname", "must not be empty")
+        if self.cluster_token is not None and len(self.cluster_token) < 16:
+            raise ConfigError("cluster_token: too short (at least 16 characters; use e.g. "
+                              "`openssl rand -hex 32`)")
 
     def http_url(self, default_port: int = 8000) -> str:
         """The URL the proxy should use for this instance."""

@@ -19,8 +19,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from mooncake_vllm.config import ConnectorConfig
-from mooncake_vllm.connector.scheduler import MooncakeMetadata, MooncakeScheduler
+from mooncake_vllm.connector.scheduler import MooncakeScheduler
 from mooncake_vllm.connector.stats import MooncakePromMetrics, MooncakeStats
+from mooncake_vllm.connector.step_schema import MooncakeMetadata
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -5,6 +5,15 @@ P, nothing unsolicited on D); one DEALER per remote endpoint sends to peers and 
 replies. zmq sockets are not thread-safe, so only the channel thread touches them; other
 threads enqueue and wake it through an inproc pair. Handlers run on the channel thread, and a
 tick callback runs every `tick_s` for deadlines.
+
+What a peer can do to the channel is bounded: frames over `messages.MAX_FRAME_BYTES` are
+dropped by zmq itself, with a cluster token every frame must carry its MAC (security.py) or is
+dropped with a logged reason, at most MAX_DEALERS outgoing sockets exist (the least recently
+used is closed), and an error in one handler or one send is logged and the loop goes on.
+Connections are heartbeated: one whose peer stops answering is dropped within
+CONTROL_DELIVERY_S with the messages queued on it (no message is delivered after its sender's
+deadline, which the block-lifetime rules rely on), and nothing is queued for a peer that is not
+connected (ZMQ_IMMEDIATE).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -20,13 +30,17 @@ from collections.abc import Callable, Iterator
 
 import zmq
 
+from mooncake_vllm.config import CONTROL_DELIVERY_S
 from mooncake_vllm.connector import messages as m
+from mooncake_vllm.security import FrameAuth
 
 # A child of "vllm" so that our lines go through vLLM's handlers, format and level.
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 # (reply_to, message): reply_to is a ROUTER identity (bytes) or a DEALER endpoint (str).
 Handler = Callable[[bytes | str, m.Message], None]
+MAX_DEALERS = 256
+_HEARTBEAT_MS = 1000
 
 
 def unpin_current_thread() -> None:
@@ -58,12 +72,38 @@ def widened_affinity() -> Iterator[None]:
             os.sched_setaffinity(0, before)
 
 
+_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})$")
+
+
+def endpoint_refusal(ep: object) -> str | None:
+    """Why `ep` is not a control endpoint this side may connect to; None when it is."""
+    if not isinstance(ep, str):
+        return f"control endpoint {ep!r} is not a string"
+    match = _ENDPOINT.match(ep)
+    if match is None or len(ep) > 300:
+        return f"control endpoint {ep!r} is not tcp://host:port"
+    if not 1 <= int(match.group(2)) <= 65535:
+        return f"control endpoint {ep!r} has port outside 1..65535"
+    return None
+
+
+def _bound(s: zmq.Socket) -> None:
+    """Limits every control socket shares: frame size, linger, heartbeats."""
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME_BYTES + 64)
+    s.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(CONTROL_DELIVERY_S * 1000) - _HEARTBEAT_MS)
+    s.setsockopt(zmq.HEARTBEAT_TTL, int(CONTROL_DELIVERY_S * 1000))
+
+
 class ControlChannel:
     def __init__(self, host: str, port: int, on_message: Handler,
-                 on_tick: Callable[[], None], tick_s: float = 0.05) -> None:
+                 on_tick: Callable[[], None], tick_s: float = 0.05,
+                 token: str | None = None) -> None:
+        self._auth = FrameAuth(token)
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
+        _bound(self._router)
         if port:
             self._router.bind(f"tcp://{host}:{port}")
         else:
@@ -84,9 +124,12 @@ class ControlChannel:
 
     def send(self, to: bytes | str, msg: m.Message) -> None:
         """Queue a message to a ROUTER identity (a reply) or an endpoint; returns at once."""
-        self._out.put((to, m.encode(msg)))
+        self._out.put((to, self._auth.seal(m.encode(msg))))
         with self._wake_lock:
             self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()
@@ -100,15 +143,23 @@ class ControlChannel:
     # ---- channel thread ----
 
     def _dealer(self, endpoint: str, poller: zmq.Poller) -> zmq.Socket:
-        s = self._dealers.get(endpoint)
+        s = self._dealers.pop(endpoint, None)
         if s is None:
+            while len(self._dealers) >= MAX_DEALERS:
+                old_ep, old = next(iter(self._dealers.items()))
+                logger.info("control: closing the least recently used connection, to %s",
+                            old_ep)
+                poller.unregister(old)
+                old.close(linger=0)
+                del self._dealers[old_ep]
             s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
+            _bound(s)
             # A dead peer must not make messages pile up without bound.
             s.setsockopt(zmq.SNDHWM, 10000)
+            s.setsockopt(zmq.IMMEDIATE, 1)
             s.connect(endpoint)
             poller.register(s, zmq.POLLIN)
-            self._dealers[endpoint] = s
+        self._dealers[endpoint] = s  # most recently used last
         return s
 
     def _run(self) -> None:
@@ -128,21 +179,29 @@ class ControlChannel:
                 while self._wake_rx.poll(0):
                     self._wake_rx.recv()
             self._flush_out(poller)
-            if self._router in ready:
-                while self._router.poll(0):
-                    frames = self._router.recv_multipart()
-                    if len(frames) != 2:
-                        logger.warning("control: refused a frame set of %d parts (want 2)",
-                                       len(frames))
-                        continue
-                    self._dispatch(frames[0], frames[1])
-            for endpoint, s in list(self._dealers.items()):
-                if s in ready:
-                    while s.poll(0):
-                        self._dispatch(endpoint, s.recv())
+            try:
+                self._receive(ready)
+            except Exception:  # one peer's frames must not end the channel
+                logger.exception("control: receiving failed")
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._tick_s
                 self._call(self._on_tick)
+
+    def _receive(self, ready: dict) -> None:
+        if self._router in ready:
+            for _ in range(1000):  # bounded: a flooding peer must not starve deadlines
+                if not self._router.poll(0):
+                    break
+                frames = self._router.recv_multipart()
+                if len(frames) != 2:
+                    logger.warning("control: refused a frame set of %d parts (want 2)",
+                                   len(frames))
+                    continue
+                self._dispatch(frames[0], frames[1])
+        for endpoint, s in list(self._dealers.items()):
+            if s in ready:
+                while s.poll(0):
+                    self._dispatch(endpoint, s.recv())
 
     def _flush_out(self, poller: zmq.Poller) -> None:
         while True:
@@ -155,16 +214,19 @@ class ControlChannel:
                 if isinstance(to, bytes):
                     self._router.send_multipart([to, frame], zmq.NOBLOCK)
                 else:
+                    why = endpoint_refusal(to)
+                    if why is not None:
+                        raise ValueError(why)
                     self._dealer(to, poller).send(frame, zmq.NOBLOCK)
-            except zmq.ZMQError as e:
+            except Exception as e:  # zmq errors, a malformed endpoint: this message only
                 # The deadline on the other side turns a lost message into a known failure.
                 logger.warning("control: could not send to %r: %s", to, e)
 
-    def _dispatch(self, sender: bytes | str, frame: bytes) -> None:
-        logger.debug("control: got %d bytes from %r", len(frame), sender)
+    def _dispatch(self, sender: bytes | str, sealed: bytes) -> None:
+        logger.debug("control: got %d bytes from %r", len(sealed), sender)
         try:
-            msg = m.decode(frame)
-        except m.BadMessage as e:
+            msg = m.decode(self._auth.open(sealed))
+        except ValueError as e:  # BadMessage, or a frame without this cluster's MAC
             logger.warning("control: refused a message from %r: %s", sender, e)
             return
         self._call(self._on_message, sender, msg)

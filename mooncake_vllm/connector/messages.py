@@ -12,86 +12,130 @@ from the network is trusted further than its type.
   P -> D  Layers    "layers [0, n) are written" (only when the registration asked for it)
   P -> D  Done      "every layer is written" (ok) or why not (refused, failed, aborted)
   P -> D  Released  "no write of mine will touch your blocks any more"
+  any -> worker Ping / Pong  health probe: the engine self-check and the threads are fine
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import msgspec
 
 PROTOCOL_VERSION = 1
 
+# Bounds on every field, checked by the decoder before a handler sees the record: what would
+# overflow an int64 in the address arithmetic, or hold memory out of proportion to a real
+# request, is refused as malformed.
+MAX_FRAME_BYTES = 8 << 20
+MAX_BLOCKS = 1 << 20  # block ids in one registration
+MAX_LAYERS = 4096
+MAX_PLANES = 8
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]
+Small = Annotated[int, msgspec.Meta(ge=0, lt=1 << 20)]
+BlockId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+Address = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
+Stride = Annotated[int, msgspec.Meta(gt=0, lt=1 << 40)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+
 
 class LayoutInfo(msgspec.Struct, frozen=True):
     """What both sides must agree on before any byte moves, plus where D's blocks are."""
 
-    model: str
-    block_size: int
-    dtype: str
-    num_kv_heads: int
-    head_size: int
-    num_layers: int
-    block_bytes: int  # bytes of one block in one plane of one layer
-    tp_rank: int
-    tp_size: int
+    model: Text
+    block_size: Annotated[int, msgspec.Meta(gt=0, lt=1 << 20)]
+    dtype: Annotated[str, msgspec.Meta(max_length=64)]
+    num_kv_heads: Small
+    head_size: Small
+    num_layers: Annotated[int, msgspec.Meta(gt=0, le=MAX_LAYERS)]
+    block_bytes: Stride  # bytes of one block in one plane of one layer
+    tp_rank: Annotated[int, msgspec.Meta(ge=0, lt=1024)]
+    tp_size: Annotated[int, msgspec.Meta(gt=0, le=1024)]
     # Per layer, per plane (e.g. K and V when they are split): [base address, block stride].
-    planes: list[list[tuple[int, int]]]
+    planes: Annotated[list[Annotated[list[tuple[Address, Stride]],
+                                     msgspec.Meta(min_length=1, max_length=MAX_PLANES)]],
+                      msgspec.Meta(max_length=MAX_LAYERS)]
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
     v: int
-    transfer_id: str
-    engine_id: str
-    segment_name: str
+    transfer_id: Id
+    engine_id: Text
+    segment_name: Text
     segment: dict | None  # the descriptor itself in p2p mode; None: look it up by name
     layout: LayoutInfo
-    first_block: int  # blocks [0, first_block) D already holds (its own prefix-cache hit)
-    block_ids: list[int]  # D's block ids for logical blocks first_block, first_block+1, ...
-    num_tokens: int
+    first_block: BlockId  # blocks [0, first_block) D already holds (its own prefix-cache hit)
+    # D's block ids for logical blocks first_block, first_block+1, ...
+    block_ids: Annotated[list[BlockId], msgspec.Meta(max_length=MAX_BLOCKS)]
+    num_tokens: Annotated[int, msgspec.Meta(gt=0, lt=1 << 40)]
     # Pipelined prefill: D computes the rest of the prompt while P computes this head, and
     # each of D's layers waits for P's: P reports every layer as soon as it is written.
     layer_progress: bool = False
+    # How long D waits for this transfer from sending the registration: P posts no write
+    # after that long from receiving it, so D knows when no write of P's can still land.
+    wait_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    # D takes its blocks back this long after sending this, whatever P says: P refuses a
+    # registration whose writes could land later than that (its own engine timeout).
+    horizon_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 96.0
 
 
 class Watch(msgspec.Struct, tag="watch", frozen=True):
     v: int
-    transfer_id: str
+    transfer_id: Id
 
 
 class Started(msgspec.Struct, tag="started", frozen=True):
     v: int
-    transfer_id: str
+    transfer_id: Id
     started: bool  # False: a heartbeat, the head is still queued on P
 
 
 class Release(msgspec.Struct, tag="release", frozen=True):
     v: int
-    transfer_id: str
-    reason: str
+    transfer_id: Id
+    reason: Text
 
 
 class Layers(msgspec.Struct, tag="layers", frozen=True):
     v: int
-    transfer_id: str
-    written: int  # layers [0, written) are complete in D's blocks
+    transfer_id: Id
+    # Layers [0, written) are complete in D's blocks.
+    written: Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
 
 
 class Done(msgspec.Struct, tag="done", frozen=True):
     v: int
-    transfer_id: str
+    transfer_id: Id
     ok: bool
-    reason: str = ""
-    bytes: int = 0
-    blocks: int = 0
-    transfer_s: float = 0.0  # first write posted -> last write complete
-    exposed_s: float = 0.0  # end of P's forward pass -> last write complete
+    reason: Text = ""
+    bytes: Count = 0
+    blocks: Count = 0
+    transfer_s: Seconds = 0.0  # first write posted -> last write complete
+    exposed_s: Seconds = 0.0  # end of P's forward pass -> last write complete
 
 
 class Released(msgspec.Struct, tag="released", frozen=True):
     v: int
-    transfer_id: str
+    transfer_id: Id
 
 
-Message = Watch | Started | Register | Release | Layers | Done | Released
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """Anyone with the cluster token (a conductor, the doctor) -> a worker: are you healthy?"""
+
+    v: int
+    transfer_id: Id  # the probe's own id, echoed
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    v: int
+    transfer_id: Id
+    healthy: bool
+    reason: Text = ""  # why not, when not
+    tp_rank: int = 0
+
+
+Message = Watch | Started | Register | Release | Layers | Done | Released | Ping | Pong
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -106,6 +150,8 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(frame: bytes) -> Message:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise BadMessage(f"control frame of {len(frame)} bytes (at most {MAX_FRAME_BYTES})")
     try:
         msg = _decoder.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -111,6 +111,9 @@ class Watchers:
     def __init__(self) -> None:
         self._by_tid: dict[str, tuple[bytes, float]] = {}
 
+    def __len__(self) -> int:
+        return len(self._by_tid)
+
     def add(self, transfer_id: str, reply_to: bytes, until: float) -> None:
         self._by_tid[transfer_id] = (reply_to, until)
 

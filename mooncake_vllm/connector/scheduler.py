@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
-
 from mooncake_vllm.config import ConnectorConfig
+from mooncake_vllm.connector.control import endpoint_refusal
 from mooncake_vllm.connector.pipeline_gate import GateReport, Gates
+from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec, SaveSpec
+from mooncake_vllm.security import transfer_params_refusal
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,46 +41,43 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 
-@dataclass
-class SaveSpec:
-    """P: this step computes tokens [computed, computed + scheduled) of the request."""
-
-    req_id: str
-    transfer_id: str
-    block_ids: list[int]
-    computed: int
-    scheduled: int
-    num_prompt_tokens: int
+_MAX_CONTROLS = 1024
 
 
-@dataclass
-class RecvSpec:
-    """D: ask the prefill workers for these blocks."""
+def params_refusal(p: Any, token: str | None) -> str | None:
+    """Why a request's kv_transfer_params must not drive a transfer; None when they may.
 
-    req_id: str
-    transfer_id: str
-    remote_control: dict[str, Any]
-    block_ids: list[int]  # all of the request's blocks
-    first_block: int  # blocks already held locally (prefix-cache hit)
-    num_tokens: int  # prompt tokens whose KV P sends: all of them, or the pipelined head
-    sync: bool = False  # pipelined: this step's forward pass waits for each layer
-
-
-@dataclass
-class MooncakeMetadata(KVConnectorMetadata):
-    saves: list[SaveSpec] = field(default_factory=list)
-    # P: requests whose blocks the scheduler now holds for the workers: req_id -> finished ok
-    # (False: aborted or errored on P; the workers tell D and stop).
-    held: dict[str, bool] = field(default_factory=dict)
-    recvs: list[RecvSpec] = field(default_factory=list)
-    # D: transfers to call off without ever registering: (transfer_id, remote_control, why).
-    releases: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
-    # D: pipelined transfers whose head D waits to hear P has started: (transfer_id, rc).
-    watches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-
-def _params(request: Request) -> dict[str, Any]:
-    return request.kv_transfer_params or {}
+    The conductor alone writes them (and, with a cluster token, signs them): a client that
+    sets them itself could make D read blocks that still hold another request's KV."""
+    if not isinstance(p, dict):
+        return f"kv_transfer_params is a {type(p).__name__}, not an object"
+    if not (p.get("do_remote_prefill") or p.get("do_remote_decode")):
+        return None  # not ours to check: no transfer is asked for
+    why = transfer_params_refusal(token, p)
+    if why is not None:
+        return why
+    tid = p.get("transfer_id")
+    if p.get("probe") and tid is None:
+        return None
+    if not isinstance(tid, str) or not 1 <= len(tid) <= 256:
+        return f"transfer_id {tid!r} is not a string of 1..256 characters"
+    if not p.get("do_remote_prefill"):
+        return None
+    rc = p.get("remote_control")
+    if not isinstance(rc, dict):
+        return "remote_control is not an object"
+    controls = rc.get("control")
+    if not isinstance(controls, list) or not 1 <= len(controls) <= _MAX_CONTROLS:
+        return f"remote_control.control must list 1..{_MAX_CONTROLS} endpoints, one per rank"
+    for ep in controls:
+        why = endpoint_refusal(ep)
+        if why is not None:
+            return f"remote_control: {why}"
+    tokens = p.get("pipeline_tokens")
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool)
+                               or tokens < 0):
+        return f"pipeline_tokens {tokens!r} is not a non-negative integer"
+    return None
 
 
 class MooncakeScheduler:
@@ -111,6 +108,25 @@ class MooncakeScheduler:
         self._pending_releases: list[tuple[str, dict[str, Any], str]] = []
         self._gates = Gates(silence_s=config.pipeline_silence_timeout_s,
                             max_wait_s=config.transfer_timeout_s)
+        # D: pipelined requests whose blocks stay lent to P after they finish (the workers
+        # report them in finished_sending once no write of P's can land).
+        self._d_delayed: set[str] = set()
+        self._d_pipelined: set[str] = set()
+        self._refused: set[str] = set()  # requests whose parameters were refused (logged once)
+
+    def _params(self, request: Request) -> dict[str, Any]:
+        """The request's kv_transfer_params when they may drive a transfer, else {}."""
+        p = request.kv_transfer_params
+        if not p:
+            return {}
+        why = params_refusal(p, self.config.cluster_token)
+        if why is None:
+            return p
+        if request.request_id not in self._refused:
+            self._refused.add(request.request_id)
+            logger.error("request %s: kv_transfer_params refused (%s); served as a plain "
+                         "request, with no KV transfer", request.request_id, why)
+        return {}
 
     # ---- handshake: worker endpoints -> remote_control, instance registry ----
 
@@ -144,7 +160,7 @@ class MooncakeScheduler:
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        p = _params(request)
+        p = self._params(request)
         if (not self.is_consumer or not p.get("do_remote_prefill")
                 or request.request_id in self._d_handled):
             return 0, False
@@ -166,7 +182,7 @@ class MooncakeScheduler:
     def _pipeline_head(self, request: Request) -> int | None:
         """Tokens P computes in a pipelined prefill (whole blocks, at least one token left for
         D to compute); None when the request is not pipelined."""
-        asked = _params(request).get("pipeline_tokens")
+        asked = self._params(request).get("pipeline_tokens")
         if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0:
             return None
         bs = self.block_size
@@ -174,7 +190,7 @@ class MooncakeScheduler:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        p = _params(request)
+        p = self._params(request)
         rid = request.request_id
         if self.is_producer and p.get("do_remote_decode") and not p.get("probe"):
             self._p_reqs[rid] = request
@@ -197,6 +213,8 @@ class MooncakeScheduler:
         head = self._pipeline_head(request)
         logger.debug("request %s: %d tokens to receive (local hit %d, %s)", rid,
                      num_external_tokens, hit, "pipelined" if head else "whole prompt")
+        if head is not None:
+            self._d_pipelined.add(rid)
         self._pending_recvs.append(RecvSpec(
             req_id=rid, transfer_id=tid, remote_control=rc,
             block_ids=list(blocks.get_block_ids()[0]), first_block=hit // self.block_size,
@@ -216,7 +234,7 @@ class MooncakeScheduler:
                     continue
                 assert self.kv_cache_manager is not None
                 meta.saves.append(SaveSpec(
-                    req_id=rid, transfer_id=str(_params(req)["transfer_id"]),
+                    req_id=rid, transfer_id=str(self._params(req)["transfer_id"]),
                     block_ids=list(self.kv_cache_manager.get_block_ids(rid)[0]),
                     computed=computed[rid], scheduled=n,
                     num_prompt_tokens=req.num_prompt_tokens))
@@ -226,10 +244,18 @@ class MooncakeScheduler:
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        p = _params(request)
+        p = self._params(request)
         rid = request.request_id
         self._d_local_hit.pop(rid, None)
         self._gates.forget(rid)
+        self._refused.discard(rid)
+        if rid in self._d_pipelined:
+            # Pipelined: its blocks were lent to P's writes while it ran; the workers report
+            # it in finished_sending once none can land any more (decode_side.py).
+            self._d_pipelined.discard(rid)
+            self._d_handled.discard(rid)
+            self._d_delayed.add(rid)
+            return True, None
         if self.is_consumer and p.get("do_remote_prefill"):
             if rid not in self._d_handled and isinstance(p.get("remote_control"), dict):
                 # Finished (aborted) before any block was allocated: no registration will
@@ -257,6 +283,7 @@ class MooncakeScheduler:
     def update_connector_output(self, out: KVConnectorOutput) -> None:
         for rid in out.finished_sending or ():
             self._p_held.discard(rid)
+            self._d_delayed.discard(rid)
         report = out.kv_connector_worker_meta
         if isinstance(report, GateReport):
             self._gates.on_report(report, time.monotonic())
@@ -264,7 +291,7 @@ class MooncakeScheduler:
     def has_pending_work(self) -> bool:
         # Keeps the engine stepping (so workers get polled) while blocks are held for a
         # transfer or a message is still to be handed to the workers.
-        return bool(self._p_held or self._pending_held or self._pending_recvs
+        return bool(self._p_held or self._d_delayed or self._pending_held or self._pending_recvs
                     or self._pending_releases or self._gates.has_pending())
 
     def shutdown(self) -> None:

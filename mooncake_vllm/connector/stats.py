@@ -18,7 +18,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 COUNTERS = ("bytes_sent", "blocks_sent", "bytes_received", "blocks_received",
-            "transfers_sent", "transfers_received", "failures", "pipeline_gate_waits")
+            "transfers_sent", "transfers_received", "failures", "pipeline_gate_waits",
+            "health_failures")
 SERIES = ("transfer_s", "exposed_s", "non_overlapped_s")
 
 

@@ -42,6 +42,7 @@ class Outgoing:
     notified: bool = False  # D has had its Done / Released
     held: bool | None = None  # scheduler holds the blocks (ok flag) -> report when notified
     reg_deadline: float = 0.0
+    write_until: float = float("inf")  # no write is posted after this (D's wait is over)
     posted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,3 +92,6 @@ class Incoming:
     layers_written: int = 0
     heard: float = field(default_factory=time.monotonic)  # P's last word on it
     error: str = ""  # why the rest will never arrive
+    reported: bool = False  # the failure has been handed to vLLM (load errors)
+    settled: bool = False  # P can write nothing more: the blocks are D's again
+    horizon: float = float("inf")  # no write of P's can land after this, whatever P says

@@ -27,14 +27,14 @@ from .pd import (
 
 pytestmark = pytest.mark.vllm
 
-SHORT = {"transfer_timeout_s": 6, "abort_ack_timeout_s": 2, "pipeline_silence_timeout_s": 2}
+SHORT = {"transfer_timeout_s": 6, "engine_timeout_s": 3, "pipeline_silence_timeout_s": 2}
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model: Path, logs_dir: Path) -> Iterator[dict[str, VllmServer]]:
     s = {
         "prefill": VllmServer(tiny_model, name="prefill", log_path=logs_dir / "f-prefill.log",
-                              kv_transfer_config=kv_config("kv_producer")),
+                              kv_transfer_config=kv_config("kv_producer", engine_timeout_s=3)),
         "fail": VllmServer(tiny_model, name="decode-fail", log_path=logs_dir / "f-fail.log",
                            kv_transfer_config=kv_config("kv_consumer", **SHORT)),
         "recompute": VllmServer(

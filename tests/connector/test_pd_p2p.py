@@ -49,8 +49,7 @@ def pair(tiny_model: Path, logs_dir: Path) -> Iterator[tuple[VllmServer, VllmSer
                    kv_transfer_config=kv_config("kv_producer", registration_timeout_s=8),
                    extra_args=["--max-num-batched-tokens", str(CHUNK)])
     d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "p2p-decode.log",
-                   kv_transfer_config=kv_config("kv_consumer", transfer_timeout_s=30,
-                                                abort_ack_timeout_s=3))
+                   kv_transfer_config=kv_config("kv_consumer", transfer_timeout_s=30))
     start_all(p, d)
     try:
         yield p, d, probe_remote_control(p)

@@ -1,0 +1,518 @@
+"""The prefill (P) side of the control protocol: posting each layer's KV into D's blocks.
+
+Driven by the model thread (bind, save_layer, end_forward), the control thread (on_message,
+tick) and the completion thread (one engine batch at a time, in post order). It takes an
+engine and a `send(to, message)` function, so unit tests drive it message by message.
+
+Failure rules (the only place they are stated for P):
+- A registration is accepted once per transfer; later ones, and every message about a
+  transfer from anyone but the peer that registered it, are refused and logged.
+- A block of D's is written only between D's registration and P's Done/Released for it, and
+  never later than `Register.wait_s` after the registration arrived: past that, D may already
+  have taken its blocks back, so P posts nothing more and fails the transfer.
+- P answers Released (D's Release) or Done only once no write of its own is in flight, so D
+  gets its blocks back only when nothing of P's can still land in them.
+- Anything wrong with one message or one batch fails that transfer (D is told why); the
+  threads go on.
+- Tables that strangers can grow (early registrations, tombstones, watchers) are bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mooncake_vllm.config import CONTROL_DELIVERY_S, ConnectorConfig
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.control import unpin_current_thread
+from mooncake_vllm.connector.layout import KVLayout, layer_transfer
+from mooncake_vllm.connector.pipeline_gate import Watchers
+from mooncake_vllm.connector.staging import Slot, StagingBuffer
+from mooncake_vllm.connector.stats import MooncakeStats
+from mooncake_vllm.connector.step_schema import MooncakeMetadata
+from mooncake_vllm.connector.transfers import Outgoing
+
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
+V = m.PROTOCOL_VERSION
+Send = Callable[[bytes | str, m.Message], None]
+# How often P repeats a pipelined transfer's progress to D (D's silence timeout is longer).
+PIPELINE_HEARTBEAT_S = 0.5
+# Bounds on what peers can make P remember.
+MAX_EARLY = 4096
+MAX_TOMBSTONES = 65536
+
+
+class PrefillSide:
+    def __init__(self, *, engine: Any, send: Send, config: ConnectorConfig, layout: KVLayout,
+                 block_size: int, tp_rank: int, stats: MooncakeStats,
+                 lock: threading.RLock, metadata: Any = None,
+                 stager: StagingBuffer | None = None,
+                 kv_caches: dict[str, Any] | None = None, device_kv: Any = None) -> None:
+        self.engine, self._send, self.config, self.layout = engine, send, config, layout
+        self.block_size, self.tp_rank, self.stats, self.lock = block_size, tp_rank, stats, lock
+        self.metadata, self.stager, self.device_kv = metadata, stager, device_kv
+        self.kv_caches = kv_caches or {}
+        self.num_layers = len(layout.layer_names)
+        self.out: dict[str, Outgoing] = {}  # by transfer id
+        # Registrations that came before P scheduled the request: tid -> (from, record, until).
+        self.early: OrderedDict[str, tuple[bytes, m.Register, float]] = OrderedDict()
+        self.tombstones: OrderedDict[str, tuple[str, float]] = OrderedDict()  # tid -> why, until
+        self.watchers = Watchers()  # D schedulers waiting for a pipelined head to start
+        self.finished_sending: set[str] = set()
+        self._next_heartbeat = 0.0
+        # (transfer, batch id, layer, bytes, blocks, staging slot), in post order.
+        self._completions: queue.SimpleQueue[
+            tuple[Outgoing, int, int, int, int, Slot | None] | None] = queue.SimpleQueue()
+        self._posts: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ threads
+
+    def start(self) -> None:
+        self._spawn(self._completion_loop, "mooncake-completions")
+        if self.device_kv is not None or (self.stager is not None
+                                          and self.stager.stream is not None):
+            self._spawn(self._poster_loop, "mooncake-poster")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._posts.put(None)
+        self._completions.put(None)
+
+    def threads_alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    # ------------------------------------------------------------------ model thread
+
+    def bind(self, meta: MooncakeMetadata, now: float) -> None:
+        """Before the forward pass: this step's saves and the requests now held for us."""
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is None:
+                    tr = Outgoing(s.transfer_id, s.req_id, self.num_layers, s.num_prompt_tokens)
+                    self.out[s.transfer_id] = tr
+                    gone = self.tombstones.pop(s.transfer_id, None)
+                    if gone is not None:  # D called it off before P even started
+                        tr.released = True
+                        tr.notified = True
+                    early = self.early.pop(s.transfer_id, None)
+                    if early is not None:
+                        self._accept_registration(tr, early[0], early[1], early[2])
+                tr.block_ids = np.asarray(s.block_ids, np.int64)
+                if not tr.head_started and s.computed + s.scheduled >= s.num_prompt_tokens:
+                    tr.head_started = True  # its last chunk is in this step
+                    watcher = self.watchers.pop(s.transfer_id)
+                    if watcher is not None:
+                        self._send(watcher, m.Started(V, s.transfer_id, True))
+                # Tokens computed before this step (prefix-cache hits, earlier chunks) are
+                # valid in every layer already; they are sent like freshly computed ones.
+                tr.ready = [max(r, min(s.computed, s.num_prompt_tokens)) for r in tr.ready]
+            for rid, ok in meta.held.items():
+                tr = self._out_by_req(rid)
+                if tr is None:  # nothing was ever scheduled: free at once
+                    self.finished_sending.add(rid)
+                    continue
+                tr.held = ok
+                if not ok and not tr.stopped():
+                    tr.failed = "prefill request was aborted or failed"
+                if tr.reg is None and not tr.stopped():
+                    tr.reg_deadline = now + self.config.registration_timeout_s
+                self._maybe_finish(tr)
+            if meta.watches:
+                self.stats.add(pipeline_gate_waits=len(meta.watches))
+
+    def save_layer(self, meta: MooncakeMetadata, layer: int) -> None:
+        """Layer `layer` of this step's tokens is in the cache: post what it completed."""
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is None:
+                    continue
+                tr.ready[layer] = max(tr.ready[layer],
+                                      min(s.computed + s.scheduled, s.num_prompt_tokens))
+                self._post(tr, layer)
+
+    def end_forward(self, meta: MooncakeMetadata, now: float) -> None:
+        with self.lock:
+            for s in meta.saves:
+                tr = self.out.get(s.transfer_id)
+                if tr is not None and tr.fully_computed() and not tr.forward_end:
+                    tr.forward_end = now
+                    self._maybe_finish(tr)
+
+    def take_finished(self) -> set[str]:
+        with self.lock:
+            done, self.finished_sending = self.finished_sending, set()
+        return done
+
+    # ------------------------------------------------------------------ posting
+
+    def _post(self, tr: Outgoing, layer: int) -> None:
+        """Post one batched WRITE of this layer's newly valid blocks (lock held)."""
+        if tr.reg is None or tr.stopped():
+            return
+        if time.monotonic() >= tr.write_until:
+            self._fail(tr, f"decode's wait of {tr.reg.wait_s:.1f}s for this transfer is over; "
+                       "its blocks may no longer be ours to write")
+            self._maybe_finish(tr)
+            return
+        bs = self.block_size
+        ready = tr.ready[layer]
+        lo = max(tr.sent[layer], tr.reg.first_block)
+        # Only whole blocks travel until the prompt's last token is computed: a block that a
+        # later chunk still fills is sent once, complete. Sending it partly filled and again
+        # later would put two writes to one decode block in flight on different connections,
+        # and the stale one could land last.
+        filled = -(-ready // bs) if ready >= tr.num_prompt_tokens else ready // bs
+        hi = min(filled, tr.total_blocks, len(tr.block_ids))
+        if hi <= lo:
+            return
+        first = tr.reg.first_block
+        local_ids, remote_ids = tr.block_ids[lo:hi], tr.remote_ids[lo - first:hi - first]
+        local_planes = [(p.base, p.stride) for p in self.layout.planes[layer]]
+        bb = self.layout.block_bytes
+        slot, event = None, None
+        try:
+            if self.stager is not None:
+                slot = self.stager.alloc(len(local_ids) * bb * len(local_planes),
+                                         self.config.engine_timeout_s)
+                event = self.stager.gather(self.kv_caches[self.layout.layer_names[layer]],
+                                           local_planes, bb, self.layout.num_blocks,
+                                           local_ids, slot)
+                n = len(local_ids)
+                local_planes = [(self.stager.base + slot.offset + p * n * bb, bb)
+                                for p in range(len(local_planes))]
+                local_ids = np.arange(n, dtype=np.int64)
+            elif self.device_kv is not None:
+                import torch
+
+                # RDMA reads device memory straight away: wait (on the poster thread, not
+                # here) until the kernels that wrote this layer's KV have run.
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device_kv))
+            la, ra, ln = layer_transfer(local_planes, tr.reg.layout.planes[layer], bb,
+                                        local_ids, remote_ids)
+            bid = None
+            if event is None:
+                bid = self.engine.submit(tr.segment, "write", la, ra, ln)
+        except Exception as e:  # a bad address from D, a full staging buffer, ...
+            if slot is not None and self.stager is not None:
+                self.stager.free(slot)
+            self._fail(tr, f"posting layer {layer} failed: {e}")
+            self._maybe_finish(tr)
+            return
+        tr.inflight += 1
+        tr.layer_inflight[layer] += 1
+        if not tr.first_post:
+            tr.first_post = time.monotonic()
+        if self.config.measure_non_overlapped and slot is None:
+            tr.posted.append((la, ra, ln))
+        tr.sent[layer] = hi
+        if bid is None:  # device copy still running: the poster thread submits
+            self._posts.put((event, tr, layer, (la, ra, ln), int(ln.sum()), hi - lo, slot))
+        else:
+            self._completions.put((tr, bid, layer, int(ln.sum()), hi - lo, slot))
+
+    def _poster_loop(self) -> None:
+        """Posts batches once the device work they read has run: the staged copy (GPU + TCP),
+        or the kernels that wrote the KV (GPU + RDMA reads device memory directly)."""
+        unpin_current_thread()
+        while True:
+            item = self._posts.get()
+            if item is None:
+                return
+            ev, tr, layer, arrays, nbytes, nblocks, slot = item
+            try:
+                ev.synchronize()
+                bid = self.engine.submit(tr.segment, "write", *arrays)
+            except Exception as e:
+                if slot is not None and self.stager is not None:
+                    self.stager.free(slot)
+                with self.lock:
+                    tr.inflight -= 1
+                    tr.layer_inflight[layer] -= 1
+                    self._fail(tr, f"posting a staged batch failed: {e}")
+                    self._maybe_finish(tr)
+                continue
+            self._completions.put((tr, bid, layer, nbytes, nblocks, slot))
+
+    def _completion_loop(self) -> None:
+        unpin_current_thread()
+        while True:
+            item = self._completions.get()
+            if item is None:
+                return
+            tr, bid, layer, nbytes, nblocks, slot = item
+            err = ""
+            try:
+                self.engine.wait(bid, timeout_s=self.config.engine_timeout_s + 5)
+            except Exception as e:  # TransferError, timeout: the write did not land
+                err = str(e) or type(e).__name__
+            finally:
+                with contextlib.suppress(Exception):
+                    self.engine.release(bid)
+                if slot is not None and self.stager is not None:
+                    self.stager.free(slot)
+            try:
+                with self.lock:
+                    tr.inflight -= 1
+                    tr.layer_inflight[layer] -= 1
+                    tr.last_done = time.monotonic()
+                    if err:
+                        self._fail(tr, f"write to decode failed: {err}")
+                    else:
+                        tr.bytes += nbytes
+                        tr.blocks += nblocks
+                    self._maybe_finish(tr)
+            except Exception:  # one transfer's bookkeeping must not end the thread
+                logger.exception("transfer %s: completion handling failed", tr.transfer_id)
+
+    def _fail(self, tr: Outgoing, why: str) -> None:
+        if not tr.stopped():
+            tr.failed = why
+            logger.warning("transfer %s (request %s): %s", tr.transfer_id, tr.req_id, why)
+
+    def _maybe_finish(self, tr: Outgoing) -> None:
+        """Tell D and free the blocks once nothing more will be written (lock held)."""
+        if tr.reg is not None and tr.reg.layer_progress and not tr.notified \
+                and not tr.stopped():
+            written = tr.layers_written(self.block_size)
+            if written > tr.layers_reported:
+                assert tr.reply_to is not None
+                tr.layers_reported = written
+                self._send(tr.reply_to, m.Layers(V, tr.transfer_id, written))
+        if not tr.notified and tr.inflight == 0:
+            if tr.stopped() and tr.reply_to is not None:
+                if tr.released:
+                    self._send(tr.reply_to, m.Released(V, tr.transfer_id))
+                else:
+                    self.stats.add(failures=1)
+                    self._send(tr.reply_to, m.Done(V, tr.transfer_id, False, tr.failed[:4000]))
+                tr.notified = True
+            elif tr.stopped():
+                # Nobody registered yet: keep the reason for a registration still on its way.
+                self._tombstone(tr.transfer_id, tr.failed or "released")
+                tr.notified = True
+            elif (tr.reg is not None and tr.forward_end and tr.fully_computed()
+                  and tr.fully_posted(self.block_size)):
+                self._complete(tr)
+        if tr.notified and tr.held is not None:
+            self.finished_sending.add(tr.req_id)
+            self.out.pop(tr.transfer_id, None)
+
+    def _complete(self, tr: Outgoing) -> None:
+        exposed = max(0.0, tr.last_done - tr.forward_end)
+        transfer_s = max(0.0, tr.last_done - tr.first_post)
+        non_overlapped = 0.0
+        if self.config.measure_non_overlapped and tr.posted:
+            non_overlapped = self._resend(tr)
+        self.stats.add(bytes_sent=tr.bytes, blocks_sent=tr.blocks, transfers_sent=1)
+        self.stats.observe("transfer_s", transfer_s)
+        self.stats.observe("exposed_s", exposed)
+        if non_overlapped:
+            self.stats.observe("non_overlapped_s", non_overlapped)
+        logger.info("mooncake transfer %s done: request=%s bytes=%d blocks=%d transfer_s=%.6f "
+                    "exposed_s=%.6f non_overlapped_s=%.6f", tr.transfer_id, tr.req_id, tr.bytes,
+                    tr.blocks, transfer_s, exposed, non_overlapped)
+        assert tr.reply_to is not None
+        self._send(tr.reply_to, m.Done(V, tr.transfer_id, True, "", tr.bytes, tr.blocks,
+                                       transfer_s, exposed))
+        tr.notified = True
+
+    def _resend(self, tr: Outgoing) -> float:
+        """Benchmark: the same writes, all posted after the forward pass, timed end to end."""
+        t0 = time.perf_counter()
+        bids = [self.engine.submit(tr.segment, "write", *arrays) for arrays in tr.posted]
+        for bid in bids:
+            self.engine.wait(bid, timeout_s=self.config.engine_timeout_s)
+            self.engine.release(bid)
+        return time.perf_counter() - t0
+
+    def _out_by_req(self, req_id: str) -> Outgoing | None:
+        return next((t for t in self.out.values() if t.req_id == req_id), None)
+
+    def _tombstone(self, tid: str, why: str) -> None:
+        self.tombstones[tid] = (why, time.monotonic() + self.config.registration_timeout_s)
+        self.tombstones.move_to_end(tid)
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            self.tombstones.popitem(last=False)
+
+    # ------------------------------------------------------------------ registrations
+
+    def _accept_registration(self, tr: Outgoing, reply_to: bytes, reg: m.Register,
+                             arrived: float) -> None:
+        """Check and attach D's registration, then flush layers already computed (lock held)."""
+        tr.reply_to = reply_to
+        if tr.stopped():
+            self._maybe_finish(tr)
+            return
+        why = m.layout_mismatch(self.layout.info(), reg.layout)
+        if why is None and reg.layout.tp_rank != self.tp_rank:
+            why = (f"KV layout mismatch: tp_rank is {self.tp_rank} on prefill but "
+                   f"{reg.layout.tp_rank} on decode")
+        last_landing = reg.wait_s + CONTROL_DELIVERY_S + self.config.engine_timeout_s + 1.0
+        if why is None and last_landing > reg.horizon_s + 1e-6:
+            why = (f"decode takes its blocks back {reg.horizon_s:.1f}s after registering, but "
+                   f"a write of this prefill may land up to {last_landing:.1f}s after it "
+                   f"(engine_timeout_s={self.config.engine_timeout_s:g} here): give both "
+                   "sides the same engine_timeout_s")
+        if why is None:
+            try:
+                desc = reg.segment
+                if desc is None:
+                    if self.metadata is None:
+                        raise RuntimeError(f"segment {reg.segment_name!r} sent by name, but "
+                                           "this instance has no metadata server (p2p mode)")
+                    desc = self.metadata.get_segment(reg.segment_name)
+                    if desc is None:
+                        raise RuntimeError(f"segment {reg.segment_name!r} is not published")
+                tr.segment = self.engine.open_segment(desc)
+            except Exception as e:
+                why = f"cannot open decode segment {reg.segment_name!r}: {e}"
+        if why is not None:
+            logger.error("transfer %s refused: %s", reg.transfer_id, why)
+            tr.failed = why
+            self._maybe_finish(tr)
+            return
+        tr.reg = reg
+        tr.write_until = arrived + reg.wait_s
+        tr.remote_ids = np.asarray(reg.block_ids, np.int64)
+        for layer in range(len(tr.ready)):
+            self._post(tr, layer)
+        self._maybe_finish(tr)
+
+    # ------------------------------------------------------------------ control thread
+
+    def on_message(self, sender: bytes, msg: m.Message) -> None:
+        with self.lock:
+            if isinstance(msg, m.Register):
+                self._on_register(sender, msg)
+            elif isinstance(msg, m.Release):
+                self._on_release(sender, msg)
+            elif isinstance(msg, m.Watch):
+                self._on_watch(sender, msg)
+            else:
+                logger.warning("control: refused %s from %r (wrong direction)",
+                               type(msg).__name__, sender)
+
+    def _on_register(self, sender: bytes, reg: m.Register) -> None:
+        now = time.monotonic()
+        tr = self.out.get(reg.transfer_id)
+        logger.debug("transfer %s: registration for %d blocks from %s (prefill %s)",
+                     reg.transfer_id, len(reg.block_ids), reg.engine_id,
+                     "known" if tr is not None else "not seen yet")
+        if tr is not None:
+            if tr.reply_to is not None:
+                logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+                return
+            self._accept_registration(tr, sender, reg, now)
+            return
+        gone = self.tombstones.get(reg.transfer_id)
+        if gone is not None:
+            self._send(sender, m.Done(V, reg.transfer_id, False, gone[0]))
+            return
+        if reg.transfer_id in self.early:
+            logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+            return
+        if len(self.early) >= MAX_EARLY:
+            logger.warning("transfer %s: refused, %d registrations already wait for their "
+                           "prefill request", reg.transfer_id, len(self.early))
+            self._send(sender, m.Done(V, reg.transfer_id, False,
+                                      "prefill has too many registrations waiting"))
+            return
+        # The prefill half may sit in this instance's queue for a while under load: keep the
+        # registration as long as the decode side is willing to wait for it, not less
+        # (a shorter wait here made D give up on requests P was about to serve).
+        self.early[reg.transfer_id] = (sender, reg, now)
+
+    def _on_watch(self, sender: bytes, watch: m.Watch) -> None:
+        """D waits to schedule a pipelined request until its head is started here: answer at
+        once if it is (or if the transfer is already over: D then learns why when it
+        registers), else when bind() schedules the head's last chunk."""
+        tr = self.out.get(watch.transfer_id)
+        if (tr is not None and tr.head_started) or watch.transfer_id in self.tombstones:
+            self._send(sender, m.Started(V, watch.transfer_id, True))
+            return
+        if len(self.watchers) >= MAX_EARLY:
+            logger.warning("transfer %s: watch refused, %d already wait", watch.transfer_id,
+                           len(self.watchers))
+            return
+        self.watchers.add(watch.transfer_id, sender,
+                          time.monotonic() + self.config.transfer_timeout_s)
+
+    def _on_release(self, sender: bytes, rel: m.Release) -> None:
+        tr = self.out.get(rel.transfer_id)
+        early = self.early.get(rel.transfer_id)
+        owner = tr.reply_to if tr is not None and tr.reply_to is not None else (
+            early[0] if early is not None else None)
+        if owner is not None and owner != sender:
+            logger.warning("transfer %s: refused a Release from %r, which did not register "
+                           "it", rel.transfer_id, sender)
+            return
+        logger.info("transfer %s released by decode: %s", rel.transfer_id, rel.reason)
+        self.watchers.pop(rel.transfer_id)
+        self.early.pop(rel.transfer_id, None)
+        if tr is None or tr.notified:
+            if tr is None:
+                self._tombstone(rel.transfer_id, "released by decode: " + rel.reason)
+            self._send(sender, m.Released(V, rel.transfer_id))
+            return
+        if tr.reply_to is None:
+            tr.reply_to = sender
+        tr.released = True
+        self._maybe_finish(tr)
+
+    def _heartbeats(self) -> None:
+        """Tell D that pipelined transfers still open are alive (lock held): D's forward
+        pass is blocked on them and otherwise cannot tell a queued head from a dead peer."""
+        for tr in self.out.values():
+            if (tr.reg is not None and tr.reg.layer_progress and tr.reply_to is not None
+                    and not tr.notified and not tr.stopped()):
+                self._send(tr.reply_to, m.Layers(V, tr.transfer_id, tr.layers_reported))
+        for tid, (sender, reg, _) in self.early.items():
+            if reg.layer_progress:  # registered before P scheduled its half: still queued
+                self._send(sender, m.Layers(V, tid, 0))
+        for tid, sender in self.watchers.items():  # its head is still queued here
+            self._send(sender, m.Started(V, tid, False))
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + PIPELINE_HEARTBEAT_S
+                self._heartbeats()
+            self.watchers.expire(now)
+            for tid, (sender, reg, arrived) in list(self.early.items()):
+                if now >= arrived + reg.wait_s:
+                    del self.early[tid]
+                    self._send(sender, m.Done(V, tid, False, "no prefill request with this "
+                                              "transfer id arrived in time"))
+            for tid, (_, until) in list(self.tombstones.items()):
+                if now >= until:
+                    del self.tombstones[tid]
+            for tr in list(self.out.values()):
+                if tr.reg is None and tr.reg_deadline and now >= tr.reg_deadline \
+                        and not tr.stopped():
+                    logger.warning(
+                        "transfer %s (request %s): decode never registered within %.1fs; "
+                        "freeing the prefill blocks", tr.transfer_id, tr.req_id,
+                        self.config.registration_timeout_s)
+                    tr.failed = "decode did not register in time"
+                    self._maybe_finish(tr)
+                elif (tr.reg is not None and now >= tr.write_until and not tr.stopped()
+                      and not tr.notified):
+                    self._fail(tr, f"decode's wait of {tr.reg.wait_s:.1f}s is over before "
+                               "every layer was written")
+                    self._maybe_finish(tr)

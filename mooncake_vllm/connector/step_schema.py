@@ -1,0 +1,49 @@
+"""What the scheduler tells the workers each step (vLLM's connector metadata).
+
+Its own module so that the workers never import the scheduler half: both import this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class SaveSpec:
+    """P: this step computes tokens [computed, computed + scheduled) of the request."""
+
+    req_id: str
+    transfer_id: str
+    block_ids: list[int]
+    computed: int
+    scheduled: int
+    num_prompt_tokens: int
+
+
+@dataclass
+class RecvSpec:
+    """D: ask the prefill workers for these blocks."""
+
+    req_id: str
+    transfer_id: str
+    remote_control: dict[str, Any]
+    block_ids: list[int]  # all of the request's blocks
+    first_block: int  # blocks already held locally (prefix-cache hit)
+    num_tokens: int  # prompt tokens whose KV P sends: all of them, or the pipelined head
+    sync: bool = False  # pipelined: this step's forward pass waits for each layer
+
+
+@dataclass
+class MooncakeMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+    # P: requests whose blocks the scheduler now holds for the workers: req_id -> finished ok
+    # (False: aborted or errored on P; the workers tell D and stop).
+    held: dict[str, bool] = field(default_factory=dict)
+    recvs: list[RecvSpec] = field(default_factory=list)
+    # D: transfers to call off without ever registering: (transfer_id, remote_control, why).
+    releases: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    # D: pipelined transfers whose head D waits to hear P has started: (transfer_id, rc).
+    watches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
