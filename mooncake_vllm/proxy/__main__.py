@@ -3,6 +3,13 @@
     mooncake-vllm proxy --port 8000 --prefill http://p1:8100 --decode http://d1:8200
     mooncake-vllm proxy --port 8000 --metadata-server etcd://10.0.0.5:2379
     mooncake-vllm proxy --port 8000 --both http://a:8100 --both http://b:8100   # no P/D split
+
+Security: only the conductor writes a request's kv_transfer_params (a client's are dropped);
+with a cluster token (MOONCAKE_VLLM_CLUSTER_TOKEN, as the instances' connectors) it signs
+them, and connectors with the token refuse unsigned ones. A client's Authorization header is
+passed to the instances, so vLLM's --api-key works behind the conductor. /instances and
+/admission need the admin token, or without one are served to loopback clients only. Secrets
+are best given in the environment: command lines are visible to every local user.
 """
 
 from __future__ import annotations
@@ -11,10 +18,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
 from .config import POLICIES, ProxyConfig, ProxyConfigError
+
+ENV_CLUSTER_TOKEN = "MOONCAKE_VLLM_CLUSTER_TOKEN"  # the connector's name for the same secret
+ENV_ADMIN_TOKEN = "MOONCAKE_VLLM_ADMIN_TOKEN"
+ENV_UPSTREAM_API_KEY = "MOONCAKE_VLLM_UPSTREAM_API_KEY"
+
+
+def _secret(flag: str | None, env: str) -> str | None:
+    return flag or os.environ.get(env) or None
 
 
 def parse_args(argv: list[str] | None) -> ProxyConfig:
@@ -79,6 +95,23 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
     ap.add_argument("--max-attempts", type=int, default=d.max_attempts)
     ap.add_argument("--prior-tokens-per-s", type=float, default=d.prior_tokens_per_s)
     ap.add_argument("--prior-overhead-s", type=float, default=d.prior_overhead_s)
+    ap.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                    metavar="N", help="generation requests served at once; more are refused "
+                    "at once with 503 + Retry-After (default %(default)s). Also sizes the "
+                    "upstream connection pool")
+    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="BYTES",
+                    help="larger request bodies are refused with 413 (default %(default)s)")
+    ap.add_argument("--cluster-token", default=None, metavar="TOKEN",
+                    help=f"sign the kv_transfer_params the conductor writes (env "
+                    f"{ENV_CLUSTER_TOKEN}, which the instances' connectors read too); "
+                    "without it they are written unsigned")
+    ap.add_argument("--admin-token", default=None, metavar="TOKEN",
+                    help=f"/instances and /admission need 'Authorization: Bearer TOKEN' (env "
+                    f"{ENV_ADMIN_TOKEN}); without it they are served to loopback clients only")
+    ap.add_argument("--upstream-api-key", default=None, metavar="KEY",
+                    help=f"the instances' vLLM --api-key, for the conductor's own calls "
+                    f"(health checks, remote_control probes; env {ENV_UPSTREAM_API_KEY}). "
+                    "Client requests carry the client's own Authorization header")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
@@ -99,6 +132,10 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         first_token_timeout_s=a.first_token_timeout_s, idle_timeout_s=a.idle_timeout_s,
         max_attempts=a.max_attempts, prior_tokens_per_s=a.prior_tokens_per_s,
         prior_overhead_s=a.prior_overhead_s,
+        max_concurrent_requests=a.max_concurrent_requests, max_body_bytes=a.max_body_bytes,
+        cluster_token=_secret(a.cluster_token, ENV_CLUSTER_TOKEN),
+        admin_token=_secret(a.admin_token, ENV_ADMIN_TOKEN),
+        upstream_api_key=_secret(a.upstream_api_key, ENV_UPSTREAM_API_KEY),
     ).validate()
 
 

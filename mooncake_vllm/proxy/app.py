@@ -1,5 +1,7 @@
 """HTTP routes of the conductor (aiohttp): the OpenAI endpoints, /v1/models, /health, /metrics,
-and two JSON views for operators: /instances and /admission."""
+and two JSON views for operators: /instances and /admission (admin token or loopback only,
+access.py). A generation request takes a slot (or is refused at once), its body is read up to
+the size cap, and a large body is parsed and hashed off the event loop (limits.py)."""
 
 from __future__ import annotations
 
@@ -11,21 +13,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .access import admin_refusal, client_auth
 from .conductor import Conductor
 from .config import ProxyConfig
-from .disagg import CLIENT_GONE, error_response, serve
-from .prompt import BadRequest
+from .disagg import CLIENT_GONE, serve
+from .errors import error_response
+from .limits import BodyTooLarge, ConcurrencyLimit, read_body, run_sized
+from .prompt import BadRequest, PromptKey
 
 log = logging.getLogger(__name__)
 
 CONDUCTOR: web.AppKey[Conductor] = web.AppKey("conductor", Conductor)
+SLOTS: web.AppKey[ConcurrencyLimit] = web.AppKey("slots", ConcurrencyLimit)
 
 
-async def _parse_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+def _parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
@@ -41,16 +46,37 @@ async def _parse_body(request: web.Request) -> dict[str, Any]:
 def _generation(path: str, chat: bool):  # type: ignore[no-untyped-def]
     endpoint = "chat" if chat else "completions"
 
+    def parse(c: Conductor, raw: bytes) -> tuple[dict[str, Any], PromptKey]:
+        body = _parse_body(raw)
+        return body, c.hasher.key(chat, body)
+
     async def handler(request: web.Request) -> web.StreamResponse:
-        c = request.app[CONDUCTOR]
+        c, slots = request.app[CONDUCTOR], request.app[SLOTS]
+        if not slots.try_enter():
+            c.metrics.requests.labels(endpoint, "503").inc()
+            return error_response(
+                503, f"the conductor is serving its limit of {slots.limit} concurrent "
+                "requests (--max-concurrent-requests); retry later", "overloaded",
+                headers={"Retry-After": "1"})
         try:
-            body = await _parse_body(request)
-            key = c.hasher.key(chat, body)
+            return await admitted(c, request)
+        finally:
+            slots.leave()
+
+    async def admitted(c: Conductor, request: web.Request) -> web.StreamResponse:
+        try:
+            raw = await read_body(request, c.config.max_body_bytes)
+        except BodyTooLarge as e:
+            c.metrics.rejections.labels("body_too_large").inc()
+            c.metrics.requests.labels(endpoint, "413").inc()
+            return error_response(413, str(e), "invalid_request_error")
+        try:
+            body, key = await run_sized(len(raw), parse, c, raw)
         except BadRequest as e:
             c.metrics.requests.labels(endpoint, "bad_request").inc()
             return error_response(400, str(e), "invalid_request_error")
         try:
-            resp = await serve(c, request, path, body, key)
+            resp = await serve(c, request, path, body, key, len(raw))
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client's connection is lost; every
             # upstream response was closed on the way out, which makes vLLM abort.
@@ -69,9 +95,10 @@ async def models(request: web.Request) -> web.Response:
     c = request.app[CONDUCTOR]
     assert c.session is not None
     insts = [i for i in c.registry if i.healthy]
+    auth = client_auth(request)
 
     async def ask(url: str) -> list[dict[str, Any]]:
-        async with c.session.get(url + "/v1/models",  # type: ignore[union-attr]
+        async with c.session.get(url + "/v1/models", headers=auth,  # type: ignore[union-attr]
                                  timeout=aiohttp.ClientTimeout(total=5)) as r:
             return list((await r.json()).get("data", [])) if r.status == 200 else []
 
@@ -105,18 +132,27 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def instances(request: web.Request) -> web.Response:
     c = request.app[CONDUCTOR]
+    refused = admin_refusal(request, c.config.admin_token)
+    if refused is not None:
+        return refused
     return web.json_response({"policy": c.policy.name, "prefix_hashing": c.hasher.mode,
                               "instances": [i.describe() for i in c.registry]})
 
 
 async def admission(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CONDUCTOR].admission.report())
+    c = request.app[CONDUCTOR]
+    refused = admin_refusal(request, c.config.admin_token)
+    if refused is not None:
+        return refused
+    return web.json_response(c.admission.report())
 
 
 def make_app(config: ProxyConfig, conductor: Conductor | None = None) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
     c = conductor or Conductor(config)
+    # One byte over the cap: aiohttp refuses a body of client_max_size bytes or more.
+    app = web.Application(client_max_size=c.config.max_body_bytes + 1)
     app[CONDUCTOR] = c
+    app[SLOTS] = ConcurrencyLimit(c.config.max_concurrent_requests, c.metrics)
     app.router.add_post("/v1/completions", _generation("/v1/completions", chat=False))
     app.router.add_post("/v1/chat/completions", _generation("/v1/chat/completions", chat=True))
     app.router.add_get("/v1/models", models)

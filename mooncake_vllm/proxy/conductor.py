@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from .access import conductor_auth
 from .admission import Admission
 from .config import ProxyConfig
 from .discovery import Discovery, add_static
@@ -45,7 +46,8 @@ class Conductor:
         self.policy = policy or make_policy(config.policy)
         self.admission = Admission(config.slo_ttft_s, self.metrics)
         self.hasher = PromptHasher(config.tokenizer, config.block_tokens, config.chars_per_block)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # client requests' upstream halves
+        self.checks: aiohttp.ClientSession | None = None  # health checks and load scraping
         self.health: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.probe_locks: dict[str, asyncio.Lock] = {}
@@ -59,10 +61,19 @@ class Conductor:
 
     async def start(self) -> None:
         cfg = self.config
-        # No pool limit: every client request holds its upstream connections for its lifetime.
+        # A client request holds at most one connection to an instance for its lifetime, and
+        # two in all (its P and D halves); the margin is for probes and /v1/models. The pool
+        # thus never makes an admitted request wait, and still bounds what the conductor opens.
+        n = cfg.max_concurrent_requests
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=2 * n + 64, limit_per_host=n + 8),
             timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s),
+        )
+        # Health checks have a pool of their own: a pool full of client requests must not make
+        # a healthy instance miss its check and leave rotation.
+        self.checks = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=4),
+            headers=conductor_auth(cfg.upstream_api_key),
         )
         add_static(self.registry, "prefill", cfg.prefill_urls)
         add_static(self.registry, "decode", cfg.decode_urls)
@@ -74,20 +85,24 @@ class Conductor:
                 await asyncio.to_thread(self.discovery.start, asyncio.get_running_loop())
             except BaseException:
                 await self.session.close()  # stop() will not run for a failed start
+                await self.checks.close()
                 raise
-        self.health = HealthChecker(self.registry, self.session, self.metrics,
+        self.health = HealthChecker(self.registry, self.checks, self.metrics,
                                     cfg.health_interval_s, cfg.health_timeout_s)
         self.health.start()
-        log.info("conductor: policy %s, prefix hashing by %s, SLO %s", self.policy.name,
-                 self.hasher.mode, cfg.slo_ttft_s)
+        log.info("conductor: policy %s, prefix hashing by %s, SLO %s, transfer parameters %s, "
+                 "operator views %s", self.policy.name, self.hasher.mode, cfg.slo_ttft_s,
+                 "signed" if cfg.cluster_token else "unsigned (no cluster token)",
+                 "behind the admin token" if cfg.admin_token else "for loopback clients only")
 
     async def stop(self) -> None:
         if self.health is not None:
             await self.health.stop()
         if self.discovery is not None:
             await asyncio.to_thread(self.discovery.close)
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.checks):
+            if session is not None:
+                await session.close()
 
     def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False) -> Route | None:
         """Disaggregated when prefill and decode instances are up (a short prompt: the decode

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .validation import http_url_problem
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
@@ -79,6 +81,23 @@ class ProxyConfig:
     # TTFT model prior (seconds = overhead + tokens / rate) until instances have shown theirs.
     prior_overhead_s: float = 0.05
     prior_tokens_per_s: float = 2000.0
+    # Secrets (from flags or MOONCAKE_VLLM_* environment variables; see __main__.py).
+    # The cluster token signs the kv_transfer_params the conductor writes; connectors that share
+    # it refuse parameters it did not sign. None: written unsigned.
+    # repr=False: a logged or printed config never shows a secret.
+    cluster_token: str | None = field(default=None, repr=False)
+    # Bearer token for /instances and /admission. None: served to loopback clients only.
+    admin_token: str | None = field(default=None, repr=False)
+    # Key for the conductor's own calls to instances run with vLLM's --api-key (health
+    # checks, probes). Client requests carry the client's own Authorization header instead.
+    upstream_api_key: str | None = field(default=None, repr=False)
+    # Front-door limits. Requests beyond `max_concurrent_requests` are refused at once (503):
+    # queueing them here would only hide an overload the SLO admission and clients should see.
+    # The upstream connection pool is sized from it (see conductor.py).
+    max_concurrent_requests: int = 1024
+    # Larger bodies are refused (413) before they are read: any prompt a model takes fits
+    # in far less, and each body is held in memory and parsed by this one process.
+    max_body_bytes: int = 8 * 1024 * 1024
 
     def validate(self) -> ProxyConfig:
         def bad(key: str, why: str) -> ProxyConfigError:
@@ -95,8 +114,10 @@ class ProxyConfig:
                 "disaggregated serving needs at least one of each"
             )
         for url in (*self.prefill_urls, *self.decode_urls, *self.both_urls):
-            if not url.startswith(("http://", "https://")):
-                raise ProxyConfigError(f"instance URL {url!r}: expected http://HOST:PORT")
+            problem = http_url_problem(url, need_port=False)
+            if problem:
+                raise ProxyConfigError(f"instance URL {url!r}: {problem} (expected "
+                                       "http://HOST:PORT)")
         if self.metadata_server and not self.metadata_server.startswith(
             ("etcd://", "etcds://", "http://", "https://")
         ):
@@ -116,7 +137,8 @@ class ProxyConfig:
         if not 0 < self.pipeline_prefill_share < 1:
             raise bad("pipeline_prefill_share", "must be between 0 and 1 (the prefill "
                       "instance's share of the prompt)")
-        for key in ("block_tokens", "chars_per_block", "prefix_capacity_blocks", "max_attempts"):
+        for key in ("block_tokens", "chars_per_block", "prefix_capacity_blocks", "max_attempts",
+                    "max_concurrent_requests", "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s",

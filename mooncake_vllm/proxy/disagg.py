@@ -5,14 +5,18 @@ Disaggregated: make a transfer id; send the prefill instance the request with `m
 decode instance the request with `{do_remote_prefill, transfer_id, remote_control}`; relay the
 decode instance's answer. Pipelined: the same, but P is sent only the prompt's first N token
 ids and D all of them with `pipeline_tokens: N`. Alone ("both" instance): relay that instance's
-answer.
+answer. Client-sent `kv_transfer_params` never reach an instance; the conductor's own are
+signed with the cluster token when there is one (transfer_params.py). Every upstream request
+carries the client's Authorization header.
 
 Failure rules:
 - Until the first byte of the answer has been written to the client nothing is committed: an
   upstream that fails (connection error, 5xx, deadline, stream ending empty) makes the request
   start over on other instances (both halves, with a new transfer id), up to `max_attempts`.
 - After that, an upstream failure ends the stream with an SSE error event.
-- An upstream 4xx is the client's fault: relayed as is, no retry.
+- An upstream 4xx is the client's fault: relayed (vLLM's error message and type), no retry.
+- Upstream error bodies and addresses stay in the log: the client learns which role failed and
+  how (status, deadline, connection), not what the instance said (errors.py).
 - The client going away cancels the handler; every upstream response is then closed, which
   makes vLLM abort the request and free its KV.
 - Every wait has a deadline: connect, probe, prefill, first token, and the gap between chunks.
@@ -32,10 +36,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import transfer_params
+from .access import client_auth, conductor_auth
 from .conductor import Conductor, Route
+from .errors import LOGGED_BODY_BYTES, error_body, error_response, refused_response
 from .health import mark_down
+from .limits import encode_json, run_sized
 from .prompt import PromptKey
 from .upstreams import Instance, PrefillTicket, decode_slot
+from .validation import remote_control_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +52,30 @@ _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, OSError)
 
 
 class UpstreamFailure(Exception):
-    """An upstream failed before anything reached the client: try another instance."""
+    """An upstream failed before anything reached the client: try another instance.
 
-    def __init__(self, inst: Instance, role: str, kind: str, message: str,
+    `public` says how, in words fit for the client (no address, nothing the instance sent);
+    `detail` is for the log only."""
+
+    def __init__(self, inst: Instance, role: str, kind: str, public: str, detail: str = "",
                  instance_down: bool = False) -> None:
-        super().__init__(f"{role} instance {inst.instance_id} ({inst.url}): {message}")
+        super().__init__(f"{role} instance {inst.instance_id} ({inst.url}): {public}"
+                         + (f"; {detail}" if detail else ""))
         self.inst, self.role, self.kind, self.instance_down = inst, role, kind, instance_down
+        self.public = public
 
 
 class UpstreamRefused(Exception):
-    """An upstream answered 4xx: the request itself is at fault; relay the answer."""
+    """An upstream answered 4xx: the request itself is at fault; relay the error."""
 
-    def __init__(self, status: int, body: bytes, content_type: str) -> None:
-        super().__init__(f"upstream answered {status}")
-        self.response = web.Response(status=status, body=body, content_type=content_type)
-
-
-def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code}}
+    def __init__(self, inst: Instance, role: str, status: int, body: bytes) -> None:
+        super().__init__(f"{role} instance {inst.instance_id} answered {status}")
+        self.response = refused_response(role, inst.instance_id, status, body)
 
 
-def error_response(status: int, message: str, kind: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(message, kind, status), status=status, headers=headers)
+def _server_error(inst: Instance, role: str, status: int, body: bytes) -> UpstreamFailure:
+    return UpstreamFailure(inst, role, f"http_{status}", f"answered {status}",
+                           f"body {body[:LOGGED_BODY_BYTES]!r}")
 
 
 @dataclass
@@ -81,44 +91,50 @@ def _content_type(resp: aiohttp.ClientResponse) -> str:
     return resp.content_type or "application/json"
 
 
-async def open_upstream(c: Conductor, inst: Instance, role: str, path: str,
-                        body: dict[str, Any], stream: bool) -> Opened:
-    """Send the request and read up to the first chunk (stream) or the whole answer."""
+def _json_headers(auth: dict[str, str]) -> dict[str, str]:
+    return {"Content-Type": "application/json", **auth}
+
+
+async def open_upstream(c: Conductor, inst: Instance, role: str, path: str, data: bytes,
+                        stream: bool, auth: dict[str, str]) -> Opened:
+    """Send the request (JSON bytes) and read up to the first chunk (stream) or the whole
+    answer."""
     assert c.session is not None
     cfg = c.config
     try:
         resp = await asyncio.wait_for(
-            c.session.post(inst.url + path, json=body), cfg.first_token_timeout_s)
+            c.session.post(inst.url + path, data=data, headers=_json_headers(auth)),
+            cfg.first_token_timeout_s)
     except asyncio.TimeoutError as e:
-        raise UpstreamFailure(inst, role, "timeout", "no response headers within "
+        raise UpstreamFailure(inst, role, "timeout", "sent no response headers within "
                               f"{cfg.first_token_timeout_s:.0f}s") from e
     except _CONNECTION_ERRORS as e:
-        raise UpstreamFailure(inst, role, "connect", f"{type(e).__name__}: {e}",
-                              instance_down=True) from e
+        raise UpstreamFailure(inst, role, "connect", "could not be reached",
+                              f"{type(e).__name__}: {e}", instance_down=True) from e
     try:
         if resp.status >= 400:
-            data = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
+            body = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
             resp.release()
             if resp.status >= 500:
-                raise UpstreamFailure(inst, role, f"http_{resp.status}",
-                                      f"answered {resp.status}: {data[:300]!r}")
-            raise UpstreamRefused(resp.status, data, _content_type(resp))
+                raise _server_error(inst, role, resp.status, body)
+            raise UpstreamRefused(inst, role, resp.status, body)
         if stream and resp.content_type == "text/event-stream":
             first = await asyncio.wait_for(resp.content.readany(), cfg.first_token_timeout_s)
             if not first:
-                raise UpstreamFailure(inst, role, "empty", "stream ended before any data")
+                raise UpstreamFailure(inst, role, "empty", "ended its stream before any data")
             return Opened(resp, first=first)
-        data = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
+        answer = await asyncio.wait_for(resp.read(), cfg.first_token_timeout_s)
         resp.release()
-        return Opened(resp, final=web.Response(status=resp.status, body=data,
+        return Opened(resp, final=web.Response(status=resp.status, body=answer,
                                                content_type=_content_type(resp)))
     except asyncio.TimeoutError as e:
         resp.close()
-        raise UpstreamFailure(inst, role, "timeout", "no first token within "
+        raise UpstreamFailure(inst, role, "timeout", "sent no first token within "
                               f"{cfg.first_token_timeout_s:.0f}s") from e
     except (aiohttp.ClientError, OSError) as e:
         resp.close()
-        raise UpstreamFailure(inst, role, "broken", f"{type(e).__name__}: {e}",
+        raise UpstreamFailure(inst, role, "broken", "broke the connection",
+                              f"{type(e).__name__}: {e}",
                               instance_down=isinstance(e, _CONNECTION_ERRORS)) from e
     except BaseException:
         resp.close()  # cancelled (client gone) or refused: vLLM aborts the request
@@ -164,8 +180,7 @@ async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
                 problem = "stream ended without [DONE]"
             log.warning("instance %s failed mid-stream: %s", inst.instance_id, problem)
             c.metrics.upstream_errors.labels(inst.instance_id, inst.role, "mid_stream").inc()
-            await out.write(_sse_error(f"instance {inst.instance_id} failed mid-stream: "
-                                       f"{problem}"))
+            await out.write(_sse_error(f"the {inst.role} instance failed mid-stream"))
             break
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -192,50 +207,62 @@ def pipelinable(path: str, body: dict[str, Any]) -> bool:
             and body.get("best_of", 1) in (1, None))
 
 
-def prefill_body(body: dict[str, Any], tid: str) -> dict[str, Any]:
+def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> dict[str, Any]:
     p = dict(body)
     p["max_tokens"] = 1
     if "max_completion_tokens" in p:
         p["max_completion_tokens"] = 1
     p["stream"] = False
     p.pop("stream_options", None)
-    p["kv_transfer_params"] = {"do_remote_decode": True, "transfer_id": tid}
+    p[transfer_params.KEY] = transfer_params.for_prefill(token, tid)
     return p
 
 
-async def _post_json(c: Conductor, inst: Instance, role: str, path: str, body: dict[str, Any],
-                     timeout_s: float) -> dict[str, Any]:
+async def _post_json(c: Conductor, inst: Instance, role: str, path: str, data: bytes,
+                     timeout_s: float, auth: dict[str, str]) -> dict[str, Any]:
     assert c.session is not None
     try:
-        async with c.session.post(inst.url + path, json=body,
+        async with c.session.post(inst.url + path, data=data, headers=_json_headers(auth),
                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-            data = await r.read()
+            body = await r.read()
             if r.status >= 500:
-                raise UpstreamFailure(inst, role, f"http_{r.status}",
-                                      f"answered {r.status}: {data[:300]!r}")
+                raise _server_error(inst, role, r.status, body)
             if r.status >= 400:
-                raise UpstreamRefused(r.status, data, _content_type(r))
-            return dict(json.loads(data))
+                raise UpstreamRefused(inst, role, r.status, body)
+            answer = json.loads(body)
+            if not isinstance(answer, dict):
+                raise ValueError(f"a JSON {type(answer).__name__}, not an object")
+            return answer
     except asyncio.TimeoutError as e:
-        raise UpstreamFailure(inst, role, "timeout", f"no answer within {timeout_s:.0f}s") from e
+        raise UpstreamFailure(inst, role, "timeout",
+                              f"sent no answer within {timeout_s:.0f}s") from e
     except ValueError as e:
-        raise UpstreamFailure(inst, role, "bad_json", f"answer is not JSON: {e}") from e
+        raise UpstreamFailure(inst, role, "bad_json", "answered something that is not a "
+                              "JSON object", str(e)) from e
     except (aiohttp.ClientError, OSError) as e:
-        raise UpstreamFailure(inst, role, "connect", f"{type(e).__name__}: {e}",
-                              instance_down=True) from e
+        raise UpstreamFailure(inst, role, "connect", "could not be reached",
+                              f"{type(e).__name__}: {e}", instance_down=True) from e
 
 
 def _learn_remote_control(inst: Instance, answer: dict[str, Any]) -> None:
-    params = answer.get("kv_transfer_params")
+    params = answer.get(transfer_params.KEY)
     rc = params.get("remote_control") if isinstance(params, dict) else None
-    if isinstance(rc, dict) and rc and (inst.remote_control is None
-                                        or inst.remote_control_from_probe):
-        # Every prefill answer carries it: a restarted instance corrects our cache here.
-        inst.remote_control, inst.remote_control_from_probe = rc, True
+    if not (isinstance(rc, dict) and rc and (inst.remote_control is None
+                                             or inst.remote_control_from_probe)):
+        return
+    problem = remote_control_problem(rc)
+    if problem:
+        log.warning("prefill instance %s: remote_control in its answer ignored, %s",
+                    inst.instance_id, problem)
+        return
+    # Every prefill answer carries it: a restarted instance corrects our cache here.
+    inst.remote_control, inst.remote_control_from_probe = rc, True
 
 
-async def remote_control(c: Conductor, inst: Instance, model: Any) -> dict[str, Any]:
-    """P's control description: from discovery, else from a one-token probe (cached)."""
+async def remote_control(c: Conductor, inst: Instance, model: Any,
+                         client: dict[str, str]) -> dict[str, Any]:
+    """P's control description: from discovery, else from a one-token probe (cached). The
+    probe carries the conductor's upstream key, or else the client's Authorization."""
     if inst.remote_control:
         return inst.remote_control
     lock = c.probe_locks.setdefault(inst.instance_id, asyncio.Lock())
@@ -244,17 +271,18 @@ async def remote_control(c: Conductor, inst: Instance, model: Any) -> dict[str, 
             return inst.remote_control
         body: dict[str, Any] = {
             "prompt": "probe", "max_tokens": 1, "stream": False,
-            "kv_transfer_params": {"do_remote_decode": True, "probe": True},
+            transfer_params.KEY: transfer_params.for_probe(c.config.cluster_token),
         }
         if model is not None:
             body["model"] = model
-        answer = await _post_json(c, inst, "prefill", "/v1/completions", body,
-                                  c.config.probe_timeout_s)
+        auth = conductor_auth(c.config.upstream_api_key) or client
+        answer = await _post_json(c, inst, "prefill", "/v1/completions", encode_json(body),
+                                  c.config.probe_timeout_s, auth)
         _learn_remote_control(inst, answer)
         if not inst.remote_control:
             raise UpstreamFailure(
                 inst, "prefill", "no_remote_control",
-                "its answer carries no kv_transfer_params.remote_control: is it running "
+                "gave no usable kv_transfer_params.remote_control: is it running "
                 "MooncakeVllmConnector with kv_role kv_producer?")
         return inst.remote_control
 
@@ -263,9 +291,12 @@ class RequestRun:
     """One attempt on one route; records TTFT against the prediction made for it."""
 
     def __init__(self, c: Conductor, request: web.Request, route: Route, key: PromptKey,
-                 path: str, body: dict[str, Any], stream: bool, started: float) -> None:
+                 path: str, body: dict[str, Any], stream: bool, started: float,
+                 size: int = 0) -> None:
         self.c, self.request, self.route, self.key = c, request, route, key
         self.path, self.body, self.stream, self.started = path, body, stream, started
+        self.size = size  # bytes of the client's body: large ones are encoded off the loop
+        self.auth = client_auth(request)
         self.ticket = PrefillTicket(route.prefill.instance, route.prefill.new_tokens)
         self._ttft_seen = False
 
@@ -285,8 +316,9 @@ class RequestRun:
         inst = self.route.prefill.instance
         try:
             with decode_slot(inst):
-                opened = await open_upstream(self.c, inst, inst.role, self.path, self.body,
-                                             self.stream)
+                data = await run_sized(self.size, encode_json, self.body)
+                opened = await open_upstream(self.c, inst, inst.role, self.path, data,
+                                             self.stream, self.auth)
                 self.ticket.close()
                 if opened.final is not None:
                     return opened.final
@@ -295,10 +327,10 @@ class RequestRun:
         finally:
             self.ticket.close()
 
-    async def _prefill(self, p: Instance, pbody: dict[str, Any]) -> dict[str, Any]:
+    async def _prefill(self, p: Instance, pdata: bytes) -> dict[str, Any]:
         try:
-            answer = await _post_json(self.c, p, "prefill", self.path, pbody,
-                                      self.c.config.prefill_timeout_s)
+            answer = await _post_json(self.c, p, "prefill", self.path, pdata,
+                                      self.c.config.prefill_timeout_s, self.auth)
             _learn_remote_control(p, answer)
             if not self.stream:
                 self.first_output()  # non-streamed: prefill done is the best TTFT we see
@@ -324,29 +356,30 @@ class RequestRun:
     async def disaggregated(self) -> web.StreamResponse:
         p, d = self.route.prefill.instance, self.route.decode
         assert d is not None
+        cfg = self.c.config
         try:
-            rc = await remote_control(self.c, p, self.body.get("model"))
+            rc = await remote_control(self.c, p, self.body.get("model"), self.auth)
             await self._enter_window(p)
+            tid = uuid.uuid4().hex
+            head = self.route.pipeline_tokens
+            dbody = dict(self.body)
+            dbody[transfer_params.KEY] = transfer_params.for_decode(
+                cfg.cluster_token, tid, rc, head, cfg.pipeline_gate)
+            pbody = prefill_body(self.body, tid, cfg.cluster_token)
+            if head:
+                assert self.key.token_ids is not None
+                # Both get token ids, so D's first `head` tokens are exactly the ones P
+                # computes.
+                pbody["prompt"] = list(self.key.token_ids[:head])
+                dbody["prompt"] = list(self.key.token_ids)
+            pdata, ddata = await run_sized(
+                self.size, lambda: (encode_json(pbody), encode_json(dbody)))
         except BaseException:
             self.ticket.close()
             raise
-        tid = uuid.uuid4().hex
-        dbody = dict(self.body)
-        dbody["kv_transfer_params"] = {"do_remote_prefill": True, "transfer_id": tid,
-                                       "remote_control": rc}
-        pbody = prefill_body(self.body, tid)
-        head = self.route.pipeline_tokens
-        if head:
-            assert self.key.token_ids is not None
-            # Both get token ids, so D's first `head` tokens are exactly the ones P computes.
-            pbody["prompt"] = list(self.key.token_ids[:head])
-            dbody["prompt"] = list(self.key.token_ids)
-            dbody["kv_transfer_params"]["pipeline_tokens"] = head
-            if self.c.config.pipeline_gate:
-                dbody["kv_transfer_params"]["pipeline_gate"] = True
-        p_task = asyncio.create_task(self._prefill(p, pbody))
-        d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, dbody,
-                                                   self.stream))
+        p_task = asyncio.create_task(self._prefill(p, pdata))
+        d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, ddata,
+                                                   self.stream, self.auth))
         committed = False
         try:
             with decode_slot(d):
@@ -379,9 +412,14 @@ async def _settle(task: asyncio.Task[Any], graceful: bool) -> None:
 
 
 async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, Any],
-                key: PromptKey) -> web.StreamResponse:
-    """Route, admit, and run the request, failing over while nothing has been sent."""
+                key: PromptKey, size: int = 0) -> web.StreamResponse:
+    """Route, admit, and run the request, failing over while nothing has been sent. `size`:
+    bytes of the client's body (large ones are encoded off the event loop)."""
     started = time.monotonic()
+    body, had_params = transfer_params.without_client_params(body)
+    if had_params:
+        log.debug("client-sent kv_transfer_params dropped")
+        c.metrics.client_params_dropped.inc()
     stream = bool(body.get("stream", False))
     exclude: set[str] = set()
     last: UpstreamFailure | None = None
@@ -415,7 +453,7 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
         # From now on the chosen instance will hold this prompt's blocks (its head, pipelined).
         held = key.head(route.pipeline_tokens) if route.pipeline_tokens else key
         choice.instance.prefix.insert(held.block_hashes)
-        run = RequestRun(c, request, route, key, path, body, stream, started)
+        run = RequestRun(c, request, route, key, path, body, stream, started, size)
         try:
             if route.decode is None:
                 return await run.alone()
@@ -431,8 +469,8 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
             exclude.add(e.inst.instance_id)
             m.failovers.labels(e.role).inc()
     if last is not None:
-        return error_response(502, f"upstream failed on every attempt; last: {last}",
-                              "upstream_error")
+        return error_response(502, f"upstream failed on every attempt; last: the {last.role} "
+                              f"instance {last.public}", "upstream_error")
     c.metrics.rejections.labels("no_instance").inc()
     return error_response(503, "no healthy instance can serve this request "
                           "(need a prefill and a decode instance, or a 'both' instance)",

@@ -3,6 +3,11 @@
 With discovery a new instance takes traffic as soon as its record appears, and one whose record
 vanishes (deregistered, or its lease expired because it died) is removed at once. The store's
 callbacks run on its own thread; they hop onto the event loop, which alone touches the registry.
+
+Every record is checked before it is used (validation.py): a record whose `http_url` or
+`remote_control` is not what an instance writes is skipped with a warning naming the field,
+and an instance already known under that id is dropped, so the store cannot point the
+conductor at arbitrary addresses.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .upstreams import Registry
+from .validation import http_url_problem, remote_control_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,18 @@ def static_id(role: str, url: str) -> str:
 def add_static(registry: Registry, role: str, urls: tuple[str, ...]) -> None:
     for url in urls:
         registry.upsert(static_id(role, url), url, role, "static")
+
+
+def record_problem(info: Any) -> str | None:
+    """Why an instance record must not be used (naming the field), or None."""
+    problem = http_url_problem(info.http_url)
+    if problem:
+        return f"http_url {info.http_url!r:.120}: {problem}"
+    if info.remote_control:  # empty: learned later from a probe of the instance itself
+        problem = remote_control_problem(info.remote_control)
+        if problem:
+            return f"remote_control: {problem}"
+    return None
 
 
 class Discovery:
@@ -52,8 +70,11 @@ class Discovery:
         if event == "delete":
             self.registry.remove(info.instance_id)
             return
-        if not info.http_url:
-            log.warning("instance %s has no http_url: not routable", info.instance_id)
+        problem = record_problem(info)
+        if problem:
+            log.warning("instance %s: record skipped, %s", info.instance_id, problem)
+            # A record that turned bad must not leave its earlier, valid form routable.
+            self.registry.remove(info.instance_id)
             return
         self.registry.upsert(info.instance_id, info.http_url, info.role, "discovery",
                              model=info.model, remote_control=info.remote_control or None)

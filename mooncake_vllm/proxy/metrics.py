@@ -15,8 +15,14 @@ class ProxyMetrics:
         p = "mooncake_proxy_"
         self.requests = Counter(p + "requests", "Client requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
-        self.rejections = Counter(p + "rejections", "Requests refused early, by reason",
+        self.rejections = Counter(p + "rejections", "Requests refused early, by reason "
+                                  "(slo, no_instance, concurrency, body_too_large)",
                                   ["reason"], registry=r)
+        self.in_flight = Gauge(p + "requests_in_flight", "Generation requests being served "
+                               "(limited by --max-concurrent-requests)", registry=r)
+        self.client_params_dropped = Counter(
+            p + "client_transfer_params_dropped", "Requests whose client-sent "
+            "kv_transfer_params were removed (only the conductor writes them)", registry=r)
         self.routing = Counter(p + "routing_decisions",
                                "Instances chosen, by policy and role",
                                ["policy", "role", "instance"], registry=r)

@@ -39,7 +39,7 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/instances", timeout=2):
+                with urllib.request.urlopen(self.url + "/metrics", timeout=2):
                     return self
             except urllib.error.HTTPError:
                 return self
