@@ -1,0 +1,103 @@
+"""The control channel on real zmq sockets: what a stranger's frames can and cannot do."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from mooncake_vllm.connector import control
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.control import ControlChannel
+from mooncake_vllm.security import FrameAuth
+
+V = m.PROTOCOL_VERSION
+TOKEN = "cluster-token-for-tests-0123456789"
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[ControlChannel, queue.Queue]]:
+    got: queue.Queue = queue.Queue()
+
+    def on_message(sender: bytes | str, msg: m.Message) -> None:
+        if isinstance(msg, m.Release) and msg.reason == "explode":
+            raise RuntimeError("handler bug")
+        got.put((sender, msg))
+
+    ch = ControlChannel("127.0.0.1", 0, on_message, lambda: None, token=TOKEN)
+    try:
+        yield ch, got
+    finally:
+        ch.close()
+
+
+def _stranger(endpoint: str) -> zmq.Socket:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def test_frames_without_the_tokens_mac_are_dropped(channel, caplog) -> None:
+    ch, got = channel
+    s = _stranger(ch.endpoint)
+    try:
+        s.send(m.encode(m.Release(V, "t1", "forged")))  # no MAC
+        s.send(FrameAuth("another-token-of-32-characters!!").seal(
+            m.encode(m.Release(V, "t1", "forged"))))
+        s.send(FrameAuth(TOKEN).seal(m.encode(m.Release(V, "t1", "real"))))
+        sender, msg = got.get(timeout=5)
+        assert msg == m.Release(V, "t1", "real") and isinstance(sender, bytes)
+        assert got.empty()
+        assert caplog.text.count("bad MAC") == 2
+    finally:
+        s.close(linger=0)
+
+
+def test_a_bad_handler_or_a_bad_endpoint_does_not_stop_the_channel(channel, caplog) -> None:
+    ch, got = channel
+    s = _stranger(ch.endpoint)
+    try:
+        auth = FrameAuth(TOKEN)
+        s.send(auth.seal(m.encode(m.Release(V, "t1", "explode"))))
+        ch.send(12345, m.Release(V, "t1", "x"))  # type: ignore[arg-type]
+        ch.send("tcp://;rm -rf/:1", m.Release(V, "t1", "x"))
+        s.send(auth.seal(m.encode(m.Release(V, "t2", "after"))))
+        _, msg = got.get(timeout=5)
+        assert msg.transfer_id == "t2" and ch.alive()
+        assert "handler failed" in caplog.text and "is not a string" in caplog.text
+        assert "is not tcp://host:port" in caplog.text
+        assert not ch._dealers  # nothing was opened for the bad endpoints
+    finally:
+        s.close(linger=0)
+
+
+def test_oversized_frames_never_reach_the_handler(channel) -> None:
+    ch, got = channel
+    big = _stranger(ch.endpoint)
+    small = _stranger(ch.endpoint)
+    try:
+        big.send(b"\0" * (m.MAX_FRAME_BYTES + 1024))
+        time.sleep(0.3)
+        small.send(FrameAuth(TOKEN).seal(m.encode(m.Release(V, "t3", "ok"))))
+        _, msg = got.get(timeout=5)
+        assert msg.transfer_id == "t3" and got.empty()
+    finally:
+        big.close(linger=0)
+        small.close(linger=0)
+
+
+def test_outgoing_connections_are_bounded(channel, monkeypatch) -> None:
+    ch, _ = channel
+    monkeypatch.setattr(control, "MAX_DEALERS", 8)
+    for port in range(20000, 20020):
+        ch.send(f"tcp://127.0.0.1:{port}", m.Release(V, "t", "x"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and ch._out.qsize():
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert len(ch._dealers) == 8 and ch.alive()
