@@ -15,14 +15,21 @@ from typing import Any
 from mooncake_vllm.security import sign_transfer_params
 
 KEY = "kv_transfer_params"
+# vLLM copies `vllm_xargs` into the request's extra args, where it also looks for KEY.
+XARGS = "vllm_xargs"
 
 
 def without_client_params(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The body without any client-sent parameters (a copy when it had some), and whether it
     had them."""
-    if KEY not in body:
+    xargs = body.get(XARGS)
+    in_xargs = isinstance(xargs, dict) and KEY in xargs
+    if KEY not in body and not in_xargs:
         return body, False
-    return {k: v for k, v in body.items() if k != KEY}, True
+    out = {k: v for k, v in body.items() if k != KEY}
+    if in_xargs:
+        out[XARGS] = {k: v for k, v in xargs.items() if k != KEY}  # type: ignore[union-attr]
+    return out, True
 
 
 def for_prefill(token: str | None, transfer_id: str) -> dict[str, Any]:

@@ -83,8 +83,10 @@ def test_single_instance_requests_lose_client_params(layout: str) -> None:
         try:
             async with conductor_at(cfg) as (url, c):
                 for stream in (False, True):
+                    # vLLM also reads them from vllm_xargs (extra args of the request).
                     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream,
-                            "kv_transfer_params": FORGED}
+                            "kv_transfer_params": FORGED,
+                            "vllm_xargs": {"kv_transfer_params": "x", "other": 1}}
                     async with aiohttp.ClientSession() as s, s.post(
                             url + "/v1/completions", json=body) as r:
                         assert r.status == 200
@@ -96,6 +98,7 @@ def test_single_instance_requests_lose_client_params(layout: str) -> None:
         assert len(sent) == 2 and not p.generation()
         for s in sent:
             assert "kv_transfer_params" not in s.body and s.body["prompt"] == "hi"
+            assert s.body["vllm_xargs"] == {"other": 1}
 
     asyncio.run(go())
 
