@@ -21,10 +21,11 @@ def get_json(url: str, timeout_s: float = 10.0) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
-def post(url: str, body: Any, timeout_s: float = 120.0,
-         raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def post(url: str, body: Any, timeout_s: float = 120.0, raw: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
+                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.status, dict(r.headers), r.read()

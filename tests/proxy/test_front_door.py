@@ -147,7 +147,8 @@ def test_operator_views_need_the_admin_token() -> None:
 
 
 @pytest.mark.parametrize("peer,allowed", [("127.0.0.1", True), ("::1", True),
-                                          ("10.1.2.3", False), ("192.168.0.9", False)])
+                                          ("::ffff:127.0.0.1", True), ("10.1.2.3", False),
+                                          ("::ffff:10.1.2.3", False), ("fd00::1", False)])
 def test_without_an_admin_token_views_are_for_loopback_only(peer: str, allowed: bool) -> None:
     transport = mock.Mock()
     transport.get_extra_info.side_effect = lambda k, d=None: (peer, 40000) \
