@@ -39,7 +39,8 @@ def _default_hostname() -> str:
 @dataclass(frozen=True)
 class ConnectorConfig:
     # "p2p": no store, D sends its segment descriptor inside the registration.
-    # "etcd://host:port[,host:port]": segments and instances are published in etcd.
+    # "etcd://host:port[,host:port]": segments and instances are published in etcd
+    # ("etcds://": over TLS).
     metadata_server: str = "p2p"
     namespace: str = "default"
     # Transfer engine.
@@ -100,7 +101,7 @@ class ConnectorConfig:
 
     @property
     def uses_etcd(self) -> bool:
-        return self.metadata_server.startswith("etcd://")
+        return self.metadata_server.startswith(("etcd://", "etcds://"))
 
     @classmethod
     def from_sources(
@@ -132,7 +133,8 @@ class ConnectorConfig:
             return ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
         if self.metadata_server != "p2p" and not self.uses_etcd:
-            raise bad("metadata_server", "expected 'p2p' or 'etcd://host:port'")
+            raise bad("metadata_server", "expected 'p2p', 'etcd://host:port' or "
+                      "'etcds://host:port' (TLS)")
         if self.protocol not in ("tcp", "rdma", "auto"):
             raise bad("protocol", "expected 'tcp', 'rdma' or 'auto'")
         if self.staging not in ("auto", "on", "off"):

@@ -11,13 +11,15 @@ dropped by zmq itself, with a cluster token every frame must carry its MAC (secu
 dropped with a logged reason, at most MAX_DEALERS outgoing sockets exist (the least recently
 used is closed), and an error in one handler or one send is logged and the loop goes on.
 Connections are heartbeated: one whose peer stops answering is dropped within
-CONTROL_DELIVERY_S with the messages queued on it (no message is delivered after its sender's
-deadline, which the block-lifetime rules rely on), and nothing is queued for a peer that is not
-connected (ZMQ_IMMEDIATE).
+CONTROL_DELIVERY_S with the messages queued on it, and zmq queues nothing for a peer that is
+not connected (ZMQ_IMMEDIATE): the channel keeps such messages itself and drops those it could
+not hand over within CONTROL_DELIVERY_S. So no message is delivered long after it was sent,
+which the block-lifetime rules rely on (a registration cannot reach P after D gave up on it).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -40,6 +42,7 @@ logger = logging.getLogger("vllm.mooncake_vllm.connector")
 # (reply_to, message): reply_to is a ROUTER identity (bytes) or a DEALER endpoint (str).
 Handler = Callable[[bytes | str, m.Message], None]
 MAX_DEALERS = 256
+MAX_PENDING = 10000  # messages waiting for one peer to connect
 _HEARTBEAT_MS = 1000
 
 
@@ -117,6 +120,8 @@ class ControlChannel:
         self._wake_lock = threading.Lock()
         self._out: queue.SimpleQueue[tuple[bytes | str, bytes]] = queue.SimpleQueue()
         self._dealers: dict[str, zmq.Socket] = {}
+        # Frames for a DEALER not connected yet, each with the time it must be sent by.
+        self._pending: dict[str, collections.deque[tuple[float, bytes]]] = {}
         self._on_message, self._on_tick, self._tick_s = on_message, on_tick, tick_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mooncake-control", daemon=True)
@@ -179,6 +184,7 @@ class ControlChannel:
                 while self._wake_rx.poll(0):
                     self._wake_rx.recv()
             self._flush_out(poller)
+            self._send_pending()
             try:
                 self._receive(ready)
             except Exception:  # one peer's frames must not end the channel
@@ -217,10 +223,37 @@ class ControlChannel:
                     why = endpoint_refusal(to)
                     if why is not None:
                         raise ValueError(why)
-                    self._dealer(to, poller).send(frame, zmq.NOBLOCK)
+                    self._dealer(to, poller)  # connects now if it is new
+                    pending = self._pending.setdefault(to, collections.deque())
+                    if len(pending) >= MAX_PENDING:
+                        raise RuntimeError(f"{len(pending)} messages already wait for it")
+                    pending.append((time.monotonic() + CONTROL_DELIVERY_S, frame))
             except Exception as e:  # zmq errors, a malformed endpoint: this message only
                 # The deadline on the other side turns a lost message into a known failure.
                 logger.warning("control: could not send to %r: %s", to, e)
+
+    def _send_pending(self) -> None:
+        """Hand queued messages to connected peers, oldest first; drop those not handed over
+        within CONTROL_DELIVERY_S (ZMQ_IMMEDIATE: a peer not connected takes nothing)."""
+        now = time.monotonic()
+        for endpoint, pending in list(self._pending.items()):
+            s = self._dealers.get(endpoint)
+            while pending:
+                deadline, frame = pending[0]
+                if now >= deadline or s is None:
+                    pending.popleft()
+                    logger.warning("control: dropped a message to %s: not connected within "
+                                   "%.0fs", endpoint, CONTROL_DELIVERY_S)
+                    continue
+                try:
+                    s.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    break  # not connected yet: try again on the next turn
+                except zmq.ZMQError as e:
+                    logger.warning("control: could not send to %s: %s", endpoint, e)
+                pending.popleft()
+            if not pending:
+                del self._pending[endpoint]
 
     def _dispatch(self, sender: bytes | str, sealed: bytes) -> None:
         logger.debug("control: got %d bytes from %r", len(sealed), sender)
