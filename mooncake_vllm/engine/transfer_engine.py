@@ -79,6 +79,7 @@ class TransferEngine:
         rdma_signal_every: int = 16,
         rdma_gid_index: int = -1,
         rdma_port: int = 0,
+        rdma_cq_depth: int = 4096,
         max_connections: int = 256,
         max_connections_per_address: int = 64,
         idle_timeout_s: float = 120.0,
@@ -89,7 +90,9 @@ class TransferEngine:
         The listener serves at most `max_connections` connections at once, at most
         `max_connections_per_address` from one peer address, and closes a connection that sends
         no request for `idle_timeout_s`. `rdma_gid_index` (-1: chosen, a RoCE v2 IPv4-mapped GID
-        preferred) and `rdma_port` (0: the first active port) override the RDMA address choice."""
+        preferred) and `rdma_port` (0: the first active port) override the RDMA address choice;
+        `rdma_cq_depth` is each NIC's completion queue size, which also caps the work requests
+        outstanding on it."""
         self._native = _engine.Engine(
             hostname,
             protocol,
@@ -104,6 +107,7 @@ class TransferEngine:
             rdma_signal_every=rdma_signal_every,
             rdma_gid_index=int(rdma_gid_index),
             rdma_port=int(rdma_port),
+            rdma_cq_depth=int(rdma_cq_depth),
             max_connections=int(max_connections),
             max_connections_per_address=int(max_connections_per_address),
             idle_timeout_s=float(idle_timeout_s),

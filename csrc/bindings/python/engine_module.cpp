@@ -148,7 +148,7 @@ PYBIND11_MODULE(_engine, m) {
                        const std::string& cluster_token, double timeout_s,
                        int connections_per_peer, const std::vector<std::string>& rdma_devices,
                        const std::string& verbs, int fake_nics, uint64_t rdma_slice_bytes,
-                       int rdma_signal_every, int rdma_gid_index, int rdma_port,
+                       int rdma_signal_every, int rdma_gid_index, int rdma_port, int rdma_cq_depth,
                        int max_connections, int max_connections_per_address,
                        double idle_timeout_s) {
              if (port < 0 || port > 65535) throw InvalidArgument("port must be in 0..65535");
@@ -166,6 +166,7 @@ PYBIND11_MODULE(_engine, m) {
              config.rdma_signal_every = rdma_signal_every;
              config.rdma_gid_index = rdma_gid_index;
              config.rdma_port = rdma_port;
+             config.rdma_cq_depth = rdma_cq_depth;
              config.max_connections = max_connections;
              config.max_connections_per_address = max_connections_per_address;
              config.idle_timeout_s = idle_timeout_s;
@@ -177,6 +178,7 @@ PYBIND11_MODULE(_engine, m) {
            py::arg("verbs") = "ibverbs", py::arg("fake_nics") = 2,
            py::arg("rdma_slice_bytes") = 1 << 20, py::arg("rdma_signal_every") = 16,
            py::arg("rdma_gid_index") = -1, py::arg("rdma_port") = 0,
+           py::arg("rdma_cq_depth") = 4096,
            py::arg("max_connections") = 256, py::arg("max_connections_per_address") = 64,
            py::arg("idle_timeout_s") = 120.0)
       .def_property_readonly("protocol", &TransferEngine::protocol)

@@ -49,11 +49,26 @@ void bind_testing(py::module_ m) {
     out["wrs_by_device"] = s.wrs_by_device;
     out["qp_transitions"] = s.qp_transitions;
     out["wr_lengths"] = s.wr_lengths;
+    out["live_qps"] = s.live_qps;
+    out["max_cq_outstanding"] = s.max_cq_outstanding;
+    out["qp_attrs"] = s.qp_attrs;
     return out;
   }, "Counters of the FakeVerbs software NIC (test double), shared by the whole process.");
   m.def("fake_verbs_reset", &fake_reset_stats);
   m.def("fake_verbs_inject_stall", &fake_inject_stall,
         "The next WR, and all after it on its QP, never complete until the QP enters ERR.");
+  m.def("fake_verbs_release_stall", &fake_release_stall,
+        "Stalled WRs execute and complete now (the peer answers again).");
+  m.def("fake_verbs_inject_partial_post", &fake_inject_partial_post, py::arg("posted"),
+        "The next post_send of a longer chain takes only its first `posted` WRs (ENOMEM, bad_wr).");
+  m.def("fake_verbs_configure", [](int ports, int active_port, int active_mtu) {
+    FakeConfig config;
+    config.ports = ports;
+    config.active_port = active_port;
+    config.active_mtu = static_cast<ibv_mtu>(active_mtu);
+    fake_configure(config);
+  }, py::arg("ports") = 1, py::arg("active_port") = 1, py::arg("active_mtu") = 5,
+     "How fake NICs opened from now on look (active_mtu: enum ibv_mtu, 5 = 4096 bytes).");
   m.def("fake_verbs_inject_error", [](const std::string& status, uint64_t after_wrs) {
     fake_inject_error(parse_status(status), after_wrs);
   }, py::arg("status"), py::arg("after_wrs") = 0,

@@ -46,6 +46,7 @@ struct EngineConfig {
   int rdma_signal_every = 16;             // one signalled WR per this many in a chain
   int rdma_gid_index = -1;                // -1: chosen (RoCE v2 IPv4-mapped GID preferred)
   int rdma_port = 0;                      // 0: the first ACTIVE port of each device
+  int rdma_cq_depth = 4096;               // completion queue entries (and WR budget) per device
   // The listener: connections served at once, in total and from one peer address, and how
   // long a connection may stay without sending a request before it is closed.
   int max_connections = 256;

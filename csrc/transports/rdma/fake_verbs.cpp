@@ -10,11 +10,15 @@ namespace mooncake_vllm::rdma {
 
 namespace {
 
+constexpr int kGidTableLength = 4;
+
 struct FakeContext {
   ibv_context ctx{};
   std::string name;
-  ibv_gid gid{};
+  // A RoCE GID table: 0 link-local v1, 1 link-local v2, 2 IPv4-mapped v1, 3 IPv4-mapped v2.
+  ibv_gid gids[kGidTableLength]{};
   uint16_t lid = 0;
+  FakeConfig config;
 };
 struct FakePd {
   ibv_pd pd{};
@@ -36,6 +40,26 @@ struct FakeCq {
   int capacity = 0;
   std::deque<FakeCqe> entries;
 };
+// A posted WR the NIC has not executed yet: a copy, since the poster's memory for it is gone
+// once post_send returns.
+struct Held {
+  ibv_wc wc;
+  uint64_t seq;
+  ibv_send_wr wr;
+  std::vector<ibv_sge> sges;
+};
+Held hold(ibv_send_wr* w, uint64_t seq, uint32_t qp_num) {
+  Held h{};
+  h.wc.wr_id = w->wr_id;
+  h.wc.opcode = w->opcode == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE;
+  h.wc.qp_num = qp_num;
+  h.seq = seq;
+  h.wr = *w;
+  h.sges.assign(w->sg_list, w->sg_list + w->num_sge);
+  h.wr.next = nullptr;
+  return h;
+}
+
 struct FakeQp {
   ibv_qp qp{};
   FakePd* pd = nullptr;
@@ -43,11 +67,14 @@ struct FakeQp {
   ibv_qp_state state = IBV_QPS_RESET;
   uint32_t dest_qpn = 0;
   ibv_gid dgid{};
+  ibv_gid sgid{};  // ours, as chosen by sgid_index at RTR
+  uint32_t rq_psn = 0, sq_psn = 0;
+  uint8_t port = 0;
   uint32_t max_send_wr = 0;
   uint64_t next_seq = 0;     // sequence number of the next posted WR
   uint64_t retired_seq = 0;  // WRs below this have left the send queue
   bool stalled = false;
-  std::vector<std::pair<ibv_wc, uint64_t>> withheld;  // (completion, seq) held back while stalled
+  std::vector<Held> withheld;  // work held back while stalled, in order
 };
 
 const char* state_name(ibv_qp_state s) {
@@ -73,6 +100,8 @@ struct Fabric {
   FakeStats stats;
   std::optional<std::pair<ibv_wc_status, uint64_t>> injected;
   bool stall_next = false;
+  std::optional<uint32_t> partial_post;
+  FakeConfig config;
 };
 
 Fabric& fabric() {
@@ -98,12 +127,25 @@ class FakeVerbs : public Verbs {
       if (names_[i] != name) continue;
       auto* dev = new FakeContext();
       dev->name = name;
-      dev->gid.raw[0] = 0xfe;
-      dev->gid.raw[1] = 0x80;
-      dev->gid.raw[13] = static_cast<uint8_t>(instance_);
-      dev->gid.raw[14] = static_cast<uint8_t>(instance_ >> 8);
-      dev->gid.raw[15] = static_cast<uint8_t>(i);
+      for (int g = 0; g < kGidTableLength; ++g) {
+        ibv_gid& gid = dev->gids[g];
+        if (g < 2) {
+          gid.raw[0] = 0xfe;
+          gid.raw[1] = 0x80;
+        } else {
+          gid.raw[10] = gid.raw[11] = 0xff;
+          gid.raw[12] = 10;
+        }
+        gid.raw[9] = static_cast<uint8_t>(g);  // entries differ even where the type alone would not
+        gid.raw[13] = static_cast<uint8_t>(instance_);
+        gid.raw[14] = static_cast<uint8_t>(instance_ >> 8);
+        gid.raw[15] = static_cast<uint8_t>(i);
+      }
       dev->lid = static_cast<uint16_t>(instance_ * 16 + i);
+      {
+        std::lock_guard lock(fabric().mu);
+        dev->config = fabric().config;
+      }
       return &dev->ctx;
     }
     errno = ENODEV;
@@ -113,20 +155,35 @@ class FakeVerbs : public Verbs {
     delete reinterpret_cast<FakeContext*>(ctx);
     return 0;
   }
+  int query_device(ibv_context* ctx, ibv_device_attr* attr) override {
+    *attr = ibv_device_attr{};
+    attr->phys_port_cnt = static_cast<uint8_t>(dev(ctx)->config.ports);
+    attr->max_qp_wr = 16384;
+    attr->max_cqe = 65536;
+    return 0;
+  }
   int query_port(ibv_context* ctx, uint8_t port, ibv_port_attr* attr) override {
-    if (port != 1) return EINVAL;
+    const FakeConfig& config = dev(ctx)->config;
+    if (port < 1 || port > config.ports) return EINVAL;
     *attr = ibv_port_attr{};
-    attr->state = IBV_PORT_ACTIVE;
-    attr->active_mtu = IBV_MTU_4096;
+    attr->state = port == config.active_port ? IBV_PORT_ACTIVE : IBV_PORT_DOWN;
+    attr->active_mtu = config.active_mtu;
     attr->max_mtu = IBV_MTU_4096;
     attr->lid = dev(ctx)->lid;
     attr->link_layer = IBV_LINK_LAYER_ETHERNET;
-    attr->gid_tbl_len = 1;
+    attr->gid_tbl_len = kGidTableLength;
     return 0;
   }
   int query_gid(ibv_context* ctx, uint8_t port, int index, ibv_gid* gid) override {
-    if (port != 1 || index != 0) return EINVAL;
-    *gid = dev(ctx)->gid;
+    if (port < 1 || port > dev(ctx)->config.ports || index < 0 || index >= kGidTableLength)
+      return EINVAL;
+    *gid = dev(ctx)->gids[index];
+    return 0;
+  }
+  int query_gid_type(ibv_context* ctx, uint8_t port, int index, ibv_gid_type* type) override {
+    if (port < 1 || port > dev(ctx)->config.ports || index < 0 || index >= kGidTableLength)
+      return EINVAL;
+    *type = index % 2 ? IBV_GID_TYPE_ROCE_V2 : IBV_GID_TYPE_ROCE_V1;
     return 0;
   }
   ibv_pd* alloc_pd(ibv_context* ctx) override {
@@ -190,6 +247,7 @@ class FakeVerbs : public Verbs {
     std::lock_guard lock(fabric().mu);
     qp->qp.qp_num = fabric().next_qpn++;
     fabric().qps[qp->qp.qp_num] = qp;
+    ++fabric().stats.live_qps;
     return &qp->qp;
   }
   int modify_qp(ibv_qp* ibqp, ibv_qp_attr* attr, int mask) override {
@@ -201,24 +259,42 @@ class FakeVerbs : public Verbs {
     if (to == IBV_QPS_ERR || to == IBV_QPS_RESET) {
       ok = true;
     } else if (from == IBV_QPS_RESET && to == IBV_QPS_INIT) {
-      ok = has(mask, IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) && attr->port_num == 1;
+      // Only an ACTIVE port carries traffic.
+      ok = has(mask, IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) &&
+           attr->port_num == qp->pd->dev->config.active_port;
+      if (ok) qp->port = attr->port_num;
     } else if (from == IBV_QPS_INIT && to == IBV_QPS_RTR) {
+      const ibv_ah_attr& ah = attr->ah_attr;
       ok = has(mask, IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                         IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER);
+                         IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER) &&
+           ah.port_num == qp->port && ah.grh.sgid_index < kGidTableLength &&
+           attr->path_mtu <= qp->pd->dev->config.active_mtu;
       if (ok) {
         qp->dest_qpn = attr->dest_qp_num;
-        qp->dgid = attr->ah_attr.grh.dgid;
+        qp->dgid = ah.grh.dgid;
+        qp->sgid = qp->pd->dev->gids[ah.grh.sgid_index];
+        qp->rq_psn = attr->rq_psn;
+        auto& rec = fabric().stats.qp_attrs[qp->qp.qp_num];
+        rec["port"] = ah.port_num;
+        rec["sgid_index"] = ah.grh.sgid_index;
+        rec["hop_limit"] = ah.grh.hop_limit;
+        rec["path_mtu"] = attr->path_mtu;
+        rec["rq_psn"] = attr->rq_psn;
       }
     } else if (from == IBV_QPS_RTR && to == IBV_QPS_RTS) {
       ok = has(mask, IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                          IBV_QP_MAX_QP_RD_ATOMIC);
+      if (ok) {
+        qp->sq_psn = attr->sq_psn;
+        fabric().stats.qp_attrs[qp->qp.qp_num]["sq_psn"] = attr->sq_psn;
+      }
     }
     if (!ok) return EINVAL;
     if (to == IBV_QPS_ERR) {
       // Work the QP was still holding is flushed, each WR with its own completion.
-      for (auto& [wc, seq] : qp->withheld) {
-        wc.status = IBV_WC_WR_FLUSH_ERR;
-        qp->send_cq->entries.push_back({wc, qp, seq});
+      for (auto& held : qp->withheld) {
+        held.wc.status = IBV_WC_WR_FLUSH_ERR;
+        qp->send_cq->entries.push_back({held.wc, qp, held.seq});
       }
       qp->withheld.clear();
       qp->stalled = false;
@@ -233,6 +309,7 @@ class FakeVerbs : public Verbs {
     std::lock_guard lock(fabric().mu);
     FakeQp* qp = reinterpret_cast<FakeQp*>(ibqp);
     fabric().qps.erase(ibqp->qp_num);
+    --fabric().stats.live_qps;
     // Completions of a destroyed QP must not point at it any more.
     auto& entries = qp->send_cq->entries;
     for (auto& e : entries)
@@ -259,7 +336,28 @@ class FakeVerbs : public Verbs {
       return ENOMEM;
     }
     f.stats.max_outstanding = std::max<uint64_t>(f.stats.max_outstanding, outstanding + chain);
-    for (ibv_send_wr* w = wr; w; w = w->next) {
+    size_t take = chain;
+    if (f.partial_post && chain > *f.partial_post) {
+      take = *f.partial_post;
+      f.partial_post.reset();
+    }
+    uint64_t on_cq = take;
+    for (auto& [qpn, other] : f.qps)
+      if (other->send_cq == qp->send_cq) on_cq += other->next_seq - other->retired_seq;
+    f.stats.max_cq_outstanding = std::max(f.stats.max_cq_outstanding, on_cq);
+    size_t index = 0;
+    for (ibv_send_wr* w = wr; w; w = w->next, ++index) {
+      if (index == take) {
+        // The rest is refused; what was taken waits in the send queue like stalled work.
+        *bad_wr = w;
+        qp->stalled = qp->stalled || take > 0;
+        return ENOMEM;
+      }
+      if (take < chain) {
+        ++f.stats.wrs_posted;
+        qp->withheld.push_back(hold(w, qp->next_seq++, qp->qp.qp_num));
+        continue;
+      }
       uint64_t seq = qp->next_seq++;
       ++f.stats.wrs_posted;
       bool signaled = w->send_flags & IBV_SEND_SIGNALED;
@@ -269,32 +367,50 @@ class FakeVerbs : public Verbs {
         qp->stalled = true;
       }
       if (qp->stalled) {
-        ibv_wc wc{};
-        wc.wr_id = w->wr_id;
-        wc.opcode = w->opcode == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE;
-        wc.qp_num = qp->qp.qp_num;
-        qp->withheld.push_back({wc, seq});
+        qp->withheld.push_back(hold(w, seq, qp->qp.qp_num));
         continue;
       }
-      ibv_wc_status status = qp->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR : execute(qp, w);
-      if (status != IBV_WC_SUCCESS && qp->state != IBV_QPS_ERR) {
-        qp->state = IBV_QPS_ERR;
-        qp->qp.state = IBV_QPS_ERR;
-        f.stats.qp_transitions.push_back(std::to_string(qp->qp.qp_num) + ":RTS->ERR");
-      }
-      if (signaled || status != IBV_WC_SUCCESS) {
-        ibv_wc wc{};
-        wc.wr_id = w->wr_id;
-        wc.status = status;
-        wc.opcode = w->opcode == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE;
-        wc.qp_num = qp->qp.qp_num;
-        wc.vendor_err = status == IBV_WC_SUCCESS ? 0 : 0x42;
-        if (static_cast<int>(qp->send_cq->entries.size()) >= qp->send_cq->capacity)
-          ++f.stats.cq_overflows;
-        qp->send_cq->entries.push_back({wc, qp, seq});
-      }
+      run(qp, w, seq);
     }
     return 0;
+  }
+
+  // Executes one WR and queues its completion (signalled or failed); fabric lock held.
+  static void run(FakeQp* qp, ibv_send_wr* w, uint64_t seq) {
+    Fabric& f = fabric();
+    bool signaled = w->send_flags & IBV_SEND_SIGNALED;
+    ibv_wc_status status = qp->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR : execute(qp, w);
+    if (status != IBV_WC_SUCCESS && qp->state != IBV_QPS_ERR) {
+      qp->state = IBV_QPS_ERR;
+      qp->qp.state = IBV_QPS_ERR;
+      f.stats.qp_transitions.push_back(std::to_string(qp->qp.qp_num) + ":RTS->ERR");
+    }
+    if (signaled || status != IBV_WC_SUCCESS) {
+      ibv_wc wc{};
+      wc.wr_id = w->wr_id;
+      wc.status = status;
+      wc.opcode = w->opcode == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE;
+      wc.qp_num = qp->qp.qp_num;
+      wc.vendor_err = status == IBV_WC_SUCCESS ? 0 : 0x42;
+      if (static_cast<int>(qp->send_cq->entries.size()) >= qp->send_cq->capacity)
+        ++f.stats.cq_overflows;
+      qp->send_cq->entries.push_back({wc, qp, seq});
+    }
+  }
+
+ public:
+  static void release_all() {
+    Fabric& f = fabric();
+    for (auto& [qpn, qp] : f.qps) {
+      if (!qp->stalled) continue;
+      qp->stalled = false;
+      std::vector<Held> held;
+      held.swap(qp->withheld);
+      for (auto& h : held) {
+        h.wr.sg_list = h.sges.data();
+        run(qp, &h.wr, h.seq);
+      }
+    }
   }
 
   int poll_cq(ibv_cq* ibcq, int entries, ibv_wc* wc) override {
@@ -331,8 +447,11 @@ class FakeVerbs : public Verbs {
     auto peer = f.qps.find(qp->dest_qpn);
     if (peer == f.qps.end() || peer->second->state < IBV_QPS_RTR ||
         peer->second->state == IBV_QPS_ERR ||
-        std::memcmp(peer->second->pd->dev->gid.raw, qp->dgid.raw, 16) != 0)
+        std::memcmp(peer->second->sgid.raw, qp->dgid.raw, 16) != 0)
       return IBV_WC_RETRY_EXC_ERR;  // nobody answers at that address
+    // The responder expects our first PSN; a mismatch is a sequence error the requester
+    // retries until it gives up.
+    if (peer->second->rq_psn != qp->sq_psn) return IBV_WC_RETRY_EXC_ERR;
     uint64_t length = 0;
     for (int i = 0; i < w->num_sge; ++i) length += w->sg_list[i].length;
     auto rmr = f.mrs_by_rkey.find(w->wr.rdma.rkey);
@@ -386,11 +505,29 @@ void fake_reset_stats() {
   fabric().stats = FakeStats{};
   fabric().injected.reset();
   fabric().stall_next = false;
+  fabric().partial_post.reset();
+  fabric().config = FakeConfig{};
 }
 
 void fake_inject_stall() {
   std::lock_guard lock(fabric().mu);
   fabric().stall_next = true;
+}
+
+void fake_release_stall() {
+  std::lock_guard lock(fabric().mu);
+  fabric().stall_next = false;
+  FakeVerbs::release_all();
+}
+
+void fake_inject_partial_post(uint32_t posted) {
+  std::lock_guard lock(fabric().mu);
+  fabric().partial_post = posted;
+}
+
+void fake_configure(const FakeConfig& config) {
+  std::lock_guard lock(fabric().mu);
+  fabric().config = config;
 }
 
 void fake_inject_error(ibv_wc_status status, uint64_t after_wrs) {

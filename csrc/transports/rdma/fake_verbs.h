@@ -29,7 +29,19 @@ struct FakeStats {
   std::map<std::string, uint64_t> wrs_by_device;
   std::vector<std::string> qp_transitions;  // "qpn:FROM->TO"
   std::vector<uint64_t> wr_lengths;         // every executed WR's length (slicing checks)
+  uint64_t live_qps = 0;                    // created and not destroyed
+  uint64_t max_cq_outstanding = 0;          // most WRs outstanding on all QPs of one CQ
+  // Per QP (by number): port, sgid_index, hop_limit, path_mtu, rq_psn (RTR), sq_psn (RTS).
+  std::map<uint32_t, std::map<std::string, uint64_t>> qp_attrs;
 };
+
+// How the fake NICs opened from now on look (each engine opens its NICs when it starts).
+struct FakeConfig {
+  int ports = 1;
+  int active_port = 1;  // the other ports are DOWN
+  ibv_mtu active_mtu = IBV_MTU_4096;
+};
+void fake_configure(const FakeConfig& config);
 
 std::unique_ptr<Verbs> make_fake_verbs(int nics);
 
@@ -40,5 +52,11 @@ void fake_inject_error(ibv_wc_status status, uint64_t after_wrs);
 // The next WR posted, and every later one on the same QP, never completes (a peer that stopped
 // answering) until the QP is moved to ERR, which flushes them.
 void fake_inject_stall();
+// Stalled WRs execute and complete now (a peer that answers again).
+void fake_release_stall();
+// The next post_send of a chain longer than `posted` WRs takes only its first `posted` (they
+// stay in the send queue, not yet executed, as on a busy NIC) and fails the rest with ENOMEM,
+// *bad_wr pointing at the first WR not taken.
+void fake_inject_partial_post(uint32_t posted);
 
 }  // namespace mooncake_vllm::rdma

@@ -31,8 +31,17 @@ class IbVerbs : public Verbs {
   int query_port(ibv_context* ctx, uint8_t port, ibv_port_attr* attr) override {
     return ibv_query_port(ctx, port, attr);
   }
+  int query_device(ibv_context* ctx, ibv_device_attr* attr) override {
+    return ibv_query_device(ctx, attr);
+  }
   int query_gid(ibv_context* ctx, uint8_t port, int index, ibv_gid* gid) override {
     return ibv_query_gid(ctx, port, index, gid);
+  }
+  int query_gid_type(ibv_context* ctx, uint8_t port, int index, ibv_gid_type* type) override {
+    ibv_gid_entry entry{};
+    if (int rc = ibv_query_gid_ex(ctx, port, static_cast<uint32_t>(index), &entry, 0)) return rc;
+    *type = static_cast<ibv_gid_type>(entry.gid_type);
+    return 0;
   }
   ibv_pd* alloc_pd(ibv_context* ctx) override { return ibv_alloc_pd(ctx); }
   int dealloc_pd(ibv_pd* pd) override { return ibv_dealloc_pd(pd); }

@@ -1,13 +1,17 @@
 #include "rdma_transport.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <random>
+#include <system_error>
 #include <thread>
 
+#include "device.h"
 #include "fake_verbs.h"
 #include "handshake.h"
 #include "mooncake_vllm/log.h"
@@ -21,7 +25,10 @@ namespace mooncake_vllm::rdma {
 namespace {
 
 constexpr uint32_t kMaxSendWr = 256;  // send-queue depth per QP
-constexpr int kCqDepth = 4096;
+// QPs this engine answers handshakes with, over all requesters together.
+constexpr size_t kMaxPassiveQps = 1024;
+// RoCE v2 packets are routed (IP): a hop limit of 1 would drop them at the first router.
+constexpr uint8_t kHopLimit = 64;
 // QPs allow both; each MR allows remote READ only when its region was registered with
 // remote_read (the NIC then refuses a READ of any other region with a remote access error).
 constexpr int kQpAccess =
@@ -52,30 +59,32 @@ std::string sys_error(const std::string& what, int err) {
   return what + " failed: " + std::strerror(err ? err : EIO);
 }
 
-struct Device {
-  int index = 0;
-  std::string name;
-  ibv_context* ctx = nullptr;
-  ibv_pd* pd = nullptr;
-  ibv_cq* cq = nullptr;
-  ibv_gid gid{};
-  uint16_t lid = 0;
-  ibv_mtu mtu = IBV_MTU_1024;
-};
+uint32_t random_psn() {
+  static thread_local std::mt19937 gen(std::random_device{}());
+  return gen() & 0xffffff;  // PSNs are 24 bits
+}
+
+struct PeerState;
+struct Chain;
 
 // One RC queue pair from a local NIC to a remote NIC, with its send-queue accounting.
 struct Lane {
   Device* device = nullptr;
   int remote_device = 0;
   ibv_qp* qp = nullptr;
+  uint32_t psn = 0;  // our first send PSN
+  std::weak_ptr<PeerState> owner;  // the peer whose lanes these are (initiator side)
   std::mutex mu;
   std::condition_variable cv;
   uint32_t outstanding = 0;  // WRs posted whose chain has not completed
   uint32_t chains_in_flight = 0;
+  // Chains of which only a prefix was posted (ibv_post_send stopped at bad_wr): those WRs still
+  // name the chain and read its leased memory, so it lives until the QP is destroyed.
+  std::vector<std::unique_ptr<Chain>> orphans;
 };
 
 // One posted chain of WRs; only its last WR is signalled. wr_id = address | 1 on the tail,
-// address | 0 on the others (their completions appear only when they fail).
+// address | 0 on the others (their completions appear only when they fail or are flushed).
 struct Chain {
   std::shared_ptr<Batch> batch;
   std::shared_ptr<Lane> lane;
@@ -90,11 +99,26 @@ struct Chain {
 };
 
 struct PeerState {
+  // Held while (re)connecting, network handshake included, so that concurrent batches to the
+  // same peer connect once. Nothing else ever waits for it: `mu` guards the state itself and
+  // is only held for short updates (the completion poller and abort hooks take it).
+  std::mutex connect_mu;
   std::mutex mu;
   bool connected = false;
+  uint64_t generation = 0;  // bumped when the descriptor's addresses change
+  std::string address;      // endpoint and devices (GID, LID) the lanes were built for
   std::vector<std::shared_ptr<Lane>> lanes;
   std::atomic<uint32_t> next_lane{0};
 };
+
+// What QPs depend on in a descriptor: re-opening a segment with the same ones (new regions,
+// new rkeys) keeps the live QPs.
+std::string address_of(const SegmentDescriptor& desc) {
+  std::string out = desc.endpoint;
+  for (const auto& dev : desc.rdma_devices)
+    out += "|" + dev.name + "/" + dev.gid + "/" + std::to_string(dev.lid);
+  return out;
+}
 
 class RdmaTransport : public Transport {
  public:
@@ -103,12 +127,17 @@ class RdmaTransport : public Transport {
         config_(config),
         verbs_(make_verbs(config)),
         server_(net::listener_options(config)) {
-    auto names = select_devices(*verbs_, config);
-    if (names.empty()) throw TransferError("no RDMA device matches " + device_filter());
-    for (const auto& name : names) open_device(name);
     if (config_.rdma_slice_bytes == 0) throw InvalidArgument("rdma_slice_bytes must be > 0");
     if (config_.rdma_signal_every < 1 || config_.rdma_signal_every > int(kMaxSendWr))
       throw InvalidArgument("rdma_signal_every must be in 1..256");
+    if (config_.rdma_cq_depth < int(kMaxSendWr))
+      throw InvalidArgument("rdma_cq_depth must be >= " + std::to_string(kMaxSendWr));
+    auto names = select_devices(*verbs_, config);
+    if (names.empty()) throw TransferError("no RDMA device matches " + device_filter());
+    if (names.size() > kMaxQpsPerPeer) names.resize(kMaxQpsPerPeer);
+    for (const auto& name : names)
+      devices_.push_back(
+          std::make_unique<Device>(*verbs_, static_cast<int>(devices_.size()), name, config_));
     server_.set_control_handler([this](const std::string& blob) { return accept_qps(blob); });
   }
 
@@ -118,14 +147,18 @@ class RdmaTransport : public Transport {
 
   std::string start() override {
     uint16_t port = server_.start();
-    poller_ = std::thread([this] { poll_loop(); });
+    try {
+      poller_ = std::thread([this] { poll_loop(); });
+    } catch (const std::system_error& e) {
+      throw TransferError(std::string("cannot start the RDMA completion thread: ") + e.what());
+    }
     endpoint_ = config_.hostname + ":" + std::to_string(port);
     return endpoint_;
   }
 
   void describe(SegmentDescriptor& desc) override {
     for (const auto& dev : devices_)
-      desc.rdma_devices.push_back({dev->name, gid_to_hex(dev->gid), dev->lid, 1});
+      desc.rdma_devices.push_back({dev->name, gid_to_hex(dev->gid), dev->lid, dev->port});
   }
 
   void on_register(Region& region) override {
@@ -135,7 +168,8 @@ class RdmaTransport : public Transport {
       if (!mr) {
         int err = errno;
         on_unregister(region);
-        throw TransferError(sys_error("ibv_reg_mr of " + hex_addr(region.addr) + " on " + dev->name, err));
+        throw TransferError(
+            sys_error("ibv_reg_mr of " + hex_addr(region.addr) + " on " + dev->name, err));
       }
       region.mrs.push_back(mr);
       region.lkeys.push_back(mr->lkey);
@@ -157,8 +191,15 @@ class RdmaTransport : public Transport {
       if (!slot) slot = std::make_shared<PeerState>();
       state = slot;
     }
+    // Segments are re-opened whenever the peer registers memory (new regions and rkeys): that
+    // must not disturb QPs with batches in flight. Only a changed address (a restarted peer,
+    // other NICs) makes the next batch reconnect.
+    std::string address = address_of(peer->desc);
     std::lock_guard peer_lock(state->mu);
-    state->connected = false;  // (re)connect with the current descriptor on the next batch
+    if (state->address == address) return;
+    state->address = address;
+    state->connected = false;
+    ++state->generation;
   }
 
   void submit(const std::shared_ptr<const Peer>& peer, const std::shared_ptr<Batch>& batch,
@@ -171,7 +212,7 @@ class RdmaTransport : public Transport {
     }
     std::vector<std::shared_ptr<Lane>> lanes;
     try {
-      lanes = connected_lanes(*peer, *state);
+      lanes = connected_lanes(*peer, state);
     } catch (const std::exception& e) {
       batch->set_parts(1);
       batch->part_done(false, e.what());
@@ -212,17 +253,8 @@ class RdmaTransport : public Transport {
       lanes.insert(lanes.end(), retired_.begin(), retired_.end());
       retired_.clear();
     }
-    for (auto& lane : lanes) {
-      std::lock_guard lane_lock(lane->mu);
-      if (lane->qp) verbs_->destroy_qp(lane->qp);
-      lane->qp = nullptr;
-    }
+    for (auto& lane : lanes) destroy_lane(*lane);
     for (const auto& region : registry_.snapshot()) on_unregister(*region);
-    for (auto& dev : devices_) {
-      if (dev->cq) verbs_->destroy_cq(dev->cq);
-      if (dev->pd) verbs_->dealloc_pd(dev->pd);
-      if (dev->ctx) verbs_->close_device(dev->ctx);
-    }
     devices_.clear();
   }
 
@@ -232,28 +264,6 @@ class RdmaTransport : public Transport {
     std::string names;
     for (const auto& n : config_.rdma_devices) names += (names.empty() ? "" : ",") + n;
     return "rdma_devices=[" + names + "]";
-  }
-
-  void open_device(const std::string& name) {
-    auto dev = std::make_unique<Device>();
-    dev->index = static_cast<int>(devices_.size());
-    dev->name = name;
-    dev->ctx = verbs_->open_device(name);
-    if (!dev->ctx) throw TransferError(sys_error("opening RDMA device " + name, errno));
-    ibv_port_attr port{};
-    if (int rc = verbs_->query_port(dev->ctx, 1, &port))
-      throw TransferError(sys_error("ibv_query_port on " + name, rc));
-    if (port.state != IBV_PORT_ACTIVE)
-      MV_LOG(kWarn, "RDMA device " << name << " port 1 is not active (state " << port.state << ")");
-    dev->lid = port.lid;
-    dev->mtu = port.active_mtu;
-    if (int rc = verbs_->query_gid(dev->ctx, 1, 0, &dev->gid))
-      throw TransferError(sys_error("ibv_query_gid on " + name, rc));
-    dev->pd = verbs_->alloc_pd(dev->ctx);
-    if (!dev->pd) throw TransferError(sys_error("ibv_alloc_pd on " + name, errno));
-    dev->cq = verbs_->create_cq(dev->ctx, kCqDepth);
-    if (!dev->cq) throw TransferError(sys_error("ibv_create_cq on " + name, errno));
-    devices_.push_back(std::move(dev));
   }
 
   // --- queue pairs ------------------------------------------------------------------------
@@ -274,13 +284,36 @@ class RdmaTransport : public Transport {
     lane->device = dev;
     lane->remote_device = remote_device;
     lane->qp = qp;
-    ibv_qp_attr attr{};
-    attr.qp_state = IBV_QPS_INIT;
-    attr.pkey_index = 0;
-    attr.port_num = 1;
-    attr.qp_access_flags = kQpAccess;
-    modify(*lane, attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT");
+    lane->psn = random_psn();
+    try {
+      ibv_qp_attr attr{};
+      attr.qp_state = IBV_QPS_INIT;
+      attr.pkey_index = 0;
+      attr.port_num = dev->port;
+      attr.qp_access_flags = kQpAccess;
+      modify(*lane, attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS,
+             "INIT");
+    } catch (...) {
+      destroy_lane(*lane);
+      throw;
+    }
     return lane;
+  }
+
+  // Destroys the QP (it must have no work the poller still waits for) and frees what only
+  // its WRs referred to.
+  void destroy_lane(Lane& lane) {
+    std::vector<std::unique_ptr<Chain>> orphans;
+    uint32_t held = 0;
+    {
+      std::lock_guard lock(lane.mu);
+      if (lane.qp) verbs_->destroy_qp(lane.qp);
+      lane.qp = nullptr;
+      orphans.swap(lane.orphans);
+      held = lane.outstanding;
+      lane.outstanding = 0;
+    }
+    release_budget(*lane.device, held);
   }
 
   void modify(Lane& lane, ibv_qp_attr& attr, int mask, const char* state) {
@@ -292,19 +325,21 @@ class RdmaTransport : public Transport {
 
   // INIT -> RTR (towards the remote QP) -> RTS.
   void connect_lane(Lane& lane, const QpEndpoint& remote) {
+    const Device& dev = *lane.device;
     ibv_qp_attr attr{};
     attr.qp_state = IBV_QPS_RTR;
-    attr.path_mtu = lane.device->mtu;
+    // Both ends use the smaller active MTU, so neither sends packets the other cannot take.
+    attr.path_mtu = static_cast<ibv_mtu>(std::min<int>(dev.mtu, remote.mtu));
     attr.dest_qp_num = remote.qpn;
-    attr.rq_psn = 0;
+    attr.rq_psn = remote.psn;
     attr.max_dest_rd_atomic = 16;
     attr.min_rnr_timer = 12;
     attr.ah_attr.is_global = 1;
     attr.ah_attr.grh.dgid = remote.gid;
-    attr.ah_attr.grh.sgid_index = 0;
-    attr.ah_attr.grh.hop_limit = 1;
-    attr.ah_attr.dlid = static_cast<uint16_t>(remote.lid);
-    attr.ah_attr.port_num = 1;
+    attr.ah_attr.grh.sgid_index = static_cast<uint8_t>(dev.gid_index);
+    attr.ah_attr.grh.hop_limit = kHopLimit;
+    attr.ah_attr.dlid = dev.ethernet ? 0 : static_cast<uint16_t>(remote.lid);
+    attr.ah_attr.port_num = dev.port;
     modify(lane, attr,
            IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
                IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER,
@@ -314,12 +349,17 @@ class RdmaTransport : public Transport {
     attr.timeout = 14;
     attr.retry_cnt = 7;
     attr.rnr_retry = 7;
-    attr.sq_psn = 0;
+    attr.sq_psn = lane.psn;
     attr.max_rd_atomic = 16;
     modify(lane, attr,
            IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                IBV_QP_MAX_QP_RD_ATOMIC,
            "RTS");
+  }
+
+  QpEndpoint endpoint_of(const Lane& lane, int lane_index, int device) const {
+    const Device& dev = *lane.device;
+    return {lane_index, device, lane.qp->qp_num, dev.gid, dev.lid, lane.psn, int(dev.mtu)};
   }
 
   void to_error(Lane& lane) {
@@ -330,24 +370,43 @@ class RdmaTransport : public Transport {
     verbs_->modify_qp(lane.qp, &attr, IBV_QP_STATE);  // flushes every outstanding WR
   }
 
-  // Responder side of the handshake: one QP per requested lane, paired and brought to RTS.
+  // Responder side of the handshake (called by the listener only on an authenticated
+  // connection): one QP per requested lane, paired and brought to RTS. Either every QP of the
+  // request is made, or none is left behind.
   std::string accept_qps(const std::string& blob) {
-    HandshakeRequest request = decode_request(blob);
-    std::vector<QpEndpoint> reply;
-    std::vector<std::shared_ptr<Lane>> created;
-    for (const auto& want : request.qps) {
+    HandshakeRequest request = decode_request(blob);  // at most kMaxQpsPerPeer QPs
+    for (const auto& want : request.qps)
       if (want.device < 0 || want.device >= static_cast<int>(devices_.size()))
         throw TransferError("RDMA handshake asks for device " + std::to_string(want.device) +
                             " but this engine has " + std::to_string(devices_.size()));
-      auto lane = create_lane(devices_[want.device].get(), 0);
-      connect_lane(*lane, want);
-      Device* dev = lane->device;
-      reply.push_back({want.lane, dev->index, lane->qp->qp_num, dev->gid, dev->lid});
-      created.push_back(lane);
+    {
+      std::lock_guard lock(mu_);
+      size_t replaced = 0;
+      for (const auto& want : request.qps)
+        replaced += passive_.count(request.requester + "#" + std::to_string(want.lane));
+      if (passive_.size() - replaced + request.qps.size() > kMaxPassiveQps)
+        throw TransferError("this engine already answers " + std::to_string(passive_.size()) +
+                            " queue pairs (limit " + std::to_string(kMaxPassiveQps) + ")");
+    }
+    std::vector<QpEndpoint> reply;
+    std::vector<std::shared_ptr<Lane>> created;
+    try {
+      for (const auto& want : request.qps) {
+        created.push_back(create_lane(devices_[want.device].get(), 0));
+        connect_lane(*created.back(), want);
+        reply.push_back(endpoint_of(*created.back(), want.lane, want.device));
+      }
+    } catch (...) {
+      for (auto& lane : created) destroy_lane(*lane);  // no work was ever posted on them
+      throw;
     }
     std::vector<std::shared_ptr<Lane>> replaced;
     {
       std::lock_guard lock(mu_);
+      if (stopped_) {
+        for (auto& lane : created) destroy_lane(*lane);
+        throw TransferError("engine closed");
+      }
       for (size_t i = 0; i < created.size(); ++i) {
         auto& slot = passive_[request.requester + "#" + std::to_string(request.qps[i].lane)];
         if (slot) replaced.push_back(slot);
@@ -361,29 +420,40 @@ class RdmaTransport : public Transport {
   // An old QP is moved to ERR (flushing its work) and destroyed once it has no chain left.
   void retire_lane(const std::shared_ptr<Lane>& lane) {
     to_error(*lane);
-    std::lock_guard lock(retired_mu_);  // a leaf lock: callers may hold a peer's lock
+    std::lock_guard lock(retired_mu_);  // a leaf lock
     retired_.push_back(lane);
   }
 
-  std::vector<std::shared_ptr<Lane>> connected_lanes(const Peer& peer, PeerState& state) {
-    std::lock_guard lock(state.mu);
-    if (state.connected) return state.lanes;
-    for (auto& old : state.lanes) retire_lane(old);
-    state.lanes.clear();
+  std::vector<std::shared_ptr<Lane>> connected_lanes(const Peer& peer,
+                                                     const std::shared_ptr<PeerState>& state) {
+    {
+      std::lock_guard lock(state->mu);
+      if (state->connected) return state->lanes;
+    }
+    std::lock_guard connecting(state->connect_mu);
+    std::vector<std::shared_ptr<Lane>> old;
+    uint64_t generation;
+    {
+      std::lock_guard lock(state->mu);
+      if (state->connected) return state->lanes;  // another batch connected meanwhile
+      old.swap(state->lanes);
+      generation = state->generation;
+    }
+    for (auto& lane : old) retire_lane(lane);
     // Lane i: our device i towards the peer's device i mod (its device count). With N NICs on
     // both sides every NIC pair carries its own share of each batch.
     int remote_count = static_cast<int>(peer.desc.rdma_devices.size());
     HandshakeRequest request;
     request.requester = endpoint_;
     std::vector<std::shared_ptr<Lane>> lanes;
-    for (size_t i = 0; i < devices_.size(); ++i) {
-      int remote_dev = static_cast<int>(i) % remote_count;
-      auto lane = create_lane(devices_[i].get(), remote_dev);
-      request.qps.push_back({static_cast<int>(i), remote_dev, lane->qp->qp_num, devices_[i]->gid,
-                             devices_[i]->lid});
-      lanes.push_back(lane);
-    }
     try {
+      for (size_t i = 0; i < devices_.size(); ++i) {
+        int remote_dev = static_cast<int>(i) % remote_count;
+        lanes.push_back(create_lane(devices_[i].get(), remote_dev));
+        lanes.back()->owner = state;
+        request.qps.push_back(endpoint_of(*lanes.back(), static_cast<int>(i), remote_dev));
+      }
+      // The network round trip runs with no lock but connect_mu held.
       std::string reply_blob =
           net::control_call(peer.desc.endpoint, config_.cluster_token, encode_request(request),
                             std::min(config_.timeout_s, 10.0));
@@ -391,14 +461,21 @@ class RdmaTransport : public Transport {
       if (reply.size() != lanes.size())
         throw TransferError("peer answered " + std::to_string(reply.size()) + " QPs for " +
                             std::to_string(lanes.size()));
-      for (const auto& remote : reply) connect_lane(*lanes.at(remote.lane), remote);
+      for (const auto& remote : reply) {
+        if (remote.lane < 0 || remote.lane >= static_cast<int>(lanes.size()))
+          throw TransferError("peer answered for lane " + std::to_string(remote.lane));
+        connect_lane(*lanes[remote.lane], remote);
+      }
     } catch (const std::exception& e) {
-      for (auto& lane : lanes) retire_lane(lane);
+      for (auto& lane : lanes) destroy_lane(*lane);  // nothing was posted on them
       throw TransferError(std::string("RDMA handshake with ") + peer.desc.endpoint + " failed: " +
                           e.what());
     }
-    state.lanes = lanes;
-    state.connected = true;
+    std::lock_guard lock(state->mu);
+    state->lanes = lanes;
+    // A descriptor change during the handshake: this batch uses these lanes, the next
+    // reconnects.
+    state->connected = state->generation == generation;
     return lanes;
   }
 
@@ -440,32 +517,67 @@ class RdmaTransport : public Transport {
     }
     const size_t per_chain = static_cast<size_t>(config_.rdma_signal_every);
     int chains = 0;
-    for (const auto& slices : per_lane) chains += static_cast<int>((slices.size() + per_chain - 1) / per_chain);
+    for (const auto& slices : per_lane)
+      chains += static_cast<int>((slices.size() + per_chain - 1) / per_chain);
     batch->set_parts(chains);
     for (int l = 0; l < lane_count; ++l) {
       const auto& lane = lanes[l];
       if (!per_lane[l].empty()) {
         std::weak_ptr<Lane> weak = lane;
-        std::weak_ptr<PeerState> weak_state = state;
-        batch->add_abort_hook([this, weak, weak_state] {
-          if (auto dead = weak.lock()) to_error(*dead);
-          if (auto s = weak_state.lock()) {
-            std::lock_guard lock(s->mu);
-            s->connected = false;
+        batch->add_abort_hook([this, weak] {
+          if (auto dead = weak.lock()) {
+            to_error(*dead);
+            mark_disconnected(dead);
           }
         });
       }
       const auto& slices = per_lane[l];
       for (size_t first = 0; first < slices.size(); first += per_chain) {
         size_t count = std::min(per_chain, slices.size() - first);
-        post_chain(peer, state, lane, batch, &slices[first], count);
+        post_chain(peer, lane, batch, &slices[first], count);
       }
     }
   }
 
-  void post_chain(const Peer& peer, const std::shared_ptr<PeerState>& state,
-                  const std::shared_ptr<Lane>& lane, const std::shared_ptr<Batch>& batch,
-                  const Request* slices, size_t count) {
+  void release_budget(Device& dev, uint32_t wrs) {
+    if (!wrs) return;
+    std::lock_guard lock(dev.budget_mu);
+    dev.outstanding -= std::min(dev.outstanding, wrs);
+    dev.budget_cv.notify_all();
+  }
+
+  // Reserves room for `count` WRs in the device's completion budget, then in the lane's send
+  // queue, waiting (never past the batch deadline) for earlier work to complete. Returns the
+  // reason when there is none.
+  std::string reserve(Lane& lane, const std::shared_ptr<Batch>& batch, uint32_t count) {
+    Device& dev = *lane.device;
+    {
+      std::unique_lock lock(dev.budget_mu);
+      bool room = dev.budget_cv.wait_until(lock, batch->deadline(), [&] {
+        return dev.outstanding + count <= static_cast<uint32_t>(dev.cq_depth) ||
+               batch->failed_early();
+      });
+      if (batch->failed_early()) return "batch already failed";
+      if (!room) return "completion queue of " + dev.name + " stayed full";
+      dev.outstanding += count;
+    }
+    std::unique_lock lock(lane.mu);
+    bool room = lane.cv.wait_until(lock, batch->deadline(), [&] {
+      return lane.outstanding + count <= kMaxSendWr || batch->failed_early();
+    });
+    if (!room || batch->failed_early() || !lane.qp) {
+      lock.unlock();
+      release_budget(dev, count);
+      return batch->failed_early() ? "batch already failed"
+                                   : "send queue on " + dev.name + " stayed full";
+    }
+    lane.outstanding += count;
+    ++lane.chains_in_flight;
+    return {};
+  }
+
+  void post_chain(const Peer& peer, const std::shared_ptr<Lane>& lane,
+                  const std::shared_ptr<Batch>& batch, const Request* slices, size_t count) {
     auto chain = std::make_unique<Chain>();
     chain->batch = batch;
     chain->lane = lane;
@@ -484,7 +596,8 @@ class RdmaTransport : public Transport {
         if (!region) {
           Lease lease = registry_.acquire(s.local, s.length);
           if (!lease)
-            throw TransferError("local range " + hex_addr(s.local) + "+" + std::to_string(s.length) +
+            throw TransferError("local range " + hex_addr(s.local) + "+" +
+                                std::to_string(s.length) +
                                 " is outside the registered regions (unregistered while the "
                                 "transfer was queued?)");
           region = lease.region();
@@ -506,36 +619,43 @@ class RdmaTransport : public Transport {
       chain->report(false, e.what());
       return;
     }
-    {
-      // Send-queue space frees up only when a signalled WR completes; wait for it, but never
-      // past the batch's deadline.
-      std::unique_lock lock(lane->mu);
-      bool room = lane->cv.wait_until(lock, batch->deadline(), [&] {
-        return lane->outstanding + count <= kMaxSendWr || batch->failed_early();
-      });
-      if (!room || batch->failed_early()) {
-        lock.unlock();
-        chain->report(false, room ? "batch already failed"
-                                  : "send queue on " + lane->device->name + " stayed full");
-        return;
-      }
-      lane->outstanding += static_cast<uint32_t>(count);
-      ++lane->chains_in_flight;
+    std::string no_room = reserve(*lane, batch, chain->wrs);
+    if (!no_room.empty()) {
+      chain->report(false, no_room);
+      return;
     }
     ibv_send_wr* bad = nullptr;
     Chain* raw = chain.release();  // owned by the completion poller from here on
-    if (int rc = verbs_->post_send(lane->qp, wrs.data(), &bad)) {
-      {
-        std::lock_guard lock(lane->mu);
-        lane->outstanding -= static_cast<uint32_t>(count);
-        --lane->chains_in_flight;
-        lane->cv.notify_all();
-      }
-      std::unique_ptr<Chain> back(raw);
-      back->report(false, sys_error(std::string("ibv_post_send on ") + lane->device->name, rc));
-      std::lock_guard lock(state->mu);
-      state->connected = false;
+    int rc;
+    {
+      std::lock_guard lock(lane->mu);  // the QP stays alive while we post on it
+      rc = lane->qp ? verbs_->post_send(lane->qp, wrs.data(), &bad) : EINVAL;
     }
+    if (rc == 0) return;
+    // ibv_post_send stopped at *bad: the WRs before it are posted (they name the chain and
+    // read its memory), the rest are not. Nothing posted: the chain is ours again.
+    size_t posted = 0;
+    if (bad >= wrs.data() && bad < wrs.data() + count) posted = static_cast<size_t>(bad - wrs.data());
+    std::unique_ptr<Chain> back(raw);
+    std::string error = sys_error(std::string("ibv_post_send on ") + lane->device->name, rc);
+    if (posted > 0)
+      error += " (posted " + std::to_string(posted) + " of " + std::to_string(count) +
+               " work requests)";
+    back->report(false, error);
+    MV_LOG(kWarn, "RDMA " << op_name(batch->op()) << " to " << batch->peer() << ": " << error);
+    {
+      std::lock_guard lock(lane->mu);
+      lane->outstanding -= static_cast<uint32_t>(count - posted);
+      --lane->chains_in_flight;
+      if (posted > 0) lane->orphans.push_back(std::move(back));
+      lane->cv.notify_all();
+    }
+    release_budget(*lane->device, static_cast<uint32_t>(count - posted));
+    // The posted prefix has no signalled WR, so nothing would ever say it finished: the QP goes
+    // to ERR, which flushes it; the chain and the WRs' send-queue and completion budget are
+    // released when the QP is destroyed. The next batch reconnects.
+    if (posted > 0) to_error(*lane);
+    mark_disconnected(lane);
   }
 
   // --- completions ------------------------------------------------------------------------
@@ -544,19 +664,28 @@ class RdmaTransport : public Transport {
     ibv_wc wcs[64];
     int idle = 0;
     while (!stop_poller_.load()) {
-      int found = 0;
-      for (auto& dev : devices_) {
-        int n = verbs_->poll_cq(dev->cq, 64, wcs);
-        for (int i = 0; i < n; ++i) on_completion(*dev, wcs[i]);
-        found += std::max(n, 0);
-      }
-      if (found) {
-        idle = 0;
-      } else {
-        // Spin briefly for latency, then back off so an idle engine costs no CPU.
-        ++idle;
-        if (idle > 200) std::this_thread::sleep_for(std::chrono::microseconds(idle > 2000 ? 1000 : 50));
-        reap_retired();
+      // Nothing may escape this thread (std::terminate would end the whole process): a failure
+      // is logged and the loop goes on.
+      try {
+        int found = 0;
+        for (auto& dev : devices_) {
+          int n = verbs_->poll_cq(dev->cq, 64, wcs);
+          for (int i = 0; i < n; ++i) on_completion(*dev, wcs[i]);
+          found += std::max(n, 0);
+        }
+        if (found) {
+          idle = 0;
+        } else {
+          // Spin briefly for latency, then back off so an idle engine costs no CPU.
+          ++idle;
+          if (idle > 200)
+            std::this_thread::sleep_for(std::chrono::microseconds(idle > 2000 ? 1000 : 50));
+          reap_retired();
+        }
+      } catch (const std::exception& e) {
+        MV_LOG(kError, "RDMA completion thread: " << e.what());
+      } catch (...) {
+        MV_LOG(kError, "RDMA completion thread: unknown exception");
       }
     }
   }
@@ -582,16 +711,16 @@ class RdmaTransport : public Transport {
       --chain->lane->chains_in_flight;
       chain->lane->cv.notify_all();
     }
+    release_budget(*chain->lane->device, chain->wrs);
     delete chain;
   }
 
   void mark_disconnected(const std::shared_ptr<Lane>& lane) {
-    std::lock_guard lock(mu_);
-    for (auto& [handle, state] : peers_) {
-      std::lock_guard peer_lock(state->mu);
-      for (auto& l : state->lanes)
-        if (l == lane) state->connected = false;
-    }
+    auto state = lane->owner.lock();
+    if (!state) return;
+    std::lock_guard lock(state->mu);
+    for (auto& l : state->lanes)
+      if (l == lane) state->connected = false;
   }
 
   void reap_retired() {
@@ -612,11 +741,7 @@ class RdmaTransport : public Transport {
         }
       }
     }
-    for (auto& lane : done) {
-      std::lock_guard lane_lock(lane->mu);
-      if (lane->qp) verbs_->destroy_qp(lane->qp);
-      lane->qp = nullptr;
-    }
+    for (auto& lane : done) destroy_lane(*lane);
   }
 
   RegionRegistry& registry_;

@@ -19,8 +19,11 @@ class Verbs {
   virtual std::vector<std::string> device_names() = 0;
   virtual ibv_context* open_device(const std::string& name) = 0;  // nullptr + errno on failure
   virtual int close_device(ibv_context* ctx) = 0;
+  virtual int query_device(ibv_context* ctx, ibv_device_attr* attr) = 0;
   virtual int query_port(ibv_context* ctx, uint8_t port, ibv_port_attr* attr) = 0;
   virtual int query_gid(ibv_context* ctx, uint8_t port, int index, ibv_gid* gid) = 0;
+  // RoCE v1 / v2 / IB of one GID table entry.
+  virtual int query_gid_type(ibv_context* ctx, uint8_t port, int index, ibv_gid_type* type) = 0;
   virtual ibv_pd* alloc_pd(ibv_context* ctx) = 0;
   virtual int dealloc_pd(ibv_pd* pd) = 0;
   virtual ibv_mr* reg_mr(ibv_pd* pd, void* addr, size_t length, int access) = 0;
