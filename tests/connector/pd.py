@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mooncake_vllm.security import sign_transfer_params
 from mooncake_vllm.testing.vllm_server import VllmServer, post_json
 
 
@@ -34,8 +35,9 @@ def completion(server: VllmServer, prompt: list[int], max_tokens: int,
     return post_json(server.url + "/v1/completions", body, timeout_s=timeout_s)
 
 
-def probe_remote_control(prefill: VllmServer) -> dict[str, Any]:
-    out = completion(prefill, [7], 1, {"do_remote_decode": True, "probe": True})
+def probe_remote_control(prefill: VllmServer, token: str | None = None) -> dict[str, Any]:
+    out = completion(prefill, [7], 1, sign_transfer_params(
+        token, {"do_remote_decode": True, "probe": True}))
     rc = (out.get("kv_transfer_params") or {}).get("remote_control")
     assert isinstance(rc, dict) and rc.get("control"), f"probe answered {out}"
     return rc
@@ -43,17 +45,20 @@ def probe_remote_control(prefill: VllmServer) -> dict[str, Any]:
 
 def pd_completion(prefill: VllmServer, decode: VllmServer, rc: dict[str, Any],
                   prompt: list[int], max_tokens: int,
-                  pipeline_tokens: int = 0) -> dict[str, Any]:
+                  pipeline_tokens: int = 0, token: str | None = None) -> dict[str, Any]:
     """The proxy's two halves, sent at the same time; returns the decode answer. Pipelined
-    (`pipeline_tokens` > 0): P gets only the prompt's head, as the conductor sends it."""
+    (`pipeline_tokens` > 0): P gets only the prompt's head, as the conductor sends it. With a
+    cluster token both halves' parameters are signed, as the conductor signs them."""
     tid = uuid.uuid4().hex
     d_kv: dict[str, Any] = {"do_remote_prefill": True, "transfer_id": tid, "remote_control": rc}
     if pipeline_tokens:
         d_kv["pipeline_tokens"] = pipeline_tokens
     with ThreadPoolExecutor(2) as pool:
         p = pool.submit(completion, prefill, prompt[:pipeline_tokens or len(prompt)], 1,
-                        {"do_remote_decode": True, "transfer_id": tid})
-        d = pool.submit(completion, decode, prompt, max_tokens, d_kv)
+                        sign_transfer_params(token, {"do_remote_decode": True,
+                                                     "transfer_id": tid}))
+        d = pool.submit(completion, decode, prompt, max_tokens,
+                        sign_transfer_params(token, d_kv))
         p_out = p.result()
         assert (p_out.get("kv_transfer_params") or {}).get("remote_control") == rc
         return d.result()

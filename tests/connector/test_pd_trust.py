@@ -1,0 +1,144 @@
+"""The trust boundary on real vLLM instances with a cluster token: what a client or a stranger
+on the network can make them do (nothing but be refused), and secure-by-default start-up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.security import FrameAuth
+from mooncake_vllm.testing.vllm_server import VllmServer
+
+from .pd import (
+    assert_same_greedy,
+    completion,
+    kv_config,
+    log_text,
+    pd_completion,
+    probe_remote_control,
+    prompt_ids,
+    start_all,
+    wait_for,
+)
+
+pytestmark = pytest.mark.vllm
+TOKEN = "trust-test-token-" + uuid.uuid4().hex
+V = m.PROTOCOL_VERSION
+
+
+def _routable_ipv4() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            return parts[parts.index("inet") + 1].split("/")[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model: Path, logs_dir: Path) -> Iterator[dict[str, VllmServer | None]]:
+    exposed = None
+    ip = _routable_ipv4()
+    if ip is not None:  # listens on a routable address with no token: must refuse to start
+        exposed = VllmServer(tiny_model, name="exposed", log_path=logs_dir / "t-exposed.log",
+                             kv_transfer_config=kv_config("kv_consumer", hostname=ip))
+        exposed.start()
+    p = VllmServer(tiny_model, name="prefill", log_path=logs_dir / "t-prefill.log",
+                   kv_transfer_config=kv_config("kv_producer", cluster_token=TOKEN))
+    d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "t-decode.log",
+                   kv_transfer_config=kv_config("kv_consumer", cluster_token=TOKEN))
+    try:
+        start_all(p, d)
+        yield {"prefill": p, "decode": d, "exposed": exposed}
+    finally:
+        for s in (p, d, exposed):
+            if s is not None:
+                s.stop()
+
+
+def test_signed_pd_equals_single_instance(servers: dict) -> None:
+    p, d = servers["prefill"], servers["decode"]
+    rc = probe_remote_control(p, TOKEN)
+    prompt = prompt_ids(150, seed=31)
+    out = pd_completion(p, d, rc, prompt, 6, token=TOKEN)
+    assert_same_greedy(completion(p, prompt, 6), out)
+    assert "transfer_s=" in log_text(p)
+
+
+def test_client_written_transfer_params_are_refused(servers: dict) -> None:
+    """A client that sends kv_transfer_params itself (no conductor signature) gets a plain
+    answer: D computes the prompt itself, P holds nothing for anyone."""
+    p, d = servers["prefill"], servers["decode"]
+    rc = probe_remote_control(p, TOKEN)
+    prompt = prompt_ids(120, seed=32)
+    out = completion(d, prompt, 6, {"do_remote_prefill": True, "transfer_id": "client-d",
+                                    "remote_control": rc})
+    assert_same_greedy(completion(p, prompt, 6), out)
+    answer = completion(p, prompt, 1, {"do_remote_decode": True, "transfer_id": "client-p"})
+    assert not (answer.get("kv_transfer_params") or {}).get("remote_control")
+    for server in (d, p):
+        wait_for(lambda s=server: "kv_transfer_params refused (kv_transfer_params carry no "
+                 "conductor signature" in log_text(s), 10, "the refusal logged")
+    assert "client-d" not in log_text(p)  # D never registered anything with P
+
+
+def test_strangers_on_the_control_port_change_nothing(servers: dict) -> None:
+    p, d = servers["prefill"], servers["decode"]
+    rc = probe_remote_control(p, TOKEN)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(rc["control"][0])
+    try:
+        layout = m.LayoutInfo("x", 32, "float32", 1, 1, 1, 4, 0, 1, [[(0, 4)]])
+        for i in range(3000):  # unsigned registrations, each with a p2p descriptor
+            s.send(m.encode(m.Register(V, f"junk-{i}", "e", "s", {"endpoint": "x" * 100},
+                                       layout, 0, list(range(100)), 3200)))
+        s.send(b"\x92garbage")
+        s.send(m.encode(m.Release(V, "anything", "forged")))
+        s.send(b"\0" * (m.MAX_FRAME_BYTES + 1))
+        # A probe signed with the token is answered: the worker is healthy.
+        auth = FrameAuth(TOKEN)
+        s2 = ctx.socket(zmq.DEALER)
+        s2.setsockopt(zmq.LINGER, 0)
+        s2.connect(rc["control"][0])
+        s2.send(auth.seal(m.encode(m.Ping(V, "probe-1"))))
+        assert s2.poll(10000), "no answer to a signed Ping"
+        pong = m.decode(auth.open(s2.recv()))
+        s2.close(linger=0)
+        assert isinstance(pong, m.Pong) and pong.healthy and pong.transfer_id == "probe-1"
+    finally:
+        s.close(linger=0)
+    wait_for(lambda: "bad MAC" in log_text(p), 10, "unsigned frames refused")
+    prompt = prompt_ids(140, seed=33)
+    assert_same_greedy(completion(p, prompt, 5), pd_completion(p, d, rc, prompt, 5,
+                                                               token=TOKEN))
+    assert "junk-1" not in log_text(p)  # no registration was ever looked at
+
+
+def test_routable_address_without_a_token_refuses_to_start(servers: dict) -> None:
+    exposed = servers["exposed"]
+    if exposed is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to listen on")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and exposed.proc is not None \
+            and exposed.proc.poll() is None:
+        time.sleep(1)
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.1", exposed.port)) != 0, "it serves anyway"
+    text = log_text(exposed)
+    assert "is not a loopback address and no cluster_token is set" in text
