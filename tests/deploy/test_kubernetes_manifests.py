@@ -27,6 +27,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from mooncake_vllm.config import ENV_PREFIX, ConnectorConfig  # noqa: E402
 from mooncake_vllm.metadata import ENV_VARS as METADATA_ENV_VARS  # noqa: E402
+from mooncake_vllm.proxy import __main__ as proxy_main  # noqa: E402
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 # What `kubectl apply -f deploy/k8s/` applies (not recursive) ...
@@ -38,8 +39,8 @@ K8S_VERSION = kubernetes_validate.utils.latest_version()
 # or the conductor reads: a typo would otherwise be silently ignored in production.
 KNOWN_ENV = {ENV_PREFIX + f.upper() for f in ConnectorConfig.__dataclass_fields__}
 KNOWN_ENV |= set(METADATA_ENV_VARS.values())
-# The conductor's secrets (mooncake_vllm/proxy: flags or these variables).
-CONDUCTOR_ENV = {"MOONCAKE_VLLM_CLUSTER_TOKEN", "MOONCAKE_VLLM_ADMIN_TOKEN"}
+# The conductor's secrets: flags, or the ENV_* variables its command line module names.
+CONDUCTOR_ENV = {v for k, v in vars(proxy_main).items() if k.startswith("ENV_")}
 KNOWN_ENV |= CONDUCTOR_ENV
 
 SERVING = ("vllm-prefill", "vllm-decode", "conductor")
@@ -191,6 +192,8 @@ def test_serving_containers_take_secrets_from_secret_refs_only() -> None:
         (container,) = _containers(_workload(name))
         env = _env(container)
         wanted = [TOKEN_ENV] + (["MOONCAKE_VLLM_ADMIN_TOKEN"] if name == "conductor" else [])
+        if name == "conductor":
+            assert set(wanted) <= CONDUCTOR_ENV, "the conductor reads these (proxy/__main__.py)"
         for var in wanted:
             assert var in env, f"{name}: {var} is not set"
             assert "value" not in env[var], f"{name}: {var} is a literal"
