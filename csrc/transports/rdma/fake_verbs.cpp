@@ -15,7 +15,8 @@ constexpr int kGidTableLength = 4;
 struct FakeContext {
   ibv_context ctx{};
   std::string name;
-  // A RoCE GID table: 0 link-local v1, 1 link-local v2, 2 IPv4-mapped v1, 3 IPv4-mapped v2.
+  // A RoCE GID table: 0 link-local v1, 1 link-local v2, 2 IPv4-mapped v1, 3 IPv4-mapped v2
+  // (as on a NIC, the v1 and v2 entries of one address hold the same GID).
   ibv_gid gids[kGidTableLength]{};
   uint16_t lid = 0;
   FakeConfig config;
@@ -136,7 +137,6 @@ class FakeVerbs : public Verbs {
           gid.raw[10] = gid.raw[11] = 0xff;
           gid.raw[12] = 10;
         }
-        gid.raw[9] = static_cast<uint8_t>(g);  // entries differ even where the type alone would not
         gid.raw[13] = static_cast<uint8_t>(instance_);
         gid.raw[14] = static_cast<uint8_t>(instance_ >> 8);
         gid.raw[15] = static_cast<uint8_t>(i);
