@@ -69,7 +69,16 @@ void Batch::run_abort_hooks() {
     std::lock_guard lock(mu_);
     hooks.swap(abort_hooks_);
   }
-  for (auto& hook : hooks) hook();
+  // A hook that throws must not keep the others from running (or end the watchdog thread).
+  for (auto& hook : hooks) {
+    try {
+      hook();
+    } catch (const std::exception& e) {
+      MV_LOG(kError, "batch " << id_ << ": abort hook failed: " << e.what());
+    } catch (...) {
+      MV_LOG(kError, "batch " << id_ << ": abort hook failed");
+    }
+  }
 }
 
 BatchTable::BatchTable() : watchdog_([this] { watchdog_loop(); }) {}
@@ -110,6 +119,18 @@ size_t BatchTable::size() const {
   return batches_.size();
 }
 
+void BatchTable::expire(Batch& batch) {
+  std::ostringstream error;
+  error << op_name(batch.op()) << " batch " << batch.id() << " to " << batch.peer()
+        << " timed out (peer unresponsive or gone)";
+  MV_LOG(kWarn, error.str());
+  // Cause first, then abort the batch's connections / queue pairs, then wake the waiters:
+  // whoever sees FAILED can rely on the stuck transfer having been torn down.
+  batch.record_error(error.str());
+  batch.run_abort_hooks();
+  batch.fail_now(error.str());
+}
+
 // Why a thread and not per-wait checks: a batch must fail by its deadline even when nobody is
 // waiting on it, and its stuck connections must be shut down so the next batch can reconnect.
 void BatchTable::watchdog_loop() {
@@ -123,16 +144,17 @@ void BatchTable::watchdog_loop() {
         expired.push_back(batch);
     lock.unlock();
     for (auto& batch : expired) {
-      std::ostringstream error;
-      error << op_name(batch->op()) << " batch " << batch->id() << " to " << batch->peer()
-            << " timed out (peer unresponsive or gone)";
-      MV_LOG(kWarn, error.str());
-      // Cause first, then abort the batch's connections / queue pairs, then wake the waiters:
-      // whoever sees FAILED can rely on the stuck transfer having been torn down.
-      batch->record_error(error.str());
-      batch->run_abort_hooks();
-      batch->fail_now(error.str());
+      try {
+        expire(*batch);
+      } catch (...) {
+        // Nothing may end this thread (std::terminate); the batch fails without the detail.
+        try {
+          batch->fail_now("batch timed out");
+        } catch (...) {
+        }
+      }
     }
+    expired.clear();
     lock.lock();
   }
 }

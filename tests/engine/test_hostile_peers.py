@@ -329,3 +329,18 @@ def test_engine_options_are_validated() -> None:
         TransferEngine(protocol="tcp", max_connections=0)
     with pytest.raises(ValueError, match="idle_timeout_s"):
         TransferEngine(protocol="tcp", idle_timeout_s=0)
+
+
+def test_client_closes_idle_connections_before_the_server_would(
+    peer_factory, engine_factory
+) -> None:
+    """A client closes a connection idle for half the idle timeout, so the server's idle close
+    never races a new request; the next batch reconnects."""
+    peer = peer_factory(MiB, idle_timeout_s=1.0)
+    local = engine_factory(MiB, idle_timeout_s=1.0, connections_per_peer=1)
+    seg = local.engine.open_segment(peer.descriptor)
+    local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [4096])
+    time.sleep(1.5)
+    local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [4096])
+    assert local.engine.stats()["connects"] == 2
+    assert "no request for" not in peer.log(), "the server had to close the idle connection"

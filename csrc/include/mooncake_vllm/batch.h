@@ -76,6 +76,7 @@ class BatchTable {
 
  private:
   void watchdog_loop();
+  static void expire(Batch& batch);
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;

@@ -136,17 +136,33 @@ constexpr uint64_t kCoalesceGroupBytes = 1024 * 1024;
 constexpr size_t kCoalesceGroupMessages = 64;
 }  // namespace
 
+bool Link::close_if_idle() {
+  std::shared_ptr<Conn> idle;
+  {
+    std::lock_guard lock(mu_);
+    if (!conn_ || !conn_->inflight.empty() || conn_->receiving || !queue_.empty()) return false;
+    if (Clock::now() - conn_->last_used <
+        std::chrono::duration<double>(settings_.idle_close_s))
+      return false;
+    idle = conn_;
+  }
+  fail_conn(idle, "idle for " + std::to_string(settings_.idle_close_s) + " s");
+  return true;
+}
+
 void Link::sender_loop() {
+  const auto idle_check = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(std::min(1.0, settings_.idle_close_s / 2)));
   for (;;) {
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      cv_.wait_for(lock, idle_check, [&] { return stop_ || !queue_.empty(); });
       if (stop_) return;
     }
     // An exception here would end the thread (and std::terminate the process): it fails the
     // connection and its messages instead, and the loop goes on.
     try {
-      send_next();
+      if (!close_if_idle()) send_next();
     } catch (const std::exception& e) {
       MV_LOG(kError, "connection " << index_ << " to " << settings_.endpoint << ": " << e.what());
       abort(std::string("sender failed: ") + e.what());
@@ -315,6 +331,8 @@ void Link::receive_response(const std::shared_ptr<Conn>& conn,
     std::lock_guard lock(mu_);
     if (conn->broken || conn->inflight.empty() || conn->inflight.front() != msg) return;
     conn->inflight.pop_front();
+    conn->last_used = Clock::now();
+    conn->receiving = expected > 0;
   }
   if (expected > 0) {
     std::vector<iovec> iov;
@@ -322,6 +340,11 @@ void Link::receive_response(const std::shared_ptr<Conn>& conn,
     for (const Request& r : msg->requests)
       iov.push_back({reinterpret_cast<void*>(r.local), r.length});
     err = recv_all(conn->sock.fd(), iov.data(), iov.size());
+    {
+      std::lock_guard lock(mu_);
+      conn->receiving = false;
+      conn->last_used = Clock::now();
+    }
     if (!err.empty()) {
       msg->complete(false, "connection to " + peer + " lost during READ: " + err);
       fail_conn(conn, "connection to " + peer + " lost: " + err);

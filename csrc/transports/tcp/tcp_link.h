@@ -39,6 +39,9 @@ struct LinkSettings {
   std::string endpoint;
   std::string token;
   double timeout_s;
+  // A connection with nothing in flight for this long is closed by us, well before the peer's
+  // listener would close it as idle (a close racing a new request would fail that request).
+  double idle_close_s;
 };
 
 // Shared by the links of one transport.
@@ -67,8 +70,12 @@ class Link : public std::enable_shared_from_this<Link> {
     bool broken = false;
     uint64_t next_seq = 1;
     std::deque<std::shared_ptr<Message>> inflight;
+    Clock::time_point last_used = Clock::now();
+    bool receiving = false;  // a READ's payload is being read (its message already popped)
   };
   void sender_loop();
+  // Closes the connection when it has been idle for idle_close_s; true when it did.
+  bool close_if_idle();
   void send_next();
   void receiver_loop();
   std::shared_ptr<Conn> ensure_connected(const std::shared_ptr<Message>& msg);

@@ -45,7 +45,8 @@ void TcpTransport::open_peer(const std::shared_ptr<const Peer>& peer) {
   int count = std::max(1, config_.connections_per_peer);
   for (int i = 0; i < count; ++i) {
     auto link = std::make_shared<Link>(
-        registry_, LinkSettings{peer->desc.endpoint, config_.cluster_token, config_.timeout_s}, i,
+        registry_, LinkSettings{peer->desc.endpoint, config_.cluster_token, config_.timeout_s,
+                                config_.idle_timeout_s / 2}, i,
         counters_);
     link->start();
     entry->links.push_back(std::move(link));
