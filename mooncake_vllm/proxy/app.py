@@ -16,10 +16,11 @@ from aiohttp import web
 from .access import admin_refusal, client_auth
 from .conductor import Conductor
 from .config import ProxyConfig
-from .disagg import CLIENT_GONE, serve
+from .disagg import serve
 from .errors import error_response
 from .limits import BodyTooLarge, ConcurrencyLimit, read_body, run_sized
 from .prompt import BadRequest, PromptKey
+from .upstream_calls import CLIENT_GONE
 
 log = logging.getLogger(__name__)
 
