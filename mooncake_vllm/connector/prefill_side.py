@@ -12,6 +12,8 @@ Failure rules (the only place they are stated for P):
   have taken its blocks back, so P posts nothing more and fails the transfer.
 - P answers Released (D's Release) or Done only once no write of its own is in flight, so D
   gets its blocks back only when nothing of P's can still land in them.
+- A request that vLLM preempts on P had its blocks freed, and another request may overwrite
+  them while writes read from them: its transfer fails, so D never uses what was sent.
 - Anything wrong with one message or one batch fails that transfer (D is told why); the
   threads go on.
 - Tables that strangers can grow (early registrations, tombstones, watchers) are bounded.
@@ -99,6 +101,12 @@ class PrefillSide:
     def bind(self, meta: MooncakeMetadata, now: float) -> None:
         """Before the forward pass: this step's saves and the requests now held for us."""
         with self.lock:
+            for tid in meta.preempted:
+                tr = self.out.get(tid)
+                if tr is not None:
+                    self._fail(tr, "the prefill request was preempted: its blocks were freed "
+                               "while writes from them could still be in flight")
+                    self._maybe_finish(tr)
             for s in meta.saves:
                 tr = self.out.get(s.transfer_id)
                 if tr is None:

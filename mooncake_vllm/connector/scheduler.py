@@ -224,6 +224,10 @@ class MooncakeScheduler:
         meta = MooncakeMetadata(recvs=self._pending_recvs, releases=self._pending_releases,
                                 held=self._pending_held, watches=self._gates.take_watches())
         self._pending_recvs, self._pending_releases, self._pending_held = [], [], {}
+        for rid in getattr(out, "preempted_req_ids", None) or ():
+            req = self._p_reqs.get(rid)
+            if req is not None:
+                meta.preempted.append(str(self._params(req)["transfer_id"]))
         if self._p_reqs:
             computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
             cached = out.scheduled_cached_reqs

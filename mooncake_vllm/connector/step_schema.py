@@ -45,5 +45,8 @@ class MooncakeMetadata(KVConnectorMetadata):
     recvs: list[RecvSpec] = field(default_factory=list)
     # D: transfers to call off without ever registering: (transfer_id, remote_control, why).
     releases: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    # P: transfers whose request vLLM preempted (its blocks were freed and may be reused while
+    # writes from them are still in flight): they fail, so D never uses what they sent.
+    preempted: list[str] = field(default_factory=list)
     # D: pipelined transfers whose head D waits to hear P has started: (transfer_id, rc).
     watches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)

@@ -336,3 +336,20 @@ def test_health_probe_record_round_trips() -> None:
 
 
 logging.getLogger("vllm.mooncake_vllm.connector").setLevel(logging.INFO)
+
+
+def test_preempted_prefill_request_fails_its_transfer(pair: Pair) -> None:
+    """vLLM frees a preempted request's blocks at once: what was read from them for D may
+    belong to another request by the time it is sent, so D must never use it."""
+    reg = pair.register("t13", "r-d", [5, 6], 2 * BS)
+    pair.p.on_message(D_ID, reg)
+    first = MooncakeMetadata(saves=[SaveSpec("r-p", "t13", [1, 2], 0, BS, 2 * BS)])
+    pair.p.bind(first, time.monotonic())
+    for layer in range(LAYERS):
+        pair.p.save_layer(first, layer)  # the first chunk's block goes out
+    pair.p.bind(MooncakeMetadata(preempted=["t13"]), time.monotonic())
+    [(to, done)] = pair.p_replies()
+    assert to == D_ID and not done.ok and "preempted" in done.reason
+    pair.d.on_message(P_EP, done)
+    assert pair.d.get_finished(set()) == (set(), {"r-d"})
+    assert pair.d.take_load_errors() == {5, 6}
