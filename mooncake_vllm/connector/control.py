@@ -269,3 +269,34 @@ class ControlChannel:
             fn(*args)
         except Exception:  # one bad message or tick must not kill the channel
             logger.exception("control: handler failed")
+
+
+def probe_health(endpoint: str, token: str | None, timeout_s: float = 2.0) -> str | None:
+    """Ask the worker behind `endpoint` whether it can serve transfers (Ping/Pong): None when
+    it says so, else why not (its own reason, or that it did not answer in time). Blocking:
+    the conductor calls it from a thread."""
+    why = endpoint_refusal(endpoint)
+    if why is not None:
+        return why
+    auth = FrameAuth(token)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    try:
+        _bound(s)
+        s.connect(endpoint)
+        probe_id = uuid.uuid4().hex
+        s.send(auth.seal(m.encode(m.Ping(m.PROTOCOL_VERSION, probe_id))))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not s.poll(int(left * 1000) + 1):
+                break
+            try:
+                msg = m.decode(auth.open(s.recv()))
+            except ValueError as e:
+                return f"worker {endpoint} answered something else than a Pong: {e}"
+            if isinstance(msg, m.Pong) and msg.transfer_id == probe_id:
+                return None if msg.healthy else f"worker {endpoint} (tp{msg.tp_rank}): " \
+                    f"{msg.reason}"
+        return f"worker {endpoint} did not answer a health probe within {timeout_s:.1f}s"
+    finally:
+        s.close(linger=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -101,3 +102,19 @@ def test_outgoing_connections_are_bounded(channel, monkeypatch) -> None:
         time.sleep(0.05)
     time.sleep(0.2)
     assert len(ch._dealers) == 8 and ch.alive()
+
+
+def test_health_probe_asks_the_worker(channel) -> None:
+    ch, got = channel
+
+    def answer() -> None:
+        sender, ping = got.get(timeout=5)
+        ch.send(sender, m.Pong(V, ping.transfer_id, False, "the engine refused a transfer", 0))
+
+    t = threading.Thread(target=answer)
+    t.start()
+    why = control.probe_health(ch.endpoint, TOKEN, timeout_s=5)
+    t.join()
+    assert why == f"worker {ch.endpoint} (tp0): the engine refused a transfer"
+    assert "did not answer" in (control.probe_health(ch.endpoint, "wrong-token-0123456789",
+                                                     timeout_s=0.5) or "")
