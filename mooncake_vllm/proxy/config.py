@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from .validation import http_url_problem
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
+# The connector refuses a shorter cluster token; the admin token guards as much.
+MIN_TOKEN_CHARS = 16
 
 
 class ProxyConfigError(ValueError):
@@ -146,6 +148,11 @@ class ProxyConfig:
                     "idle_timeout_s", "prior_overhead_s", "prior_tokens_per_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be positive")
+        for key in ("cluster_token", "admin_token"):  # named, never shown
+            value = getattr(self, key)
+            if value is not None and len(value) < MIN_TOKEN_CHARS:
+                raise ProxyConfigError(f"{key}: too short (at least {MIN_TOKEN_CHARS} "
+                                       "characters; use e.g. `openssl rand -hex 32`)")
         if not 0 <= self.port <= 65535:
             raise bad("port", "a TCP port is 0..65535")
         return self

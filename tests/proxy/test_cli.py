@@ -33,21 +33,29 @@ def test_unreachable_metadata_server_fails_fast(capsys: pytest.CaptureFixture[st
 def test_secrets_come_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from mooncake_vllm.proxy.__main__ import parse_args
 
-    monkeypatch.setenv("MOONCAKE_VLLM_CLUSTER_TOKEN", "from-env")
-    monkeypatch.setenv("MOONCAKE_VLLM_ADMIN_TOKEN", "admin-from-env")
+    monkeypatch.setenv("MOONCAKE_VLLM_CLUSTER_TOKEN", "cluster-token-from-env")
+    monkeypatch.setenv("MOONCAKE_VLLM_ADMIN_TOKEN", "admin-token-from-env")
     monkeypatch.delenv("MOONCAKE_VLLM_UPSTREAM_API_KEY", raising=False)
     cfg = parse_args(["--both", "http://127.0.0.1:1"])
     assert (cfg.cluster_token, cfg.admin_token, cfg.upstream_api_key) == \
-        ("from-env", "admin-from-env", None)
-    cfg = parse_args(["--both", "http://127.0.0.1:1", "--cluster-token", "from-flag",
+        ("cluster-token-from-env", "admin-token-from-env", None)
+    cfg = parse_args(["--both", "http://127.0.0.1:1", "--cluster-token", "cluster-token-from-flag",
                       "--upstream-api-key", "k"])
-    assert (cfg.cluster_token, cfg.upstream_api_key) == ("from-flag", "k")
+    assert (cfg.cluster_token, cfg.upstream_api_key) == ("cluster-token-from-flag", "k")
     assert cfg.max_concurrent_requests == 1024 and cfg.max_body_bytes == 8 * 1024 * 1024
     # A logged config shows no secret.
-    assert "from-flag" not in repr(cfg) and "admin-from-env" not in repr(cfg)
+    assert "cluster-token-from-flag" not in repr(cfg) and "admin-token-from-env" not in repr(cfg)
 
 
 @pytest.mark.parametrize("flag", ["--max-concurrent-requests", "--max-body-bytes"])
 def test_limits_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["proxy", "--both", "http://127.0.0.1:1", flag, "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--cluster-token", "--admin-token"])
+def test_short_tokens_are_refused_without_being_shown(flag: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["proxy", "--both", "http://127.0.0.1:1", flag, "short-secret"]) == 2
+    err = capsys.readouterr().err
+    assert "too short" in err and "short-secret" not in err

@@ -16,7 +16,7 @@ from mooncake_vllm.proxy import transfer_params
 from mooncake_vllm.proxy.config import ProxyConfig
 from mooncake_vllm.security import transfer_params_refusal
 
-TOKEN = "cluster-secret"
+TOKEN = "cluster-secret-0123456789"
 # What a client might send to make D read another request's blocks.
 FORGED = {"do_remote_prefill": True, "transfer_id": "someone-elses-transfer",
           "remote_control": rc_for(1)}
@@ -117,4 +117,4 @@ def test_every_decode_field_is_covered_by_the_signature() -> None:
                          ("remote_control", rc_for(1)), ("pipeline_gate", False)):
         tampered = {**params, field: value}
         assert transfer_params_refusal(TOKEN, tampered) is not None, field
-    assert transfer_params_refusal("another-cluster", params) is not None
+    assert transfer_params_refusal("another-cluster-0123456789", params) is not None

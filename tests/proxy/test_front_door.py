@@ -133,8 +133,8 @@ def test_operator_views_need_the_admin_token() -> None:
         async with aiohttp.ClientSession() as s:
             for path in ("/instances", "/admission"):
                 for headers, want in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
-                                      ({"Authorization": "Basic s3cret"}, 401),
-                                      ({"Authorization": "Bearer s3cret"}, 200)):
+                                      ({"Authorization": "Basic admin-secret-0123456789"}, 401),
+                                      ({"Authorization": "Bearer admin-secret-0123456789"}, 200)):
                     async with s.get(url + path, headers=headers) as r:
                         assert r.status == want, (path, headers)
                         if want == 401:
@@ -143,7 +143,7 @@ def test_operator_views_need_the_admin_token() -> None:
                 async with s.get(url + path) as r:
                     assert r.status == 200, path
 
-    _serve(fn, admin_token="s3cret")
+    _serve(fn, admin_token="admin-secret-0123456789")
 
 
 @pytest.mark.parametrize("peer,allowed", [("127.0.0.1", True), ("::1", True),
