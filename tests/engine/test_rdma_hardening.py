@@ -241,3 +241,21 @@ def test_slow_handshake_with_one_peer_does_not_stall_the_others(engines) -> None
         stuck.join(timeout=10)
     finally:
         fake.close()
+
+
+def test_a_restarted_peer_gets_new_qps(engines) -> None:
+    """Same endpoint and devices, but its regions were registered anew (other rkeys): the peer
+    restarted, its QPs are gone, so the next batch reconnects instead of failing."""
+    a, b = engines(), engines()
+    seg = a.engine.open_segment(b.engine.descriptor())
+    a.engine.transfer_sync(seg, "write", [a.base], [b.base], [4096])
+    desc = b.engine.descriptor()
+    b.engine.unregister(b.base)
+    b.engine.register(b.base, b.buffer.nbytes)  # new MRs, new rkeys
+    restarted = b.engine.descriptor()
+    assert restarted["rkeys"] != desc["rkeys"]
+    assert a.engine.open_segment(restarted) == seg
+    a.buffer[:] = 3
+    a.engine.transfer_sync(seg, "write", [a.base], [b.base], [MiB])
+    assert (b.buffer[:MiB] == 3).all()
+    assert len(transitions("RTR->RTS")) == 8  # a second set of QPs

@@ -105,19 +105,34 @@ struct PeerState {
   std::mutex connect_mu;
   std::mutex mu;
   bool connected = false;
-  uint64_t generation = 0;  // bumped when the descriptor's addresses change
-  std::string address;      // endpoint and devices (GID, LID) the lanes were built for
+  uint64_t generation = 0;  // bumped when the peer needs new QPs
+  bool opened = false;
+  SegmentDescriptor desc;  // the version the lanes are for
   std::vector<std::shared_ptr<Lane>> lanes;
   std::atomic<uint32_t> next_lane{0};
 };
 
-// What QPs depend on in a descriptor: re-opening a segment with the same ones (new regions,
-// new rkeys) keeps the live QPs.
-std::string address_of(const SegmentDescriptor& desc) {
-  std::string out = desc.endpoint;
-  for (const auto& dev : desc.rdma_devices)
-    out += "|" + dev.name + "/" + dev.gid + "/" + std::to_string(dev.lid);
-  return out;
+// Whether a new version of a peer's descriptor needs new QPs. A peer re-publishes its
+// descriptor whenever it registers memory (a region more, same QPs on its side): that keeps
+// the live QPs. A changed address (endpoint, device GIDs/LIDs), or a region still there with
+// other rkeys (the peer restarted and registered it anew, so its QPs are gone too), does not.
+bool needs_new_qps(const SegmentDescriptor& old, const SegmentDescriptor& now) {
+  if (old.endpoint != now.endpoint || old.rdma_devices.size() != now.rdma_devices.size())
+    return true;
+  for (size_t i = 0; i < now.rdma_devices.size(); ++i)
+    if (old.rdma_devices[i].gid != now.rdma_devices[i].gid ||
+        old.rdma_devices[i].lid != now.rdma_devices[i].lid ||
+        old.rdma_devices[i].name != now.rdma_devices[i].name)
+      return true;
+  bool common = false;
+  for (size_t i = 0; i < now.regions.size(); ++i)
+    for (size_t j = 0; j < old.regions.size(); ++j)
+      if (now.regions[i] == old.regions[j]) {
+        common = true;
+        if (i < now.rkeys.size() && j < old.rkeys.size() && now.rkeys[i] != old.rkeys[j])
+          return true;
+      }
+  return !common && !now.regions.empty() && !old.regions.empty();
 }
 
 class RdmaTransport : public Transport {
@@ -191,13 +206,14 @@ class RdmaTransport : public Transport {
       if (!slot) slot = std::make_shared<PeerState>();
       state = slot;
     }
-    // Segments are re-opened whenever the peer registers memory (new regions and rkeys): that
-    // must not disturb QPs with batches in flight. Only a changed address (a restarted peer,
-    // other NICs) makes the next batch reconnect.
-    std::string address = address_of(peer->desc);
+    // Segments are re-opened whenever the peer registers memory: that must not disturb QPs
+    // with batches in flight (moving them to ERR would flush those batches). Only a peer that
+    // needs new QPs (needs_new_qps) makes the next batch reconnect.
     std::lock_guard peer_lock(state->mu);
-    if (state->address == address) return;
-    state->address = address;
+    bool renew = !state->opened || needs_new_qps(state->desc, peer->desc);
+    state->opened = true;
+    state->desc = peer->desc;
+    if (!renew) return;
     state->connected = false;
     ++state->generation;
   }
