@@ -26,8 +26,8 @@ PROTOCOL_VERSION = 1
 # Bounds on every field, checked by the decoder before a handler sees the record: what would
 # overflow an int64 in the address arithmetic, or hold memory out of proportion to a real
 # request, is refused as malformed.
-MAX_FRAME_BYTES = 8 << 20
-MAX_BLOCKS = 1 << 20  # block ids in one registration
+MAX_FRAME_BYTES = 1 << 20
+MAX_BLOCKS = 1 << 16  # block ids in one registration (a million tokens of 16-token blocks)
 MAX_LAYERS = 4096
 MAX_PLANES = 8
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

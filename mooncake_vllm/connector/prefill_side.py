@@ -49,6 +49,7 @@ Send = Callable[[bytes | str, m.Message], None]
 PIPELINE_HEARTBEAT_S = 0.5
 # Bounds on what peers can make P remember.
 MAX_EARLY = 4096
+MAX_EARLY_BLOCKS = 1 << 20  # block ids held by early registrations, all together
 MAX_TOMBSTONES = 65536
 
 
@@ -435,7 +436,8 @@ class PrefillSide:
         if reg.transfer_id in self.early:
             logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
             return
-        if len(self.early) >= MAX_EARLY:
+        held = sum(len(r.block_ids) for _, r, _ in self.early.values())
+        if len(self.early) >= MAX_EARLY or held + len(reg.block_ids) > MAX_EARLY_BLOCKS:
             logger.warning("transfer %s: refused, %d registrations already wait for their "
                            "prefill request", reg.transfer_id, len(self.early))
             self._send(sender, m.Done(V, reg.transfer_id, False,
