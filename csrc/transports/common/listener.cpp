@@ -133,12 +133,18 @@ void Listener::accept_one() {
   int from_address = open_here == per_address_.end() ? 0 : open_here->second;
   if (static_cast<int>(connections_.size()) >= options_.max_connections ||
       from_address >= options_.max_connections_per_address) {
-    refused_.fetch_add(1);
-    MV_LOG(kWarn, "refused connection from " << peer << ": connection limit reached ("
-                                             << connections_.size() << " open, " << from_address
-                                             << " from " << address << "; max_connections "
-                                             << options_.max_connections << ", per address "
-                                             << options_.max_connections_per_address << ")");
+    uint64_t refused = refused_.fetch_add(1) + 1;
+    // A flood of refusals is logged once a second, not once per connection.
+    auto now = std::chrono::steady_clock::now();
+    if (now - last_refusal_log_ >= std::chrono::seconds(1)) {
+      last_refusal_log_ = now;
+      MV_LOG(kWarn, "refused connection from "
+                        << peer << ": connection limit reached (" << connections_.size()
+                        << " open, " << from_address << " from " << address
+                        << "; max_connections " << options_.max_connections << ", per address "
+                        << options_.max_connections_per_address << "; " << refused
+                        << " refused so far)");
+    }
     return;  // `sock` closes
   }
   tune_data_socket(sock.fd(), options_.io_timeout_s);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <list>
 #include <map>
@@ -85,6 +86,7 @@ class Listener {
   mutable std::mutex mu_;
   std::list<std::unique_ptr<Connection>> connections_;
   std::map<std::string, int> per_address_;
+  std::chrono::steady_clock::time_point last_refusal_log_{};
 };
 
 }  // namespace mooncake_vllm::net
