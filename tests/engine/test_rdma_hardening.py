@@ -259,3 +259,35 @@ def test_a_restarted_peer_gets_new_qps(engines) -> None:
     a.engine.transfer_sync(seg, "write", [a.base], [b.base], [MiB])
     assert (b.buffer[:MiB] == 3).all()
     assert len(transitions("RTR->RTS")) == 8  # a second set of QPs
+
+
+def test_oversized_handshake_reply_fails_the_batch_not_the_process(engines) -> None:
+    """A malicious peer answers the QP handshake with a reply announcing 2^40 bytes."""
+
+    def liar(server: wire.FakeServer, conn: socket.socket) -> None:
+        wire.hello(conn, auth_required=False)
+        conn.sendall(wire.VERDICT.pack(wire.MAGIC, 0, bytes(32)))
+        _, _, _, _, _, seq, total = wire.REQUEST.unpack(wire.recv_exact(conn, wire.REQUEST.size))
+        wire.recv_exact(conn, total)
+        conn.sendall(wire.RESPONSE.pack(wire.MAGIC, 0, seq, 0, 0, 1 << 40))
+        server.drain(conn)
+
+    fake = wire.FakeServer(liar)
+    try:
+        a = engines()
+        desc = fake.descriptor()
+        desc.update(
+            protocol="rdma",
+            rdma_devices=[{"name": "liar0", "gid": "fe80" + "0" * 28, "lid": 1, "port": 1}],
+            rkeys=[[1]],
+        )
+        seg = a.engine.open_segment(desc)
+        before = testing.fake_verbs_stats()["live_qps"]
+        with pytest.raises(TransferError, match=r"control reply of 1099511627776 bytes, limit"):
+            a.engine.transfer_sync(seg, "write", [a.base], [1 << 40], [4096])
+        assert testing.fake_verbs_stats()["live_qps"] == before  # its QPs were destroyed
+        b = engines()
+        seg_b = a.engine.open_segment(b.engine.descriptor())
+        a.engine.transfer_sync(seg_b, "write", [a.base], [b.base], [MiB])
+    finally:
+        fake.close()
