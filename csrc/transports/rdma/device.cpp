@@ -1,5 +1,6 @@
 #include "device.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -104,6 +105,13 @@ Device::Device(Verbs& v, int idx, const std::string& device_name, const EngineCo
   }
   MV_LOG(kDebug, "RDMA device " << name << ": port " << int(port) << ", GID index " << gid_index
                                 << ", active MTU " << (128 << mtu));
+}
+
+void Device::release(uint32_t wrs) {
+  if (!wrs) return;
+  std::lock_guard lock(budget_mu);
+  outstanding -= std::min(outstanding, wrs);
+  budget_cv.notify_all();
 }
 
 Device::~Device() {

@@ -41,6 +41,8 @@ struct Device {
   std::mutex budget_mu;
   std::condition_variable budget_cv;
   uint32_t outstanding = 0;
+  // Returns `wrs` to the budget (their completions arrived, or they were never posted).
+  void release(uint32_t wrs);
 };
 
 // The GID index to use on `port`: `override_index` when >= 0, else on RoCE a RoCE v2 GID

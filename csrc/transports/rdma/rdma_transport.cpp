@@ -7,13 +7,13 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <random>
 #include <system_error>
 #include <thread>
 
 #include "device.h"
 #include "fake_verbs.h"
 #include "handshake.h"
+#include "lanes.h"
 #include "mooncake_vllm/log.h"
 #include "mooncake_vllm/request_planner.h"
 #include "transports/common/frames.h"
@@ -24,15 +24,10 @@ namespace mooncake_vllm::rdma {
 
 namespace {
 
-constexpr uint32_t kMaxSendWr = 256;  // send-queue depth per QP
 // QPs this engine answers handshakes with, over all requesters together.
 constexpr size_t kMaxPassiveQps = 1024;
-// RoCE v2 packets are routed (IP): a hop limit of 1 would drop them at the first router.
-constexpr uint8_t kHopLimit = 64;
-// QPs allow both; each MR allows remote READ only when its region was registered with
-// remote_read (the NIC then refuses a READ of any other region with a remote access error).
-constexpr int kQpAccess =
-    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+// An MR allows remote READ only when its region was registered with remote_read (the NIC then
+// refuses a READ of any other region with a remote access error).
 int mr_access(const Region& region) {
   return IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE |
          (region.remote_read ? IBV_ACCESS_REMOTE_READ : 0);
@@ -58,59 +53,6 @@ std::vector<std::string> select_devices(Verbs& verbs, const EngineConfig& config
 std::string sys_error(const std::string& what, int err) {
   return what + " failed: " + std::strerror(err ? err : EIO);
 }
-
-uint32_t random_psn() {
-  static thread_local std::mt19937 gen(std::random_device{}());
-  return gen() & 0xffffff;  // PSNs are 24 bits
-}
-
-struct PeerState;
-struct Chain;
-
-// One RC queue pair from a local NIC to a remote NIC, with its send-queue accounting.
-struct Lane {
-  Device* device = nullptr;
-  int remote_device = 0;
-  ibv_qp* qp = nullptr;
-  uint32_t psn = 0;  // our first send PSN
-  std::weak_ptr<PeerState> owner;  // the peer whose lanes these are (initiator side)
-  std::mutex mu;
-  std::condition_variable cv;
-  uint32_t outstanding = 0;  // WRs posted whose chain has not completed
-  uint32_t chains_in_flight = 0;
-  // Chains of which only a prefix was posted (ibv_post_send stopped at bad_wr): those WRs still
-  // name the chain and read its leased memory, so it lives until the QP is destroyed.
-  std::vector<std::unique_ptr<Chain>> orphans;
-};
-
-// One posted chain of WRs; only its last WR is signalled. wr_id = address | 1 on the tail,
-// address | 0 on the others (their completions appear only when they fail or are flushed).
-struct Chain {
-  std::shared_ptr<Batch> batch;
-  std::shared_ptr<Lane> lane;
-  uint32_t wrs = 0;
-  LeaseSet leases;
-  bool reported = false;
-  void report(bool ok, const std::string& error) {
-    if (reported) return;
-    reported = true;
-    batch->part_done(ok, error);
-  }
-};
-
-struct PeerState {
-  // Held while (re)connecting, network handshake included, so that concurrent batches to the
-  // same peer connect once. Nothing else ever waits for it: `mu` guards the state itself and
-  // is only held for short updates (the completion poller and abort hooks take it).
-  std::mutex connect_mu;
-  std::mutex mu;
-  bool connected = false;
-  uint64_t generation = 0;  // bumped when the peer needs new QPs
-  bool opened = false;
-  SegmentDescriptor desc;  // the version the lanes are for
-  std::vector<std::shared_ptr<Lane>> lanes;
-  std::atomic<uint32_t> next_lane{0};
-};
 
 // Whether a new version of a peer's descriptor needs new QPs. A peer re-publishes its
 // descriptor whenever it registers memory (a region more, same QPs on its side): that keeps
@@ -255,7 +197,7 @@ class RdmaTransport : public Transport {
       passive_.clear();
       peers_.clear();
     }
-    for (auto& lane : lanes) to_error(*lane);
+    for (auto& lane : lanes) lane_to_error(*verbs_, *lane);
     // Let the poller retire the flushed chains (their leases and records) before it stops.
     auto deadline = Clock::now() + std::chrono::seconds(2);
     for (auto& lane : lanes) {
@@ -269,7 +211,7 @@ class RdmaTransport : public Transport {
       lanes.insert(lanes.end(), retired_.begin(), retired_.end());
       retired_.clear();
     }
-    for (auto& lane : lanes) destroy_lane(*lane);
+    for (auto& lane : lanes) destroy_lane(*verbs_, *lane);
     for (const auto& region : registry_.snapshot()) on_unregister(*region);
     devices_.clear();
   }
@@ -282,111 +224,6 @@ class RdmaTransport : public Transport {
     return "rdma_devices=[" + names + "]";
   }
 
-  // --- queue pairs ------------------------------------------------------------------------
-
-  std::shared_ptr<Lane> create_lane(Device* dev, int remote_device) {
-    ibv_qp_init_attr init{};
-    init.send_cq = dev->cq;
-    init.recv_cq = dev->cq;
-    init.qp_type = IBV_QPT_RC;
-    init.sq_sig_all = 0;  // selective signalling: we mark the WRs that complete
-    init.cap.max_send_wr = kMaxSendWr;
-    init.cap.max_recv_wr = 1;
-    init.cap.max_send_sge = 1;
-    init.cap.max_recv_sge = 1;
-    ibv_qp* qp = verbs_->create_qp(dev->pd, &init);
-    if (!qp) throw TransferError(sys_error("ibv_create_qp on " + dev->name, errno));
-    auto lane = std::make_shared<Lane>();
-    lane->device = dev;
-    lane->remote_device = remote_device;
-    lane->qp = qp;
-    lane->psn = random_psn();
-    try {
-      ibv_qp_attr attr{};
-      attr.qp_state = IBV_QPS_INIT;
-      attr.pkey_index = 0;
-      attr.port_num = dev->port;
-      attr.qp_access_flags = kQpAccess;
-      modify(*lane, attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS,
-             "INIT");
-    } catch (...) {
-      destroy_lane(*lane);
-      throw;
-    }
-    return lane;
-  }
-
-  // Destroys the QP (it must have no work the poller still waits for) and frees what only
-  // its WRs referred to.
-  void destroy_lane(Lane& lane) {
-    std::vector<std::unique_ptr<Chain>> orphans;
-    uint32_t held = 0;
-    {
-      std::lock_guard lock(lane.mu);
-      if (lane.qp) verbs_->destroy_qp(lane.qp);
-      lane.qp = nullptr;
-      orphans.swap(lane.orphans);
-      held = lane.outstanding;
-      lane.outstanding = 0;
-    }
-    release_budget(*lane.device, held);
-  }
-
-  void modify(Lane& lane, ibv_qp_attr& attr, int mask, const char* state) {
-    if (int rc = verbs_->modify_qp(lane.qp, &attr, mask))
-      throw TransferError(sys_error("moving QP " + std::to_string(lane.qp->qp_num) + " on " +
-                                        lane.device->name + " to " + state,
-                                    rc));
-  }
-
-  // INIT -> RTR (towards the remote QP) -> RTS.
-  void connect_lane(Lane& lane, const QpEndpoint& remote) {
-    const Device& dev = *lane.device;
-    ibv_qp_attr attr{};
-    attr.qp_state = IBV_QPS_RTR;
-    // Both ends use the smaller active MTU, so neither sends packets the other cannot take.
-    attr.path_mtu = static_cast<ibv_mtu>(std::min<int>(dev.mtu, remote.mtu));
-    attr.dest_qp_num = remote.qpn;
-    attr.rq_psn = remote.psn;
-    attr.max_dest_rd_atomic = 16;
-    attr.min_rnr_timer = 12;
-    attr.ah_attr.is_global = 1;
-    attr.ah_attr.grh.dgid = remote.gid;
-    attr.ah_attr.grh.sgid_index = static_cast<uint8_t>(dev.gid_index);
-    attr.ah_attr.grh.hop_limit = kHopLimit;
-    attr.ah_attr.dlid = dev.ethernet ? 0 : static_cast<uint16_t>(remote.lid);
-    attr.ah_attr.port_num = dev.port;
-    modify(lane, attr,
-           IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-               IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER,
-           "RTR");
-    attr = ibv_qp_attr{};
-    attr.qp_state = IBV_QPS_RTS;
-    attr.timeout = 14;
-    attr.retry_cnt = 7;
-    attr.rnr_retry = 7;
-    attr.sq_psn = lane.psn;
-    attr.max_rd_atomic = 16;
-    modify(lane, attr,
-           IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-               IBV_QP_MAX_QP_RD_ATOMIC,
-           "RTS");
-  }
-
-  QpEndpoint endpoint_of(const Lane& lane, int lane_index, int device) const {
-    const Device& dev = *lane.device;
-    return {lane_index, device, lane.qp->qp_num, dev.gid, dev.lid, lane.psn, int(dev.mtu)};
-  }
-
-  void to_error(Lane& lane) {
-    std::lock_guard lock(lane.mu);
-    if (!lane.qp) return;
-    ibv_qp_attr attr{};
-    attr.qp_state = IBV_QPS_ERR;
-    verbs_->modify_qp(lane.qp, &attr, IBV_QP_STATE);  // flushes every outstanding WR
-  }
-
-  // Responder side of the handshake (called by the listener only on an authenticated
   // connection): one QP per requested lane, paired and brought to RTS. Either every QP of the
   // request is made, or none is left behind.
   std::string accept_qps(const std::string& blob) {
@@ -408,19 +245,19 @@ class RdmaTransport : public Transport {
     std::vector<std::shared_ptr<Lane>> created;
     try {
       for (const auto& want : request.qps) {
-        created.push_back(create_lane(devices_[want.device].get(), 0));
-        connect_lane(*created.back(), want);
+        created.push_back(create_lane(*verbs_, devices_[want.device].get(), 0));
+        connect_lane(*verbs_, *created.back(), want);
         reply.push_back(endpoint_of(*created.back(), want.lane, want.device));
       }
     } catch (...) {
-      for (auto& lane : created) destroy_lane(*lane);  // no work was ever posted on them
+      for (auto& lane : created) destroy_lane(*verbs_, *lane);  // no work was ever posted on them
       throw;
     }
     std::vector<std::shared_ptr<Lane>> replaced;
     {
       std::lock_guard lock(mu_);
       if (stopped_) {
-        for (auto& lane : created) destroy_lane(*lane);
+        for (auto& lane : created) destroy_lane(*verbs_, *lane);
         throw TransferError("engine closed");
       }
       for (size_t i = 0; i < created.size(); ++i) {
@@ -435,7 +272,7 @@ class RdmaTransport : public Transport {
 
   // An old QP is moved to ERR (flushing its work) and destroyed once it has no chain left.
   void retire_lane(const std::shared_ptr<Lane>& lane) {
-    to_error(*lane);
+    lane_to_error(*verbs_, *lane);
     std::lock_guard lock(retired_mu_);  // a leaf lock
     retired_.push_back(lane);
   }
@@ -465,7 +302,7 @@ class RdmaTransport : public Transport {
     try {
       for (size_t i = 0; i < devices_.size(); ++i) {
         int remote_dev = static_cast<int>(i) % remote_count;
-        lanes.push_back(create_lane(devices_[i].get(), remote_dev));
+        lanes.push_back(create_lane(*verbs_, devices_[i].get(), remote_dev));
         lanes.back()->owner = state;
         request.qps.push_back(endpoint_of(*lanes.back(), static_cast<int>(i), remote_dev));
       }
@@ -480,10 +317,10 @@ class RdmaTransport : public Transport {
       for (const auto& remote : reply) {
         if (remote.lane < 0 || remote.lane >= static_cast<int>(lanes.size()))
           throw TransferError("peer answered for lane " + std::to_string(remote.lane));
-        connect_lane(*lanes[remote.lane], remote);
+        connect_lane(*verbs_, *lanes[remote.lane], remote);
       }
     } catch (const std::exception& e) {
-      for (auto& lane : lanes) destroy_lane(*lane);  // nothing was posted on them
+      for (auto& lane : lanes) destroy_lane(*verbs_, *lane);  // nothing was posted on them
       throw TransferError(std::string("RDMA handshake with ") + peer.desc.endpoint + " failed: " +
                           e.what());
     }
@@ -542,7 +379,7 @@ class RdmaTransport : public Transport {
         std::weak_ptr<Lane> weak = lane;
         batch->add_abort_hook([this, weak] {
           if (auto dead = weak.lock()) {
-            to_error(*dead);
+            lane_to_error(*verbs_, *dead);
             mark_disconnected(dead);
           }
         });
@@ -553,13 +390,6 @@ class RdmaTransport : public Transport {
         post_chain(peer, lane, batch, &slices[first], count);
       }
     }
-  }
-
-  void release_budget(Device& dev, uint32_t wrs) {
-    if (!wrs) return;
-    std::lock_guard lock(dev.budget_mu);
-    dev.outstanding -= std::min(dev.outstanding, wrs);
-    dev.budget_cv.notify_all();
   }
 
   // Reserves room for `count` WRs in the device's completion budget, then in the lane's send
@@ -583,7 +413,7 @@ class RdmaTransport : public Transport {
     });
     if (!room || batch->failed_early() || !lane.qp) {
       lock.unlock();
-      release_budget(dev, count);
+      dev.release(count);
       return batch->failed_early() ? "batch already failed"
                                    : "send queue on " + dev.name + " stayed full";
     }
@@ -666,11 +496,11 @@ class RdmaTransport : public Transport {
       if (posted > 0) lane->orphans.push_back(std::move(back));
       lane->cv.notify_all();
     }
-    release_budget(*lane->device, static_cast<uint32_t>(count - posted));
+    lane->device->release(static_cast<uint32_t>(count - posted));
     // The posted prefix has no signalled WR, so nothing would ever say it finished: the QP goes
     // to ERR, which flushes it; the chain and the WRs' send-queue and completion budget are
     // released when the QP is destroyed. The next batch reconnects.
-    if (posted > 0) to_error(*lane);
+    if (posted > 0) lane_to_error(*verbs_, *lane);
     mark_disconnected(lane);
   }
 
@@ -727,7 +557,7 @@ class RdmaTransport : public Transport {
       --chain->lane->chains_in_flight;
       chain->lane->cv.notify_all();
     }
-    release_budget(*chain->lane->device, chain->wrs);
+    chain->lane->device->release(chain->wrs);
     delete chain;
   }
 
@@ -757,7 +587,7 @@ class RdmaTransport : public Transport {
         }
       }
     }
-    for (auto& lane : done) destroy_lane(*lane);
+    for (auto& lane : done) destroy_lane(*verbs_, *lane);
   }
 
   RegionRegistry& registry_;
