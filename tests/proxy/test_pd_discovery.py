@@ -4,6 +4,10 @@ One module, one pair (two vLLM processes at a time): etcd and a discovery proxy 
 the prefill and decode instances after it, so the discovery proxy must pick them up without a
 restart; a static proxy (`--prefill URL --decode URL`, remote_control by probe) serves the
 relay tests; the last test kills the decode instance and watches discovery drop it.
+
+Every instance and conductor here shares a cluster token, from the environment as deployed:
+the conductor signs the kv_transfer_params it writes and the connectors refuse unsigned ones,
+so each P/D answer below is also one that passed the connectors' signature check.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.etcd]
 
 CONNECTOR = "MooncakeVllmConnector"
 METADATA_TTL_S = 3
+CLUSTER_TOKEN = "pd-test-cluster-token-0123456789"
 
 
 @dataclass
@@ -46,6 +51,15 @@ def _server(model: Path, name: str, role: str, etcd: EtcdServer, cpus: list[int]
     return VllmServer(model, port=port, name=name, cpus=cpus, log_path=logs / f"{name}.log",
                       kv_transfer_config={"kv_connector": CONNECTOR, "kv_role": role,
                                           "kv_connector_extra_config": extra})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_token() -> Iterator[str]:
+    """In the environment of every process this module starts (autouse: set before them)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MOONCAKE_VLLM_CLUSTER_TOKEN", CLUSTER_TOKEN)
+    yield CLUSTER_TOKEN
+    patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +124,10 @@ def test_pd_completion_equals_single_instance(cluster: Cluster, tiny_model: Path
     assert post(url + "/v1/completions", {**body, "max_tokens": 1})[0] == 200
     p_done = metric(cluster.prefill.url, "vllm:request_success_total")
     d_done = metric(cluster.decode.url, "vllm:request_success_total")
-    status, _, raw = post(url + "/v1/completions", body)
+    # Parameters a client sends are dropped (here they would name a transfer that never comes).
+    forged = {"do_remote_prefill": True, "transfer_id": "forged",
+              "remote_control": {"control": ["tcp://127.0.0.1:1"]}}
+    status, _, raw = post(url + "/v1/completions", {**body, "kv_transfer_params": forged})
     assert status == 200, raw
     via = json.loads(raw)
     assert via["choices"][0]["text"] == _reference(cluster, "/v1/completions", body)[
