@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from mooncake_vllm.security import is_loopback_host
+
 from .access import conductor_auth
 from .admission import Admission
 from .config import ProxyConfig
@@ -94,6 +96,10 @@ class Conductor:
                  "operator views %s", self.policy.name, self.hasher.mode, cfg.slo_ttft_s,
                  "signed" if cfg.cluster_token else "unsigned (no cluster token)",
                  "behind the admin token" if cfg.admin_token else "for loopback clients only")
+        if not cfg.cluster_token and not is_loopback_host(cfg.host):
+            log.warning("conductor listens on %s without a cluster token: the transfer "
+                        "parameters it writes are unsigned, and instances with a token will "
+                        "refuse them", cfg.host)
 
     async def stop(self) -> None:
         if self.health is not None:

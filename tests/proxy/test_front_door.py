@@ -57,14 +57,18 @@ def test_oversized_body_is_413_and_others_are_served_meanwhile() -> None:
     big = json.dumps(_body("x" * (48 * MIB))).encode()
 
     async def fn(url: str, c: Conductor, inst: FakeInstance) -> None:
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession() as s, aiohttp.ClientSession() as other:
+            assert (await _timed_post(other, url, json.dumps(_body())))[0] == 200  # connected
             big_task = asyncio.create_task(_timed_post(s, url, big))
             small = []
             while not big_task.done() or len(small) < 5:
-                status, _, took = await _timed_post(s, url, json.dumps(_body()))
+                status, _, took = await _timed_post(other, url, json.dumps(_body()))
                 assert status == 200
                 small.append(took)
-            assert max(small) < 0.5, small
+            # Client, conductor and instance share this test's one event loop, and the rest
+            # of the refused body still crosses it: the bound leaves room for that, not for
+            # parsing the body (which held the loop several times as long).
+            assert max(small) < 0.75, small
             status, answer, _ = await big_task
             assert status == 413, status
             assert "--max-body-bytes" in answer["error"]["message"]
@@ -88,7 +92,7 @@ def test_large_body_is_parsed_off_the_event_loop() -> None:
 
         def slow_key(chat: bool, body: dict[str, Any]) -> Any:
             if len(body["prompt"]) >= OFF_LOOP_BYTES:
-                time.sleep(1.0)  # blocks whichever thread runs it
+                time.sleep(1.5)  # blocks whichever thread runs it
             return real_key(chat, body)
 
         with mock.patch.object(c.hasher, "key", slow_key):
@@ -97,7 +101,7 @@ def test_large_body_is_parsed_off_the_event_loop() -> None:
                 long_task = asyncio.create_task(_timed_post(s, url, long))
                 await asyncio.sleep(0.1)
                 status, _, took = await _timed_post(s, url, json.dumps(_body()))
-                assert status == 200 and took < 0.5, took
+                assert status == 200 and took < 0.75, took
                 assert not long_task.done()
                 assert (await long_task)[0] == 200
 
