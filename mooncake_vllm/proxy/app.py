@@ -18,7 +18,7 @@ from .conductor import Conductor
 from .config import ProxyConfig
 from .disagg import serve
 from .errors import error_response
-from .limits import BodyTooLarge, ConcurrencyLimit, read_body, run_sized
+from .limits import BodyRefused, ConcurrencyLimit, read_body, run_sized
 from .prompt import BadRequest, PromptKey
 from .upstream_calls import CLIENT_GONE
 
@@ -66,11 +66,12 @@ def _generation(path: str, chat: bool):  # type: ignore[no-untyped-def]
 
     async def admitted(c: Conductor, request: web.Request) -> web.StreamResponse:
         try:
-            raw = await read_body(request, c.config.max_body_bytes)
-        except BodyTooLarge as e:
-            c.metrics.rejections.labels("body_too_large").inc()
-            c.metrics.requests.labels(endpoint, "413").inc()
-            return error_response(413, str(e), "invalid_request_error")
+            raw = await read_body(request, c.config.max_body_bytes, c.config.body_timeout_s)
+        except BodyRefused as e:
+            reason = "body_too_large" if e.status == 413 else "body_timeout"
+            c.metrics.rejections.labels(reason).inc()
+            c.metrics.requests.labels(endpoint, str(e.status)).inc()
+            return error_response(e.status, str(e), "invalid_request_error")
         try:
             body, key = await run_sized(len(raw), parse, c, raw)
         except BadRequest as e:

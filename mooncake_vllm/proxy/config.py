@@ -100,6 +100,9 @@ class ProxyConfig:
     # Larger bodies are refused (413) before they are read: any prompt a model takes fits
     # in far less, and each body is held in memory and parsed by this one process.
     max_body_bytes: int = 8 * 1024 * 1024
+    # A body must arrive within this: a client that trickles its body would otherwise hold
+    # one of the request slots above for as long as it likes.
+    body_timeout_s: float = 30.0
 
     def validate(self) -> ProxyConfig:
         def bad(key: str, why: str) -> ProxyConfigError:
@@ -145,6 +148,7 @@ class ProxyConfig:
                 raise bad(key, "must be >= 1")
         for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s",
                     "probe_timeout_s", "prefill_timeout_s", "first_token_timeout_s",
+                    "body_timeout_s",
                     "idle_timeout_s", "prior_overhead_s", "prior_tokens_per_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be positive")

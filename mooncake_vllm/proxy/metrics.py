@@ -16,7 +16,7 @@ class ProxyMetrics:
         self.requests = Counter(p + "requests", "Client requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
         self.rejections = Counter(p + "rejections", "Requests refused early, by reason "
-                                  "(slo, no_instance, concurrency, body_too_large)",
+                                  "(slo, no_instance, concurrency, body_too_large, body_timeout)",
                                   ["reason"], registry=r)
         self.in_flight = Gauge(p + "requests_in_flight", "Generation requests being served "
                                "(limited by --max-concurrent-requests)", registry=r)

@@ -132,6 +132,26 @@ def test_requests_beyond_the_limit_are_refused_at_once() -> None:
     _serve(fn, max_concurrent_requests=2)
 
 
+def test_a_body_that_does_not_arrive_frees_its_slot() -> None:
+    """A client that sends headers and then trickles (here: stops) its body is answered 408
+    after the body deadline; its slot is free again for others."""
+    async def fn(url: str, c: Conductor, inst: FakeInstance) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"pro")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status_line.split()[1] == b"408", status_line
+        assert c.metrics.rejections.labels("body_timeout")._value.get() == 1
+        assert c.metrics.in_flight._value.get() == 0
+        async with aiohttp.ClientSession() as s:
+            assert (await _timed_post(s, url, json.dumps(_body())))[0] == 200
+
+    _serve(fn, body_timeout_s=0.5, max_concurrent_requests=1)
+
+
 def test_operator_views_need_the_admin_token() -> None:
     async def fn(url: str, c: Conductor, inst: FakeInstance) -> None:
         async with aiohttp.ClientSession() as s:
