@@ -79,13 +79,18 @@ class ConnectorConfig:
     # D "done", so D's blocks are not in use) and report how long that takes.
     measure_non_overlapped: bool = False
 
+    def last_write_landing_s(self, wait_s: float) -> float:
+        """From D's registration (asking P to write for `wait_s`) to the moment no write of this
+        instance's can land any more, whatever happens: the registration arrives within
+        CONTROL_DELIVERY_S, P posts nothing after `wait_s` from its arrival, the engine fails
+        a batch (aborting its connection) by `engine_timeout_s`, and bytes the kernel still
+        held then are delivered or dropped within `engine_timeout_s` more (TCP_USER_TIMEOUT)."""
+        return wait_s + CONTROL_DELIVERY_S + 2 * self.engine_timeout_s + 2.0
+
     @property
     def write_horizon_s(self) -> float:
-        """From D's registration to the moment no write of P's can land any more, whatever P
-        says: P posts nothing after D's wait (transfer_timeout_s) from receiving the
-        registration, which arrives within CONTROL_DELIVERY_S, and the engine fails a batch
-        (closing its connection) within engine_timeout_s."""
-        return self.transfer_timeout_s + CONTROL_DELIVERY_S + self.engine_timeout_s + 1.0
+        """D: how long after registering it takes lent blocks back without P's word."""
+        return self.last_write_landing_s(self.transfer_timeout_s)
 
     def exposure_refusal(self) -> str | None:
         """Why this instance must not start listening as configured; None when it may."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mooncake_vllm.config import CONTROL_DELIVERY_S, ConnectorConfig
+from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.control import unpin_current_thread
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer
@@ -372,7 +372,7 @@ class PrefillSide:
         if why is None and reg.layout.tp_rank != self.tp_rank:
             why = (f"KV layout mismatch: tp_rank is {self.tp_rank} on prefill but "
                    f"{reg.layout.tp_rank} on decode")
-        last_landing = reg.wait_s + CONTROL_DELIVERY_S + self.config.engine_timeout_s + 1.0
+        last_landing = self.config.last_write_landing_s(reg.wait_s)
         if why is None and last_landing > reg.horizon_s + 1e-6:
             why = (f"decode takes its blocks back {reg.horizon_s:.1f}s after registering, but "
                    f"a write of this prefill may land up to {last_landing:.1f}s after it "
