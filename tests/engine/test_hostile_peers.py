@@ -348,3 +348,28 @@ def test_client_closes_idle_connections_before_the_server_would(
     local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [4096])
     assert local.engine.stats()["connects"] == 2
     assert "no request for" not in peer.log(), "the server had to close the idle connection"
+
+
+def test_idle_and_dead_peers_are_evicted_and_come_back(peer_factory, engine_factory) -> None:
+    """The links (and threads) to a peer nobody talks to any more, dead or alive, are evicted
+    after the idle timeout; a later batch to it makes new ones."""
+    import os
+
+    gone, alive = peer_factory(MiB), peer_factory(MiB)
+    local = engine_factory(MiB, idle_timeout_s=1.0, connections_per_peer=2)
+    seg_gone = local.engine.open_segment(gone.descriptor)
+    seg_alive = local.engine.open_segment(alive.descriptor)
+    for seg, peer in ((seg_gone, gone), (seg_alive, alive)):
+        local.engine.transfer_sync(seg, "write", [local.base], [peer.base], [4096])
+    threads = len(os.listdir("/proc/self/task"))
+    gone.kill()
+    with pytest.raises(TransferError):
+        local.engine.transfer_sync(seg_gone, "write", [local.base], [gone.base], [4096])
+    time.sleep(2.2)  # past the idle timeout and the once-a-second scan
+    local.engine.transfer_sync(seg_alive, "write", [local.base], [alive.base], [4096])
+    stats = local.engine.stats()
+    assert stats["evicted_peers"] == 2  # both were quiet; `alive` got new links at once
+    assert stats["peers_with_links"] == 1
+    assert len(os.listdir("/proc/self/task")) <= threads - 4  # gone's 2 links x 2 threads
+    with pytest.raises(TransferError, match="connect to .* failed"):
+        local.engine.transfer_sync(seg_gone, "write", [local.base], [gone.base], [4096])

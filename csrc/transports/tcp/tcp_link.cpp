@@ -2,6 +2,7 @@
 
 #include <poll.h>
 
+#include <optional>
 #include <system_error>
 
 #include "mooncake_vllm/log.h"
@@ -46,10 +47,16 @@ void Link::set_endpoint(const std::string& endpoint) {
   if (old) fail_conn(old, "peer moved to " + endpoint);
 }
 
+bool Link::idle_for(Clock::duration quiet) {
+  std::lock_guard lock(mu_);
+  return !conn_ && queue_.empty() && !busy_ && Clock::now() - last_activity_ >= quiet;
+}
+
 void Link::enqueue(std::shared_ptr<Message> msg) {
   {
     std::lock_guard lock(mu_);
     if (!stop_) {
+      last_activity_ = Clock::now();
       queue_.push_back(std::move(msg));
       cv_.notify_all();
       return;
@@ -95,6 +102,7 @@ void Link::fail_conn(const std::shared_ptr<Conn>& conn, const std::string& reaso
     }
     lost.swap(conn->inflight);
     if (conn_ == conn) conn_.reset();
+    last_activity_ = Clock::now();
     cv_.notify_all();
   }
   for (auto& msg : lost) msg->complete(false, reason);
@@ -175,9 +183,23 @@ void Link::sender_loop() {
 
 void Link::send_next() {
   std::vector<std::shared_ptr<Message>> group;
+  struct Busy {  // marks the link busy while it holds messages off the queue
+    explicit Busy(Link& l) : link(l) {}
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+    Link& link;
+    ~Busy() {
+      std::lock_guard lock(link.mu_);
+      link.busy_ = false;
+      link.last_activity_ = Clock::now();
+    }
+  };
+  std::optional<Busy> busy;
   {
     std::unique_lock lock(mu_);
     if (stop_ || queue_.empty()) return;
+    busy_ = true;
+    busy.emplace(*this);  // its destructor takes mu_: constructed in place, never copied
     uint64_t bytes = 0;
     do {
       bytes += queue_.front()->bytes;

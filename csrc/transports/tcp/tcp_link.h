@@ -63,6 +63,9 @@ class Link : public std::enable_shared_from_this<Link> {
   void abort(const std::string& reason);
   void stop();
   void set_endpoint(const std::string& endpoint);
+  // True when the link has no connection, nothing queued or being sent, and nothing happened
+  // on it for `quiet` (the transport then evicts it; threads and all).
+  bool idle_for(Clock::duration quiet);
 
  private:
   struct Conn {
@@ -98,6 +101,8 @@ class Link : public std::enable_shared_from_this<Link> {
   std::deque<std::shared_ptr<Message>> queue_;
   std::shared_ptr<Conn> conn_;
   bool stop_ = false;
+  bool busy_ = false;  // send_next holds messages taken off the queue
+  Clock::time_point last_activity_ = Clock::now();
   std::thread sender_;
   std::thread receiver_;
 };

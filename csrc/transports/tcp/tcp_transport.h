@@ -31,13 +31,21 @@ class TcpTransport : public Transport {
     std::vector<std::shared_ptr<Link>> links;
     std::atomic<uint32_t> next_lane{0};
   };
+  // All links started, or none (throws TransferError).
+  std::shared_ptr<PeerLinks> make_links(const std::string& endpoint);
+  // Takes the links of peers idle for idle_timeout_s (no connection, nothing queued) out of
+  // peers_, at most once a second, into `evicted`; the caller stops them without mu_ held.
+  // A later batch to such a peer makes new links.
+  void take_idle_peers(std::vector<std::shared_ptr<PeerLinks>>& evicted);
   RegionRegistry& registry_;
   EngineConfig config_;
   net::Listener server_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<uint64_t, std::shared_ptr<PeerLinks>> peers_;
   bool stopped_ = false;
+  Clock::time_point last_idle_scan_ = Clock::now();
   LinkCounters counters_;
+  std::atomic<uint64_t> evicted_peers_{0};
 };
 
 }  // namespace mooncake_vllm::tcp
