@@ -184,7 +184,8 @@ class TransferEngine:
             self.release(bid)
 
     def stats(self) -> dict[str, int]:
-        """Transport counters (TCP: messages_sent, send_calls, bytes_sent, connects)."""
+        """Transport counters (TCP: messages_sent, send_calls, bytes_sent, connects,
+        server_connections, server_refused_connections, peers_with_links, evicted_peers)."""
         return dict(self._native.stats())
 
     def close(self) -> None:
