@@ -291,3 +291,17 @@ def test_oversized_handshake_reply_fails_the_batch_not_the_process(engines) -> N
         a.engine.transfer_sync(seg_b, "write", [a.base], [b.base], [MiB])
     finally:
         fake.close()
+
+
+def test_rdma_read_needs_a_region_registered_for_remote_read(engines) -> None:
+    a, b = engines(), engines()  # b's buffer: registered without remote_read
+    b.buffer[:] = 4
+    seg = a.engine.open_segment(b.engine.descriptor())
+    with pytest.raises(TransferError, match="remote access error"):
+        a.engine.transfer_sync(seg, "read", [a.base], [b.base], [MiB])
+    assert not a.buffer.any()
+    readable = np.full(MiB, 6, dtype=np.uint8)
+    b.engine.register(readable.ctypes.data, readable.nbytes, remote_read=True)
+    seg = a.engine.open_segment(b.engine.descriptor())
+    a.engine.transfer_sync(seg, "read", [a.base], [readable.ctypes.data], [MiB])
+    assert (a.buffer[:MiB] == 6).all()
