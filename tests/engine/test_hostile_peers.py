@@ -373,3 +373,27 @@ def test_idle_and_dead_peers_are_evicted_and_come_back(peer_factory, engine_fact
     assert len(os.listdir("/proc/self/task")) <= threads - 4  # gone's 2 links x 2 threads
     with pytest.raises(TransferError, match="connect to .* failed"):
         local.engine.transfer_sync(seg_gone, "write", [local.base], [gone.base], [4096])
+
+
+def test_a_thread_that_cannot_start_refuses_one_connection_only(engine_factory, capfd) -> None:
+    from mooncake_vllm import _engine
+
+    a, b = engine_factory(MiB), engine_factory(MiB)
+    seg = a.engine.open_segment(b.engine.descriptor())
+    host, port = b.engine.endpoint.rsplit(":", 1)
+    _engine._testing.inject_thread_start_failures(1)  # the next connection's thread
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    assert wire.closed_within(sock, 3.0), "that connection is refused"
+    sock.close()
+    assert "cannot start a thread for a connection" in capfd.readouterr().err
+    a.buffer[:] = 2
+    a.engine.transfer_sync(seg, "write", [a.base], [b.base], [MiB])  # the listener goes on
+    assert (b.buffer == 2).all()
+    # a link whose threads cannot start: open_segment fails with the cause, then works again
+    c = engine_factory(MiB)
+    _engine._testing.inject_thread_start_failures(1)
+    with pytest.raises(TransferError, match="cannot start a thread for connection 0"):
+        a.engine.open_segment(c.engine.descriptor())
+    seg = a.engine.open_segment(c.engine.descriptor())
+    a.engine.transfer_sync(seg, "write", [a.base], [c.base], [MiB])
+    assert (c.buffer == 2).all()

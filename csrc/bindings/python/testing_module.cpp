@@ -4,6 +4,7 @@
 
 #include "mooncake_vllm/types.h"
 #include "transports/common/auth.h"
+#include "transports/common/threads.h"
 #ifdef MV_WITH_RDMA
 #include "transports/rdma/fake_verbs.h"
 #endif
@@ -32,6 +33,8 @@ void bind_testing(py::module_ m) {
                                                bytes.size());
     return py::bytes(reinterpret_cast<const char*>(mac.data()), mac.size());
   });
+  m.def("inject_thread_start_failures", &mooncake_vllm::net::inject_thread_start_failures,
+        py::arg("count"), "The next `count` engine threads fail to start (as on EAGAIN).");
 #ifdef MV_WITH_RDMA
   using namespace mooncake_vllm::rdma;
   m.def("fake_verbs_stats", [] {

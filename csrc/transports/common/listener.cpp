@@ -8,13 +8,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <system_error>
 #include <vector>
 
 #include "auth.h"
 #include "frames.h"
 #include "mooncake_vllm/log.h"
 #include "mooncake_vllm/types.h"
+#include "threads.h"
 
 namespace mooncake_vllm::net {
 
@@ -38,11 +38,7 @@ Listener::~Listener() { stop(); }
 uint16_t Listener::start() {
   uint16_t bound = 0;
   listener_ = listen_on(options_.host, options_.port, &bound);
-  try {
-    acceptor_ = std::thread([this] { accept_loop(); });
-  } catch (const std::system_error& e) {
-    throw TransferError(std::string("cannot start the listener thread: ") + e.what());
-  }
+  acceptor_ = start_thread("the listener", [this] { accept_loop(); });
   return bound;
 }
 
@@ -153,11 +149,11 @@ void Listener::accept_one() {
   conn->address = address;
   Connection* raw = conn.get();
   try {
-    conn->thread = std::thread([this, raw, peer = peer] { serve(raw, peer); });
-  } catch (const std::system_error& e) {
+    conn->thread = start_thread("a connection", [this, raw, peer = peer] { serve(raw, peer); });
+  } catch (const TransferError& e) {
     refused_.fetch_add(1);
-    MV_LOG(kWarn, "refused connection from " << peer << ": cannot start a thread: " << e.what());
-    return;
+    MV_LOG(kWarn, "refused connection from " << peer << ": " << e.what());
+    return;  // `conn` and its socket close
   }
   ++per_address_[address];
   connections_.push_back(std::move(conn));

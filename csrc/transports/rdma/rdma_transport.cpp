@@ -7,7 +7,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <system_error>
 #include <thread>
 
 #include "device.h"
@@ -18,6 +17,7 @@
 #include "mooncake_vllm/request_planner.h"
 #include "transports/common/frames.h"
 #include "transports/common/listener.h"
+#include "transports/common/threads.h"
 #include "verbs.h"
 
 namespace mooncake_vllm::rdma {
@@ -104,11 +104,7 @@ class RdmaTransport : public Transport {
 
   std::string start() override {
     uint16_t port = server_.start();
-    try {
-      poller_ = std::thread([this] { poll_loop(); });
-    } catch (const std::system_error& e) {
-      throw TransferError(std::string("cannot start the RDMA completion thread: ") + e.what());
-    }
+    poller_ = net::start_thread("the RDMA completion poller", [this] { poll_loop(); });
     endpoint_ = config_.hostname + ":" + std::to_string(port);
     return endpoint_;
   }

@@ -3,11 +3,11 @@
 #include <poll.h>
 
 #include <optional>
-#include <system_error>
 
 #include "mooncake_vllm/log.h"
 #include "transports/common/auth.h"
 #include "transports/common/frames.h"
+#include "transports/common/threads.h"
 
 namespace mooncake_vllm::tcp {
 
@@ -26,13 +26,13 @@ Link::Link(RegionRegistry& registry, LinkSettings settings, int index, LinkCount
 Link::~Link() { stop(); }
 
 void Link::start() {
+  const std::string what = "connection " + std::to_string(index_) + " to " + settings_.endpoint;
   try {
-    sender_ = std::thread([this] { sender_loop(); });
-    receiver_ = std::thread([this] { receiver_loop(); });
-  } catch (const std::system_error& e) {
+    sender_ = start_thread(what, [this] { sender_loop(); });
+    receiver_ = start_thread(what, [this] { receiver_loop(); });
+  } catch (...) {
     stop();
-    throw TransferError("connection " + std::to_string(index_) + " to " + settings_.endpoint +
-                        ": cannot start its threads: " + e.what());
+    throw;
   }
 }
 
