@@ -78,10 +78,16 @@ class VllmServer:
         cpus: Sequence[int] | None = None,
         pin_process: bool = False,
         name: str = "vllm",
+        netns: str | None = None,
     ) -> None:
         self.model = str(model)
         self.host = host
-        self.port = port or free_port(host)
+        # Run inside this network namespace (`ip netns exec NETNS vllm serve ...`, needs root):
+        # fault tests give instances addresses of their own and cut the links between them.
+        # `host` is then an address inside the namespace; this process must be able to reach
+        # it (e.g. over a veth pair). A fresh namespace has every port free.
+        self.netns = netns
+        self.port = port or free_port(host if netns is None else "127.0.0.1")
         self.kv_transfer_config = kv_transfer_config
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -100,6 +106,8 @@ class VllmServer:
 
     def command(self) -> list[str]:
         cmd = [*vllm_command(), "serve", self.model, "--host", self.host, "--port", str(self.port)]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         cmd += list(DEFAULT_ARGS)
         if self.kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
