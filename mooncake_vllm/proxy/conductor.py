@@ -90,7 +90,8 @@ class Conductor:
                 await self.checks.close()
                 raise
         self.health = HealthChecker(self.registry, self.checks, self.metrics,
-                                    cfg.health_interval_s, cfg.health_timeout_s)
+                                    cfg.health_interval_s, cfg.health_timeout_s,
+                                    cluster_token=cfg.cluster_token)
         self.health.start()
         log.info("conductor: policy %s, prefix hashing by %s, SLO %s, transfer parameters %s, "
                  "operator views %s", self.policy.name, self.hasher.mode, cfg.slo_ttft_s,

@@ -1,9 +1,13 @@
 """Periodic health checks and load scraping.
 
 Each round, for every instance at once: GET /health (out of rotation on failure, back in when it
-answers again), GET /metrics (running and waiting requests, KV usage), and GET /v1/models until
-the served models are known. An instance that comes back after an outage may have restarted:
-its believed prefix cache and probed control endpoint are dropped.
+answers again), a Ping to each of its workers' control endpoints when they are known (the
+connector's own self-check: its threads are alive and its engine accepts a transfer; vLLM's
+/health knows nothing of them, and a decode instance whose engine is dead would otherwise stay
+in rotation with every transfer to it failing), GET /metrics (running and waiting requests,
+KV usage), and GET /v1/models until the served models are known. An instance that comes back
+after an outage may have restarted: its believed prefix cache and probed control endpoint are
+dropped.
 
 Between rounds an instance can come up unseen (a discovered one registers before its HTTP
 server listens, and the first round finds the port closed): a request that finds no instance in
@@ -19,6 +23,8 @@ import logging
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from mooncake_vllm.connector.control import probe_health
 
 from .metrics import ProxyMetrics
 from .upstreams import Instance, Registry
@@ -66,8 +72,11 @@ def mark_up(inst: Instance, metrics: ProxyMetrics) -> None:
 
 class HealthChecker:
     def __init__(self, registry: Registry, session: aiohttp.ClientSession,
-                 metrics: ProxyMetrics, interval_s: float, timeout_s: float) -> None:
+                 metrics: ProxyMetrics, interval_s: float, timeout_s: float,
+                 cluster_token: str | None = None) -> None:
         self.registry = registry
+        self.cluster_token = cluster_token
+        self.timeout_s = timeout_s
         self.session = session
         self.metrics = metrics
         self.interval_s = interval_s
@@ -80,6 +89,9 @@ class HealthChecker:
             async with self.session.get(inst.url + "/health", timeout=self.timeout) as r:
                 if r.status != 200:
                     raise RuntimeError(f"/health answered {r.status}")
+            why = await self._connector_health(inst)
+            if why is not None:
+                raise RuntimeError(f"connector not healthy: {why}")
             async with self.session.get(inst.url + "/metrics", timeout=self.timeout) as r:
                 if r.status == 200:
                     for attr, value in parse_vllm_load(await r.text()).items():
@@ -93,6 +105,15 @@ class HealthChecker:
             mark_down(inst, f"health check: {type(e).__name__}: {e}", self.metrics)
             return
         mark_up(inst, self.metrics)
+
+    async def _connector_health(self, inst: Instance) -> str | None:
+        controls = (inst.remote_control or {}).get("control")
+        if not isinstance(controls, list) or not controls:
+            return None  # not known yet (a static prefill before its probe, a plain instance)
+        answers = await asyncio.gather(*(
+            asyncio.to_thread(probe_health, ep, self.cluster_token, self.timeout_s)
+            for ep in controls if isinstance(ep, str)))
+        return next((why for why in answers if why is not None), None)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(i) for i in self.registry), return_exceptions=True)
