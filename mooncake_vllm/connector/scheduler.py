@@ -250,7 +250,7 @@ class MooncakeScheduler:
 
         p = self._params(request)
         rid = request.request_id
-        self._d_local_hit.pop(rid, None)
+        asked = self._d_local_hit.pop(rid, None) is not None  # D saw it and allocated nothing
         self._gates.forget(rid)
         self._refused.discard(rid)
         if rid in self._d_pipelined:
@@ -261,7 +261,10 @@ class MooncakeScheduler:
             self._d_delayed.add(rid)
             return True, None
         if self.is_consumer and p.get("do_remote_prefill"):
-            if rid not in self._d_handled and isinstance(p.get("remote_control"), dict):
+            # (vLLM may also finish a request object this connector never saw, e.g. an abort
+            # after a failed load: that one has nothing to release.)
+            if rid not in self._d_handled and asked and isinstance(p.get("remote_control"),
+                                                                    dict):
                 # Finished (aborted) before any block was allocated: no registration will
                 # ever reach P, so release it now instead of letting it time out.
                 self._pending_releases.append(
