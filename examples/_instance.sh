@@ -5,7 +5,8 @@
 #   HOST_IP          the address other hosts reach this one at (transfer engine, control, URL)
 #   METADATA_SERVER  etcd://HOST:PORT, or p2p (then start the conductor with --prefill/--decode)
 #   PROTOCOL         tcp | rdma | auto
-#   CLUSTER_TOKEN    shared secret every transfer engine checks on each connection (optional)
+#   CLUSTER_TOKEN    the cluster's shared secret (README, Security); required when HOST_IP is
+#                    not a loopback address (the instance refuses to start without it)
 #   VLLM_ARGS        anything else for `vllm serve` (e.g. "--tensor-parallel-size 2")
 set -euo pipefail
 : "${MODEL:?set MODEL to a model directory or hub name}"

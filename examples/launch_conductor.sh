@@ -4,6 +4,8 @@
 #   examples/launch_conductor.sh
 #   METADATA_SERVER=p2p PREFILL=http://127.0.0.1:8100 DECODE=http://127.0.0.1:8200 \
 #     examples/launch_conductor.sh
+# MOONCAKE_VLLM_CLUSTER_TOKEN (environment): the instances' cluster token; the conductor signs
+# the transfer parameters it writes with it (instances with a token refuse unsigned ones).
 set -euo pipefail
 PORT=${PORT:-8000}
 METADATA_SERVER=${METADATA_SERVER:-etcd://127.0.0.1:2379}
