@@ -84,8 +84,10 @@ class ConnectorConfig:
         instance's can land any more, whatever happens: the registration arrives within
         CONTROL_DELIVERY_S, P posts nothing after `wait_s` from its arrival, the engine fails
         a batch (aborting its connection) by `engine_timeout_s`, and bytes the kernel still
-        held then are delivered or dropped within `engine_timeout_s` more (TCP_USER_TIMEOUT)."""
-        return wait_s + CONTROL_DELIVERY_S + 2 * self.engine_timeout_s + 2.0
+        held then are delivered or dropped within the engine's TCP_USER_TIMEOUT more (the
+        engine timeout, at least 2 s)."""
+        user_timeout = max(2.0, self.engine_timeout_s)
+        return wait_s + CONTROL_DELIVERY_S + self.engine_timeout_s + user_timeout + 2.0
 
     @property
     def write_horizon_s(self) -> float:
