@@ -96,6 +96,11 @@ class DecodeSide:
                        "parallel sizes differ)")
             else:
                 why = endpoint_refusal(controls[self.tp_rank])
+            if why is None and r.transfer_id in self.inc:
+                # Two requests under one transfer id (a client's n > 1 sent disaggregated):
+                # P serves the first registration only; this one must not wait on it.
+                why = (f"transfer id already in use here by request "
+                       f"{self.inc[r.transfer_id].req_id}")
             if why is not None:
                 logger.error("transfer %s: %s", r.transfer_id, why)
                 self.load_errors.update(blocks)

@@ -110,6 +110,8 @@ class PrefillSide:
                     self._maybe_finish(tr)
             for s in meta.saves:
                 tr = self.out.get(s.transfer_id)
+                if tr is not None and tr.req_id != s.req_id:
+                    continue  # a second request under one transfer id: it sends nothing
                 if tr is None:
                     tr = Outgoing(s.transfer_id, s.req_id, self.num_layers, s.num_prompt_tokens)
                     self.out[s.transfer_id] = tr
@@ -148,7 +150,7 @@ class PrefillSide:
         with self.lock:
             for s in meta.saves:
                 tr = self.out.get(s.transfer_id)
-                if tr is None:
+                if tr is None or tr.req_id != s.req_id:
                     continue
                 tr.ready[layer] = max(tr.ready[layer],
                                       min(s.computed + s.scheduled, s.num_prompt_tokens))
@@ -158,7 +160,8 @@ class PrefillSide:
         with self.lock:
             for s in meta.saves:
                 tr = self.out.get(s.transfer_id)
-                if tr is not None and tr.fully_computed() and not tr.forward_end:
+                if tr is not None and tr.req_id == s.req_id and tr.fully_computed() \
+                        and not tr.forward_end:
                     tr.forward_end = now
                     self._maybe_finish(tr)
 

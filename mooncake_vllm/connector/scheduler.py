@@ -112,21 +112,24 @@ class MooncakeScheduler:
         # report them in finished_sending once no write of P's can land).
         self._d_delayed: set[str] = set()
         self._d_pipelined: set[str] = set()
-        self._refused: set[str] = set()  # requests whose parameters were refused (logged once)
+        # Each request's parameters are checked once, when it is first seen, and the verdict
+        # kept until it finishes: a signature that expires while the request runs must not
+        # turn it into a plain request half-way (its blocks would be freed under P's writes).
+        self._checked: dict[str, dict[str, Any]] = {}
 
     def _params(self, request: Request) -> dict[str, Any]:
         """The request's kv_transfer_params when they may drive a transfer, else {}."""
+        rid = request.request_id
+        known = self._checked.get(rid)
+        if known is not None:
+            return known
         p = request.kv_transfer_params
-        if not p:
-            return {}
-        why = params_refusal(p, self.config.cluster_token)
-        if why is None:
-            return p
-        if request.request_id not in self._refused:
-            self._refused.add(request.request_id)
+        why = params_refusal(p, self.config.cluster_token) if p else None
+        if why is not None:
             logger.error("request %s: kv_transfer_params refused (%s); served as a plain "
-                         "request, with no KV transfer", request.request_id, why)
-        return {}
+                         "request, with no KV transfer", rid, why)
+        self._checked[rid] = p if p and why is None else {}
+        return self._checked[rid]
 
     # ---- handshake: worker endpoints -> remote_control, instance registry ----
 
@@ -252,7 +255,7 @@ class MooncakeScheduler:
         rid = request.request_id
         asked = self._d_local_hit.pop(rid, None) is not None  # D saw it and allocated nothing
         self._gates.forget(rid)
-        self._refused.discard(rid)
+        self._checked.pop(rid, None)
         if rid in self._d_pipelined:
             # Pipelined: its blocks were lent to P's writes while it ran; the workers report
             # it in finished_sending once none can land any more (decode_side.py).

@@ -111,17 +111,19 @@ class Conductor:
             if session is not None:
                 await session.close()
 
-    def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False) -> Route | None:
+    def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False,
+              one_sequence: bool = True) -> Route | None:
         """Disaggregated when prefill and decode instances are up (a short prompt: the decode
         instance alone; a long one, if `pipelinable`: P and D in a pipeline); else a "both"
-        instance alone."""
+        instance alone. A request for several sequences (n > 1, best_of, several prompts) is
+        served by a decode instance alone: one transfer id carries the KV of one sequence."""
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
         prefill, decode = up("prefill"), up("decode")
         if prefill and decode:
             d = self.policy.choose_decode(decode)
-            if key.num_tokens <= self.config.local_prefill_max_tokens:
+            if key.num_tokens <= self.config.local_prefill_max_tokens or not one_sequence:
                 return Route(assess(d, key), None)
             p = self.policy.choose_prefill(prefill, key)
             head = self.pipeline_head(key) if pipelinable else 0

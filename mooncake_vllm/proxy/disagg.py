@@ -67,6 +67,15 @@ def pipelinable(path: str, body: dict[str, Any]) -> bool:
             and body.get("best_of", 1) in (1, None))
 
 
+def one_sequence(body: dict[str, Any]) -> bool:
+    """Whether a request asks for one sequence from one prompt (what one transfer can carry)."""
+    prompt = body.get("prompt")
+    several_prompts = isinstance(prompt, list) and bool(prompt) and not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    return (body.get("n", 1) in (1, None) and body.get("best_of", 1) in (1, None)
+            and not several_prompts)
+
+
 def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> dict[str, Any]:
     p = dict(body)
     p["max_tokens"] = 1
@@ -258,14 +267,15 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     exclude: set[str] = set()
     last: UpstreamFailure | None = None
     can_pipeline = pipelinable(path, body)
+    single = one_sequence(body)
     rechecked = False
     for attempt in range(c.config.max_attempts):
-        route = c.route(key, exclude, can_pipeline)
+        route = c.route(key, exclude, can_pipeline, single)
         if route is None and not rechecked and c.health is not None:
             # Nothing in rotation: an instance may have come up since the last health round.
             rechecked = True
             await c.health.recheck_down()
-            route = c.route(key, exclude, can_pipeline)
+            route = c.route(key, exclude, can_pipeline, single)
         if route is None:
             break
         choice = route.prefill

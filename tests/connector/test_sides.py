@@ -353,3 +353,48 @@ def test_preempted_prefill_request_fails_its_transfer(pair: Pair) -> None:
     pair.d.on_message(P_EP, done)
     assert pair.d.get_finished(set()) == (set(), {"r-d"})
     assert pair.d.take_load_errors() == {5, 6}
+
+
+def test_two_requests_under_one_transfer_id_never_share_it(pair: Pair, caplog) -> None:
+    """The second decode request fails at once (its blocks are never lent); on P, a second
+    request's saves never touch the first one's transfer."""
+    reg = pair.register("t14", "r-d1", [5], BS)
+    pair.d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d2", "t14", {"control": [P_EP]}, [6], 0,
+                                                 BS)]))
+    assert not pair.d_wire.take(m.Register)  # only the first registration went out
+    assert pair.d.get_finished(set()) == (set(), {"r-d2"})
+    assert pair.d.take_load_errors() == {6}
+    assert "transfer id already in use here by request r-d1" in caplog.text
+    pair.p.on_message(D_ID, reg)
+    # Both P requests run in one step; the first one scheduled owns the transfer.
+    both = MooncakeMetadata(saves=[SaveSpec("r-p1", "t14", [1], 0, BS, BS),
+                                   SaveSpec("r-p2", "t14", [3], 0, BS, BS)])
+    pair.p.bind(both, time.monotonic())
+    for layer in range(LAYERS):
+        pair.p.save_layer(both, layer)
+    pair.p.end_forward(both, time.monotonic())
+    pair.p.bind(MooncakeMetadata(held={"r-p1": True, "r-p2": True}), time.monotonic())
+    [(_, done)] = pair.p_replies()
+    assert done.ok and done.blocks == LAYERS and _blocks_equal(pair, [1], [5])
+
+
+def test_parameters_checked_once_per_request() -> None:
+    """A signature that expires while its request runs does not turn it into a plain request
+    half-way (P would free blocks its writes still read; the scheduler would crash)."""
+    from types import SimpleNamespace
+
+    from mooncake_vllm.connector.scheduler import MooncakeScheduler
+    from mooncake_vllm.security import sign_transfer_params
+
+    token = "k" * 32
+    sched = MooncakeScheduler.__new__(MooncakeScheduler)
+    sched.config = _config(cluster_token=token)
+    sched._checked = {}
+    params = sign_transfer_params(token, {"do_remote_decode": True, "transfer_id": "t"},
+                                  ttl_s=0.5)
+    req = SimpleNamespace(request_id="r1", kv_transfer_params=params)
+    assert sched._params(req)["transfer_id"] == "t"  # type: ignore[arg-type]
+    time.sleep(1.1)
+    assert sched._params(req)["transfer_id"] == "t"  # type: ignore[arg-type]
+    late = SimpleNamespace(request_id="r2", kv_transfer_params=params)
+    assert sched._params(late) == {}  # type: ignore[arg-type]

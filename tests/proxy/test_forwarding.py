@@ -118,3 +118,27 @@ def test_every_decode_field_is_covered_by_the_signature() -> None:
         tampered = {**params, field: value}
         assert transfer_params_refusal(TOKEN, tampered) is not None, field
     assert transfer_params_refusal("another-cluster-0123456789", params) is not None
+
+
+@pytest.mark.parametrize("extra", [{"n": 2}, {"best_of": 3}, {"prompt": ["a", "b"]}])
+def test_several_sequences_go_to_a_decode_instance_alone(extra: dict[str, Any]) -> None:
+    """One transfer id carries the KV of one sequence: a request for several would register
+    several decode requests under it, and all but one would wait for KV that never comes."""
+    async def go() -> None:
+        p, d = FakeInstance(remote_control=rc_for(7003)), FakeInstance()
+        await p.start()
+        await d.start()
+        cfg = ProxyConfig(port=0, prefill_urls=(p.url,), decode_urls=(d.url,),
+                          cluster_token=TOKEN)
+        try:
+            async with conductor_at(cfg) as (url, _):
+                status, _ = await _post(url, {"model": MODEL, "prompt": "hello", "max_tokens": 4,
+                                              **extra})
+                assert status == 200
+        finally:
+            await p.stop()
+            await d.stop()
+        [d_req] = d.generation()
+        assert "kv_transfer_params" not in d_req.body and not p.generation()
+
+    asyncio.run(go())
