@@ -81,13 +81,15 @@ class ConnectorConfig:
 
     def last_write_landing_s(self, wait_s: float) -> float:
         """From D's registration (asking P to write for `wait_s`) to the moment no write of this
-        instance's can land any more, whatever happens: the registration arrives within
-        CONTROL_DELIVERY_S, P posts nothing after `wait_s` from its arrival, the engine fails
+        instance's can land any more, whatever happens: the registration arrives within twice
+        CONTROL_DELIVERY_S (handed to a connected peer within one, and a connection that stops
+        carrying it is dropped by the heartbeat within another), P posts nothing after
+        `wait_s` from its arrival, the engine fails
         a batch (aborting its connection) by `engine_timeout_s`, and bytes the kernel still
         held then are delivered or dropped within the engine's TCP_USER_TIMEOUT more (the
         engine timeout, at least 2 s)."""
         user_timeout = max(2.0, self.engine_timeout_s)
-        return wait_s + CONTROL_DELIVERY_S + self.engine_timeout_s + user_timeout + 2.0
+        return wait_s + 2 * CONTROL_DELIVERY_S + self.engine_timeout_s + user_timeout + 2.0
 
     @property
     def write_horizon_s(self) -> float:

@@ -145,6 +145,9 @@ class MooncakeVllmConnector(KVConnectorBase_V1):
         assert self.sched is not None
         return self.sched.request_finished(request, block_ids)
 
+    def has_pending_block_frees(self) -> bool:
+        return self.sched is not None and self.sched.has_pending_block_frees()
+
     def has_pending_push_work(self) -> bool:
         return self.sched is not None and self.sched.has_pending_work()
 

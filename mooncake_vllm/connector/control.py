@@ -118,7 +118,8 @@ class ControlChannel:
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
-        self._out: queue.SimpleQueue[tuple[bytes | str, bytes]] = queue.SimpleQueue()
+        # (to, frame, when it was sent): a message's delivery deadline counts from its send.
+        self._out: queue.SimpleQueue[tuple[bytes | str, bytes, float]] = queue.SimpleQueue()
         self._dealers: dict[str, zmq.Socket] = {}
         # Frames for a DEALER not connected yet, each with the time it must be sent by.
         self._pending: dict[str, collections.deque[tuple[float, bytes]]] = {}
@@ -129,8 +130,9 @@ class ControlChannel:
 
     def send(self, to: bytes | str, msg: m.Message) -> None:
         """Queue a message to a ROUTER identity (a reply) or an endpoint; returns at once."""
-        self._out.put((to, self._auth.seal(m.encode(msg))))
-        with self._wake_lock:
+        self._out.put((to, self._auth.seal(m.encode(msg)), time.monotonic()))
+        # A full wake pipe already holds a wake-up the channel thread has not read yet.
+        with self._wake_lock, contextlib.suppress(zmq.Again):
             self._wake_tx.send(b"", zmq.NOBLOCK)
 
     def alive(self) -> bool:
@@ -212,7 +214,7 @@ class ControlChannel:
     def _flush_out(self, poller: zmq.Poller) -> None:
         while True:
             try:
-                to, frame = self._out.get_nowait()
+                to, frame, sent = self._out.get_nowait()
             except queue.Empty:
                 return
             logger.debug("control: flushing %d bytes to %r", len(frame), to)
@@ -227,7 +229,7 @@ class ControlChannel:
                     pending = self._pending.setdefault(to, collections.deque())
                     if len(pending) >= MAX_PENDING:
                         raise RuntimeError(f"{len(pending)} messages already wait for it")
-                    pending.append((time.monotonic() + CONTROL_DELIVERY_S, frame))
+                    pending.append((sent + CONTROL_DELIVERY_S, frame))
             except Exception as e:  # zmq errors, a malformed endpoint: this message only
                 # The deadline on the other side turns a lost message into a known failure.
                 logger.warning("control: could not send to %r: %s", to, e)

@@ -144,8 +144,10 @@ class DecodeSide:
                     self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
                 if tr is not None and tr.error and not tr.reported:
                     # Given up: the record stays until P confirms or the write horizon
-                    # passes; the request's blocks are freed only then.
+                    # passes; the request's blocks are freed only then, and until then the
+                    # scheduler keeps vLLM from preempting it (which frees them at once).
                     tr.reported = True
+                    self.gate_report.unsettled.add(tr.req_id)
                     self._load_failed(tr, tr.error)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
@@ -182,7 +184,7 @@ class DecodeSide:
     def take_gate_report(self) -> GateReport | None:
         with self.lock:
             report, self.gate_report = self.gate_report, GateReport()
-        return report if report.started or report.alive else None
+        return report if report else None
 
     # ------------------------------------------------------------------ control thread
 
@@ -243,6 +245,8 @@ class DecodeSide:
         if tr.sync:
             # A pipelined load was never parked: its forward pass reports a failure (if any
             # layer is missing) and the request's blocks are freed once it has finished.
+            if tr.reported:
+                self.gate_report.settled.add(tr.req_id)
             if tr.error and not tr.reported and tr.layers_written < self.num_layers:
                 # No forward pass has waited on it yet: keep the error for the one that will.
                 tr.reported = True

@@ -77,7 +77,7 @@ class Register(msgspec.Struct, tag="register", frozen=True):
     wait_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
     # D takes its blocks back this long after sending this, whatever P says: P refuses a
     # registration whose writes could land later than that (its own engine timeout).
-    horizon_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 127.0
+    horizon_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 132.0
 
 
 class Watch(msgspec.Struct, tag="watch", frozen=True):

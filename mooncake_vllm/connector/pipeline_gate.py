@@ -41,11 +41,20 @@ class GateReport(KVConnectorWorkerMetadata):
 
     started: set[str] = field(default_factory=set)
     alive: set[str] = field(default_factory=set)
+    # Pipelined requests (ids) whose load was given up while P's writes may still land in
+    # their blocks, and those for which that is over: vLLM must not preempt the former
+    # (decode_side.py), so the scheduler answers has_pending_block_frees meanwhile.
+    unsettled: set[str] = field(default_factory=set)
+    settled: set[str] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> GateReport:
         if not isinstance(other, GateReport):
             return self
-        return GateReport(self.started | other.started, self.alive | other.alive)
+        return GateReport(self.started | other.started, self.alive | other.alive,
+                          self.unsettled | other.unsettled, self.settled | other.settled)
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.alive or self.unsettled or self.settled)
 
 
 @dataclass

@@ -199,8 +199,9 @@ class PrefillSide:
         slot, event = None, None
         try:
             if self.stager is not None:
-                slot = self.stager.alloc(len(local_ids) * bb * len(local_planes),
-                                         self.config.engine_timeout_s)
+                # Under the lock every thread waits with us: a short wait only (the slots
+                # are freed by the completion thread outside the lock).
+                slot = self.stager.alloc(len(local_ids) * bb * len(local_planes), 1.0)
                 event = self.stager.gather(self.kv_caches[self.layout.layer_names[layer]],
                                            local_planes, bb, self.layout.num_blocks,
                                            local_ids, slot)
@@ -249,6 +250,9 @@ class PrefillSide:
             ev, tr, layer, arrays, nbytes, nblocks, slot = item
             try:
                 ev.synchronize()
+                with self.lock:  # the device work may have taken past D's wait
+                    if tr.stopped() or time.monotonic() >= tr.write_until:
+                        raise RuntimeError("decode's wait was over before the batch was ready")
                 bid = self.engine.submit(tr.segment, "write", *arrays)
             except Exception as e:
                 if slot is not None and self.stager is not None:
@@ -429,6 +433,10 @@ class PrefillSide:
         if tr is not None:
             if tr.reply_to is not None:
                 logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+                return
+            if tr.notified:  # over before D registered (failed, preempted): say why at once
+                self._send(sender, m.Done(V, reg.transfer_id, False,
+                                          (tr.failed or "released")[:4000]))
                 return
             self._accept_registration(tr, sender, reg, now)
             return

@@ -112,6 +112,7 @@ class MooncakeScheduler:
         # report them in finished_sending once no write of P's can land).
         self._d_delayed: set[str] = set()
         self._d_pipelined: set[str] = set()
+        self._d_unsettled: set[str] = set()  # see has_pending_block_frees
         # Each request's parameters are checked once, when it is first seen, and the verdict
         # kept until it finishes: a signature that expires while the request runs must not
         # turn it into a plain request half-way (its blocks would be freed under P's writes).
@@ -256,6 +257,7 @@ class MooncakeScheduler:
         asked = self._d_local_hit.pop(rid, None) is not None  # D saw it and allocated nothing
         self._gates.forget(rid)
         self._checked.pop(rid, None)
+        self._d_unsettled.discard(rid)
         if rid in self._d_pipelined:
             # Pipelined: its blocks were lent to P's writes while it ran; the workers report
             # it in finished_sending once none can land any more (decode_side.py).
@@ -297,6 +299,14 @@ class MooncakeScheduler:
         report = out.kv_connector_worker_meta
         if isinstance(report, GateReport):
             self._gates.on_report(report, time.monotonic())
+            self._d_unsettled -= report.settled
+            self._d_unsettled |= report.unsettled & self._d_pipelined
+
+    def has_pending_block_frees(self) -> bool:
+        """True while a running pipelined request's load was given up and P's writes may still
+        land in its blocks: vLLM then waits instead of preempting (which would free them at
+        once, to another request). Bounded: every such load settles by the write horizon."""
+        return bool(self._d_unsettled)
 
     def has_pending_work(self) -> bool:
         # Keeps the engine stepping (so workers get polled) while blocks are held for a

@@ -285,10 +285,15 @@ def test_pipelined_blocks_freed_only_after_the_transfer_settles(pair: Pair) -> N
                                             2 * BS, True)])
     pair.d.wait_layer(meta, 0)  # nobody answers: silence timeout (1 s) gives it up
     assert pair.d.take_load_errors() == {5, 6}
+    # The scheduler hears of it: no preemption (which frees blocks at once) meanwhile.
+    report = pair.d.take_gate_report()
+    assert report is not None and report.unsettled == {"r-d"} and not report.settled
     [(_, rel)] = pair.d_wire.take(m.Release)
     assert pair.d.get_finished({"r-d"}) == (set(), set())  # finished in vLLM: still lent
     pair.d.on_message(P_EP, m.Released(V, "t12"))
     assert pair.d.get_finished(set()) == ({"r-d"}, set())
+    report = pair.d.take_gate_report()
+    assert report is not None and report.settled == {"r-d"}
     assert rel.transfer_id == "t12"
 
 
@@ -391,10 +396,10 @@ def test_parameters_checked_once_per_request() -> None:
     sched.config = _config(cluster_token=token)
     sched._checked = {}
     params = sign_transfer_params(token, {"do_remote_decode": True, "transfer_id": "t"},
-                                  ttl_s=0.5)
+                                  ttl_s=2.0)
     req = SimpleNamespace(request_id="r1", kv_transfer_params=params)
     assert sched._params(req)["transfer_id"] == "t"  # type: ignore[arg-type]
-    time.sleep(1.1)
+    time.sleep(3.0)  # expires_at is whole seconds: at most 2 s away
     assert sched._params(req)["transfer_id"] == "t"  # type: ignore[arg-type]
     late = SimpleNamespace(request_id="r2", kv_transfer_params=params)
     assert sched._params(late) == {}  # type: ignore[arg-type]
