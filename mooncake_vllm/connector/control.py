@@ -107,6 +107,11 @@ class ControlChannel:
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         _bound(self._router)
+        # A peer that reconnects keeps its identity (below): its new connection takes over.
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Our identity at every peer, the same across reconnects and evictions, so that P
+        # recognises the D a transfer was registered by after the connection was replaced.
+        self._identity = f"mooncake-{uuid.uuid4().hex}".encode()
         if port:
             self._router.bind(f"tcp://{host}:{port}")
         else:
@@ -153,7 +158,10 @@ class ControlChannel:
         s = self._dealers.pop(endpoint, None)
         if s is None:
             while len(self._dealers) >= MAX_DEALERS:
-                old_ep, old = next(iter(self._dealers.items()))
+                # The least recently used, unless messages still wait for it.
+                old_ep, old = next(((e, d) for e, d in self._dealers.items()
+                                    if e not in self._pending),
+                                   next(iter(self._dealers.items())))
                 logger.info("control: closing the least recently used connection, to %s",
                             old_ep)
                 poller.unregister(old)
@@ -161,6 +169,7 @@ class ControlChannel:
                 del self._dealers[old_ep]
             s = self._ctx.socket(zmq.DEALER)
             _bound(s)
+            s.setsockopt(zmq.ROUTING_ID, self._identity)
             # A dead peer must not make messages pile up without bound.
             s.setsockopt(zmq.SNDHWM, 10000)
             s.setsockopt(zmq.IMMEDIATE, 1)
