@@ -10,8 +10,10 @@ Failure rules (the only place they are stated for D):
   Release), or when P's write deadline has certainly passed: the write horizon
   (`ConnectorConfig.write_horizon_s` after the registration), derived from D's wait, the
   control channel's delivery bound and the engine's batch timeout. Until then vLLM keeps
-  the blocks: a request parked for remote KV is not reported received, and a pipelined
-  request that finished has its blocks freed late (the scheduler delays the free).
+  the blocks: a request parked for remote KV is not reported received, a pipelined
+  request that finished has its blocks freed late (the scheduler delays the free), and a
+  running pipelined request whose load was given up is reported unsettled, so that the
+  scheduler keeps vLLM from preempting it (`has_pending_block_frees`).
 - D waits `transfer_timeout_s` for the KV (a pipelined load also gives up after
   `pipeline_silence_timeout_s` without a word from P); then it asks P to stop (Release) and
   reports the load as failed to vLLM, whose `kv_load_failure_policy` applies.
