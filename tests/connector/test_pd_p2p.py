@@ -141,8 +141,14 @@ def test_pipelined_prefill_equals_single_instance(pair: tuple, n: int, head: int
     before = _blocks_sent(p)
     failures = metrics(d).get("vllm:mooncake_failures_total", 0.0)
     got = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
-    wait_for(lambda: _blocks_sent(p) - before == head // BLOCK * LAYERS, 30,
-             "the head's blocks sent, layer by layer")
+
+    def counted() -> bool:
+        # Connector counters reach /metrics with an engine step; an idle P may not step
+        # again after the transfer's last one: a one-token request makes it step.
+        completion(p, [7], 1)
+        return _blocks_sent(p) - before == head // BLOCK * LAYERS
+
+    wait_for(counted, 30, "the head's blocks sent, layer by layer")
     assert_same_greedy(completion(p, prompt, 10), got)
     again = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
     assert_same_greedy(got, again)
