@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ import zmq
 
 from mooncake_vllm.config import CONTROL_DELIVERY_S
 from mooncake_vllm.connector import messages as m
+from mooncake_vllm.remote_control import endpoint_problem
 from mooncake_vllm.security import FrameAuth
 
 # A child of "vllm" so that our lines go through vLLM's handlers, format and level.
@@ -75,19 +75,10 @@ def widened_affinity() -> Iterator[None]:
             os.sched_setaffinity(0, before)
 
 
-_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})$")
-
-
 def endpoint_refusal(ep: object) -> str | None:
     """Why `ep` is not a control endpoint this side may connect to; None when it is."""
-    if not isinstance(ep, str):
-        return f"control endpoint {ep!r} is not a string"
-    match = _ENDPOINT.match(ep)
-    if match is None or len(ep) > 300:
-        return f"control endpoint {ep!r} is not tcp://host:port"
-    if not 1 <= int(match.group(2)) <= 65535:
-        return f"control endpoint {ep!r} has port outside 1..65535"
-    return None
+    why = endpoint_problem(ep)
+    return None if why is None else f"control endpoint {ep!r:.80}: {why}"
 
 
 def _bound(s: zmq.Socket) -> None:

@@ -25,9 +25,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mooncake_vllm.config import ConnectorConfig
-from mooncake_vllm.connector.control import endpoint_refusal
 from mooncake_vllm.connector.pipeline_gate import GateReport, Gates
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec, SaveSpec
+from mooncake_vllm.remote_control import remote_control_problem
 from mooncake_vllm.security import transfer_params_refusal
 
 if TYPE_CHECKING:
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 # A child of "vllm" so that our lines go through vLLM's handlers, format and level.
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
-
-
-_MAX_CONTROLS = 1024
 
 
 def params_refusal(p: Any, token: str | None) -> str | None:
@@ -63,16 +60,9 @@ def params_refusal(p: Any, token: str | None) -> str | None:
         return f"transfer_id {tid!r} is not a string of 1..256 characters"
     if not p.get("do_remote_prefill"):
         return None
-    rc = p.get("remote_control")
-    if not isinstance(rc, dict):
-        return "remote_control is not an object"
-    controls = rc.get("control")
-    if not isinstance(controls, list) or not 1 <= len(controls) <= _MAX_CONTROLS:
-        return f"remote_control.control must list 1..{_MAX_CONTROLS} endpoints, one per rank"
-    for ep in controls:
-        why = endpoint_refusal(ep)
-        if why is not None:
-            return f"remote_control: {why}"
+    why = remote_control_problem(p.get("remote_control"))
+    if why is not None:
+        return f"remote_control: {why}"
     tokens = p.get("pipeline_tokens")
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool)
                                or tokens < 0):

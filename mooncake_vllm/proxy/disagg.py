@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
+from mooncake_vllm.remote_control import remote_control_problem
+
 from . import transfer_params
 from .access import client_auth, conductor_auth
 from .conductor import Conductor, Route
@@ -49,7 +51,6 @@ from .upstream_calls import (
     relay_stream,
 )
 from .upstreams import Instance, PrefillTicket, decode_slot
-from .validation import remote_control_problem
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+from mooncake_vllm.remote_control import remote_control_problem
+
 from .upstreams import Registry
-from .validation import http_url_problem, remote_control_problem
+from .validation import http_url_problem
 
 log = logging.getLogger(__name__)
 

@@ -328,10 +328,11 @@ def test_transfer_params_need_the_conductors_signature() -> None:
     assert "not valid" in (params_refusal(sign_transfer_params("u" * 32, params), token) or "")
     old = sign_transfer_params(token, params, now=time.time() - 3600)
     assert "expired" in (params_refusal(old, token) or "")
-    for bad_rc, why in (({"control": [7]}, "is not a string"),
-                        ({"control": ["http://x:1"]}, "not tcp://host:port"),
-                        ({"control": ["tcp://x:70000"]}, "port outside"),
-                        ({"control": []}, "1..1024 endpoints"), ("x", "not an object")):
+    for bad_rc, why in (({"control": [7]}, "not a non-empty string"),
+                        ({"control": ["http://x:1"]}, "scheme 'http' is not tcp"),
+                        ({"control": ["tcp://x:70000"]}, "port is not a number in 1..65535"),
+                        ({"control": []}, "'control' is not a non-empty list"),
+                        ("x", "not an object")):
         assert why in (params_refusal({**params, "remote_control": bad_rc}, None) or "")
 
 

@@ -13,11 +13,8 @@ import pytest
 from mooncake_vllm.metadata import InstanceInfo, open_metadata
 from mooncake_vllm.proxy.discovery import Discovery
 from mooncake_vllm.proxy.upstreams import Registry
-from mooncake_vllm.proxy.validation import (
-    MAX_CONTROL_ENDPOINTS,
-    http_url_problem,
-    remote_control_problem,
-)
+from mooncake_vllm.proxy.validation import http_url_problem
+from mooncake_vllm.remote_control import MAX_CONTROL_ENDPOINTS, remote_control_problem
 from mooncake_vllm.testing.etcd_server import EtcdServer
 
 GOOD_RC = {"v": 1, "control": ["tcp://10.0.0.5:5555", "tcp://[fd00::1]:5556"]}
