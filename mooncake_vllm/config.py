@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mooncake_vllm.security import MIN_TOKEN_CHARS
+
 ENV_PREFIX = "MOONCAKE_VLLM_"
 # The longest a control message can take from D's send to P's handler: the channel's
 # heartbeat drops a connection that stops answering within this, and the messages queued on
@@ -168,8 +170,9 @@ class ConnectorConfig:
             raise bad("advertise_url", "expected an http:// or https:// URL")
         if not self.hostname:
             raise bad("hostname", "must not be empty")
-        if self.cluster_token is not None and len(self.cluster_token) < 16:
-            raise ConfigError("cluster_token: too short (at least 16 characters; use e.g. "
+        if self.cluster_token is not None and len(self.cluster_token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"cluster_token: too short (at least {MIN_TOKEN_CHARS} "
+                              "characters; use e.g. "
                               "`openssl rand -hex 32`)")
 
     def http_url(self, default_port: int = 8000) -> str:

@@ -27,6 +27,8 @@ import time
 from typing import Any
 
 MAC_BYTES = 32
+# The shortest cluster (or admin) token accepted anywhere: connector and conductor alike.
+MIN_TOKEN_CHARS = 16
 # How long signed transfer parameters stay valid: a request may wait in a busy instance's
 # queue for a while before its connector first reads them.
 PARAMS_TTL_S = 600.0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mooncake_vllm.security import MIN_TOKEN_CHARS
+
 from .validation import http_url_problem
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
-# The connector refuses a shorter cluster token; the admin token guards as much.
-MIN_TOKEN_CHARS = 16
 
 
 class ProxyConfigError(ValueError):
