@@ -15,7 +15,6 @@ std::string send_response(int fd, uint64_t seq, const std::string& error,
   resp.seq = seq;
   resp.status = error.empty() ? 0 : 1;
   std::string text = error.substr(0, kMaxErrorBytes);
-  if (resp.status != 0 && text.empty()) text = "refused";
   resp.error_len = static_cast<uint32_t>(text.size());
   std::vector<iovec> out;
   out.reserve(payload.size() + 2);

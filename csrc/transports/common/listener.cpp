@@ -205,7 +205,7 @@ bool Listener::serve_one(int fd, const std::string& peer) {
     case WireOp::kRead:
       if (!data_) {
         MV_LOG(kWarn, "closing connection from " << peer << ": "
-                                                 << (req.op == 1 ? "WRITE" : "READ")
+                                                 << (static_cast<WireOp>(req.op) == WireOp::kWrite ? "WRITE" : "READ")
                                                  << " request, but this engine serves no data "
                                                     "requests over TCP (RDMA transport)");
         return false;
@@ -247,7 +247,7 @@ bool Listener::serve_control(int fd, const RequestHeader& req, const std::string
   }
   std::string reply, error;
   try {
-    reply = control_(blob);
+    reply = control_(blob, peer.substr(0, peer.rfind(':')));  // peer is "host:port"
     if (reply.size() > kMaxControlBytes) throw TransferError("control reply too large");
   } catch (const std::exception& e) {
     error = e.what();

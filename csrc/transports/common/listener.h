@@ -25,7 +25,8 @@
 namespace mooncake_vllm::net {
 
 // Answers a CONTROL request; throws to refuse it (the error text goes back to the peer).
-using ControlHandler = std::function<std::string(const std::string&)>;
+// Arguments: the request, and the host (address) it came from.
+using ControlHandler = std::function<std::string(const std::string&, const std::string&)>;
 // Serves one WRITE/READ request whose header has been read (and its op and entry count
 // checked): reads the entries and payload, sends the response. Returns false (or throws) when
 // the connection must be closed.

@@ -8,11 +8,11 @@
 
 namespace mooncake_vllm::rdma {
 
-namespace {
-
 std::string sys_error(const std::string& what, int err) {
   return what + " failed: " + std::strerror(err ? err : EIO);
 }
+
+namespace {
 
 bool ipv4_mapped(const ibv_gid& gid) {
   static const uint8_t prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};

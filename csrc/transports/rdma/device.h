@@ -15,6 +15,10 @@
 
 namespace mooncake_vllm::rdma {
 
+// "<what> failed: <strerror(err)>" (EIO when a verbs call failed without an errno).
+std::string sys_error(const std::string& what, int err);
+
+
 struct Device {
   Device(Verbs& verbs, int index, const std::string& name, const EngineConfig& config);
   ~Device();  // destroys the CQ, the PD and closes the device (QPs and MRs must be gone)

@@ -15,10 +15,6 @@ constexpr uint8_t kHopLimit = 64;
 constexpr int kQpAccess =
     IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
 
-std::string sys_error(const std::string& what, int err) {
-  return what + " failed: " + std::strerror(err ? err : EIO);
-}
-
 // Random, so that packets of an old connection between the same QP numbers are not taken
 // for the new one's.
 uint32_t random_psn() {
@@ -130,7 +126,5 @@ void lane_to_error(Verbs& verbs, Lane& lane) {
   attr.qp_state = IBV_QPS_ERR;
   verbs.modify_qp(lane.qp, &attr, IBV_QP_STATE);  // flushes every outstanding WR
 }
-
-// Responder side of the handshake (called by the listener only on an authenticated
 
 }  // namespace mooncake_vllm::rdma

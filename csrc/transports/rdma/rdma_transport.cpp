@@ -50,10 +50,6 @@ std::vector<std::string> select_devices(Verbs& verbs, const EngineConfig& config
   return chosen;
 }
 
-std::string sys_error(const std::string& what, int err) {
-  return what + " failed: " + std::strerror(err ? err : EIO);
-}
-
 // Whether a new version of a peer's descriptor needs new QPs. A peer re-publishes its
 // descriptor whenever it registers memory (a region more, same QPs on its side): that keeps
 // the live QPs. A changed address (endpoint, device GIDs/LIDs), or a region still there with
@@ -95,7 +91,9 @@ class RdmaTransport : public Transport {
     for (const auto& name : names)
       devices_.push_back(
           std::make_unique<Device>(*verbs_, static_cast<int>(devices_.size()), name, config_));
-    server_.set_control_handler([this](const std::string& blob) { return accept_qps(blob); });
+    server_.set_control_handler([this](const std::string& blob, const std::string& peer_host) {
+      return accept_qps(blob, peer_host);
+    });
   }
 
   ~RdmaTransport() override { stop(); }
@@ -220,10 +218,16 @@ class RdmaTransport : public Transport {
     return "rdma_devices=[" + names + "]";
   }
 
+  // Responder side of the handshake (called by the listener only on an authenticated
   // connection): one QP per requested lane, paired and brought to RTS. Either every QP of the
-  // request is made, or none is left behind.
-  std::string accept_qps(const std::string& blob) {
+  // request is made, or none is left behind. QPs are kept under the address the request came
+  // from as well as the requester's name, so that no peer can replace another host's QPs by
+  // claiming its name.
+  std::string accept_qps(const std::string& blob, const std::string& peer_host) {
     HandshakeRequest request = decode_request(blob);  // at most kMaxQpsPerPeer QPs
+    auto key_of = [&](int lane) {
+      return peer_host + "|" + request.requester + "#" + std::to_string(lane);
+    };
     for (const auto& want : request.qps)
       if (want.device < 0 || want.device >= static_cast<int>(devices_.size()))
         throw TransferError("RDMA handshake asks for device " + std::to_string(want.device) +
@@ -231,8 +235,7 @@ class RdmaTransport : public Transport {
     {
       std::lock_guard lock(mu_);
       size_t replaced = 0;
-      for (const auto& want : request.qps)
-        replaced += passive_.count(request.requester + "#" + std::to_string(want.lane));
+      for (const auto& want : request.qps) replaced += passive_.count(key_of(want.lane));
       if (passive_.size() - replaced + request.qps.size() > kMaxPassiveQps)
         throw TransferError("this engine already answers " + std::to_string(passive_.size()) +
                             " queue pairs (limit " + std::to_string(kMaxPassiveQps) + ")");
@@ -252,12 +255,21 @@ class RdmaTransport : public Transport {
     std::vector<std::shared_ptr<Lane>> replaced;
     {
       std::lock_guard lock(mu_);
-      if (stopped_) {
+      // The cap again, under the lock that inserts: handshakes running at once all passed
+      // the first check.
+      size_t kept = 0;
+      for (const auto& want : request.qps) kept += passive_.count(key_of(want.lane));
+      bool full = passive_.size() - kept + created.size() > kMaxPassiveQps;
+      if (stopped_ || full) {
         for (auto& lane : created) destroy_lane(*verbs_, *lane);
-        throw TransferError("engine closed");
+        throw TransferError(stopped_ ? std::string("engine closed")
+                                     : "this engine already answers " +
+                                           std::to_string(passive_.size()) +
+                                           " queue pairs (limit " +
+                                           std::to_string(kMaxPassiveQps) + ")");
       }
       for (size_t i = 0; i < created.size(); ++i) {
-        auto& slot = passive_[request.requester + "#" + std::to_string(request.qps[i].lane)];
+        auto& slot = passive_[key_of(request.qps[i].lane)];
         if (slot) replaced.push_back(slot);
         slot = created[i];
       }
