@@ -10,6 +10,7 @@ else why not.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +33,19 @@ def port_problem(parts: Any, need_port: bool) -> str | None:
     return None
 
 
+def split_url(url: str) -> Any:
+    """urlsplit, or None for what it cannot parse (it raises on e.g. an invalid IPv6 host)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+# What zmq connects to: tcp://, a host name or an address (IPv6 in brackets), a port. Nothing
+# else, not even an empty query, passes.
+_ENDPOINT = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+):\d{1,5}$")
+
+
 def endpoint_problem(endpoint: Any) -> str | None:
     """A control endpoint: tcp://HOST:PORT."""
     if not isinstance(endpoint, str) or not endpoint:
@@ -40,12 +54,14 @@ def endpoint_problem(endpoint: Any) -> str | None:
         return f"longer than {MAX_ENDPOINT_CHARS} characters"
     if any(ch.isspace() or ord(ch) < 32 for ch in endpoint):
         return "contains whitespace or control characters"
-    parts = urlsplit(endpoint)
+    parts = split_url(endpoint)
+    if parts is None:
+        return "not a URL"
     if parts.scheme != "tcp":
         return f"scheme {parts.scheme!r} is not tcp"
     if not parts.hostname:
         return "no host"
-    if parts.path or parts.query or parts.fragment or parts.username is not None:
+    if not _ENDPOINT.match(endpoint):
         return "has more than tcp://HOST:PORT"
     return port_problem(parts, need_port=True)
 

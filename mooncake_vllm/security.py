@@ -107,10 +107,13 @@ def transfer_params_refusal(token: str | None, params: dict[str, Any],
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether a listener on `host` is reachable from this machine only."""
+    """Whether `host` (a listener's, or a client's) is this machine only; an IPv4 loopback
+    address seen through a dual-stack socket (::ffff:127.0.0.1) counts."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)

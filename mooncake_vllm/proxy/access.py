@@ -12,9 +12,7 @@ conductor's own calls (health checks, probes for remote_control) use `--upstream
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import ipaddress
 
 from aiohttp import web
 
@@ -33,19 +31,10 @@ def admin_refusal(request: web.Request, admin_token: str | None) -> web.Response
             return None
         return error_response(401, "this view needs Authorization: Bearer <admin token>",
                               "unauthorized", headers={"WWW-Authenticate": "Bearer"})
-    if request.remote is not None and _loopback_peer(request.remote):
+    if request.remote is not None and is_loopback_host(request.remote):
         return None
     return error_response(403, "this view is served to loopback clients only (the conductor "
                           "has no --admin-token)", "forbidden")
-
-
-def _loopback_peer(remote: str) -> bool:
-    """Also true for an IPv4 loopback client seen through a dual-stack socket (::ffff:...)."""
-    with contextlib.suppress(ValueError):
-        mapped = getattr(ipaddress.ip_address(remote), "ipv4_mapped", None)
-        if mapped is not None:
-            return bool(mapped.is_loopback)
-    return is_loopback_host(remote)
 
 
 def client_auth(request: web.Request) -> dict[str, str]:

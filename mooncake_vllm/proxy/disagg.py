@@ -55,19 +55,6 @@ from .upstreams import Instance, PrefillTicket, decode_slot
 log = logging.getLogger(__name__)
 
 
-def pipelinable(path: str, body: dict[str, Any]) -> bool:
-    """Whether a request can be cut into a head for P and the rest for D: one plain completion
-    prompt (a chat template, several prompts, echo or prompt logprobs would need the whole
-    prompt on one instance, or in its original form)."""
-    prompt = body.get("prompt")
-    single = isinstance(prompt, str) or (
-        isinstance(prompt, list) and bool(prompt)
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
-    return (path == "/v1/completions" and single and not body.get("echo")
-            and body.get("prompt_logprobs") is None and body.get("n", 1) == 1
-            and body.get("best_of", 1) in (1, None))
-
-
 def one_sequence(body: dict[str, Any]) -> bool:
     """Whether a request asks for one sequence from one prompt (what one transfer can carry)."""
     prompt = body.get("prompt")
@@ -75,6 +62,16 @@ def one_sequence(body: dict[str, Any]) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     return (body.get("n", 1) in (1, None) and body.get("best_of", 1) in (1, None)
             and not several_prompts)
+
+
+def pipelinable(path: str, body: dict[str, Any]) -> bool:
+    """Whether a request can be cut into a head for P and the rest for D: one plain completion
+    prompt (a chat template, several prompts, echo or prompt logprobs would need the whole
+    prompt on one instance, or in its original form)."""
+    prompt = body.get("prompt")
+    return (path == "/v1/completions" and isinstance(prompt, str | list) and bool(prompt)
+            and one_sequence(body) and not body.get("echo")
+            and body.get("prompt_logprobs") is None)
 
 
 def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> dict[str, Any]:

@@ -90,7 +90,13 @@ class HealthChecker:
                 if r.status != 200:
                     raise RuntimeError(f"/health answered {r.status}")
             why = await self._connector_health(inst)
-            if why is not None:
+            if why is not None and inst.remote_control_from_probe:
+                # Learned from a probe, so perhaps of a run that has ended (a restart picks
+                # new control ports): forget it; the next request probes the instance again.
+                log.info("instance %s: its probed control endpoints did not answer (%s); "
+                         "probing again at the next request", inst.instance_id, why)
+                inst.remote_control = None
+            elif why is not None:
                 raise RuntimeError(f"connector not healthy: {why}")
             async with self.session.get(inst.url + "/metrics", timeout=self.timeout) as r:
                 if r.status == 200:

@@ -11,9 +11,8 @@ the field); the caller skips the record.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
-from mooncake_vllm.remote_control import port_problem
+from mooncake_vllm.remote_control import port_problem, split_url
 
 
 def http_url_problem(url: Any, need_port: bool = True) -> str | None:
@@ -22,7 +21,9 @@ def http_url_problem(url: Any, need_port: bool = True) -> str | None:
         return "not a non-empty string"
     if any(ch.isspace() or ord(ch) < 32 for ch in url):
         return "contains whitespace or control characters"
-    parts = urlsplit(url)
+    parts = split_url(url)
+    if parts is None:
+        return "not a URL"
     if parts.scheme not in ("http", "https"):
         return f"scheme {parts.scheme!r} is not http or https"
     if not parts.hostname:

@@ -66,3 +66,26 @@ def test_instance_whose_connector_is_unhealthy_leaves_rotation(token: str) -> No
                 await inst_http.stop()
 
     asyncio.run(run())
+
+
+def test_probed_control_endpoints_that_stop_answering_are_forgotten() -> None:
+    """A static prefill instance restarted on new control ports: its probed endpoints are
+    forgotten (the next request probes it again), not held against it for ever."""
+    async def run() -> None:
+        inst_http = await FakeInstance().start()
+        worker = FakeWorker()
+        registry = Registry()
+        inst = registry.upsert("p1", inst_http.url, "prefill", "static")
+        inst.remote_control = {"control": [worker.channel.endpoint]}
+        inst.remote_control_from_probe = True
+        worker.channel.close()  # the instance restarted: nobody answers there any more
+        async with aiohttp.ClientSession() as session:
+            checker = HealthChecker(registry, session, ProxyMetrics(), 60.0, 0.5,
+                                    cluster_token=TOKEN)
+            try:
+                await checker.check(inst)
+                assert inst.healthy and inst.remote_control is None
+            finally:
+                await inst_http.stop()
+
+    asyncio.run(run())

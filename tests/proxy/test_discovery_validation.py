@@ -96,3 +96,12 @@ def test_discovery_skips_invalid_records(etcd_server: EtcdServer,
                        ("good", "remote_control")):
         assert any(m.startswith(f"instance {iid}: record skipped, {field}") for m in warnings), \
             (iid, warnings)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://[zz]:1", "tcp://h:5?", "tcp://a%b:1",
+                                      "tcp://[fe80::1%eth0]:5"])
+def test_endpoints_urlsplit_cannot_parse_or_would_pass_are_refused(endpoint: str) -> None:
+    """urlsplit raises on some of these (the check must answer, not raise) and lets others
+    through that zmq does not take as tcp://HOST:PORT."""
+    assert remote_control_problem({"control": [endpoint]}) is not None
+    assert http_url_problem("http://[zz]:80") == "not a URL"
