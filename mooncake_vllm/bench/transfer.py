@@ -1,9 +1,11 @@
 """`python -m mooncake_vllm.bench transfer [--json]`: engine WRITE throughput between two
-processes on loopback, next to this machine's ceilings (iperf3 single stream, memcpy).
+processes on loopback, like for like against iperf3: the engine on 1 connection per peer next
+to `iperf3 -P 1`, and on N connections next to `iperf3 -P N`; memcpy is the other ceiling.
 
 The receiving engine runs in a child process (`--serve`, driven by JSON lines on stdin); this
 process submits the transfers. Every measurement is the median of several runs, and the bytes
-are verified (sha256 on both sides) after each pattern.
+are verified (sha256 on both sides) after each pattern. iperf3 runs before and after the
+engine runs and its median is taken, which guards against a neighbour that came or went.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mooncake_vllm.bench import results
 from mooncake_vllm.engine import TransferEngine
 from mooncake_vllm.testing.ports import free_port
 
@@ -50,8 +53,8 @@ def _result(name: str, nbytes: int, seconds: float) -> dict[str, Any]:
     return {"name": name, "bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9}
 
 
-def iperf3_gbps(seconds: float = 3.0) -> float | None:
-    """Single-stream loopback throughput (GB/s) measured by iperf3, or None without iperf3."""
+def iperf3_gbps(streams: int, seconds: float = 3.0) -> float | None:
+    """Loopback throughput (GB/s) of `iperf3 -P streams`, or None without iperf3."""
     if shutil.which("iperf3") is None:
         return None
     port = free_port()
@@ -64,7 +67,8 @@ def iperf3_gbps(seconds: float = 3.0) -> float | None:
         deadline = time.monotonic() + 5
         while True:  # the server needs a moment to listen; a probe would use up its one test
             out = subprocess.run(
-                ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                 "-P", str(streams), "-J"],
                 capture_output=True,
                 text=True,
                 timeout=seconds + 20,
@@ -73,7 +77,7 @@ def iperf3_gbps(seconds: float = 3.0) -> float | None:
             if "error" not in report:
                 break
             if "connect" not in report["error"] or time.monotonic() > deadline:
-                raise RuntimeError(f"iperf3: {report['error']}")
+                raise RuntimeError(f"iperf3 -P {streams}: {report['error']}")
             time.sleep(0.1)
         return float(report["end"]["sum_received"]["bits_per_second"]) / 8 / 1e9
     finally:
@@ -155,7 +159,7 @@ def measure_engine(connections: int, scale: float) -> list[dict[str, Any]]:
     try:
         engine.register(local.ctypes.data, local.nbytes)
         seg = engine.open_segment(receiver.descriptor)
-        results = []
+        measured = []
         for size in SINGLE_SIZES:
             l_addr = np.array([local.ctypes.data], dtype=np.uint64)
             r_addr = np.array([receiver.base + size], dtype=np.uint64)  # not offset 0: no aliasing
@@ -166,7 +170,7 @@ def measure_engine(connections: int, scale: float) -> list[dict[str, Any]]:
 
             seconds = _median_seconds(one, _runs_for(size, scale))
             _verify(receiver, local, [(0, size, size)])
-            results.append(_result(f"single_{size // KiB}KiB", size, seconds))
+            measured.append(_result(f"single_{size // KiB}KiB", size, seconds))
 
         # one layer of paged KV: 256 blocks of 16 KiB scattered over both buffers
         rng = np.random.default_rng(2)
@@ -187,50 +191,78 @@ def measure_engine(connections: int, scale: float) -> list[dict[str, Any]]:
              for lb, rb in zip(local_blocks, remote_blocks, strict=True)],
         )
         name = f"layer_{LAYER_BLOCKS}x{LAYER_BLOCK // KiB}KiB"
-        results.append(_result(name, LAYER_BLOCKS * LAYER_BLOCK, seconds))
-        return results
+        measured.append(_result(name, LAYER_BLOCKS * LAYER_BLOCK, seconds))
+        return measured
     finally:
         engine.close()
         receiver.close()
 
 
+def compare(connections: int, scale: float) -> dict[str, Any]:
+    """The engine on `connections` per peer beside `iperf3 -P connections`."""
+    before = iperf3_gbps(connections)
+    measured = measure_engine(connections, scale)
+    after = iperf3_gbps(connections)
+    iperf = [v for v in (before, after) if v is not None]
+    out: dict[str, Any] = {"connections": connections, "engine": measured,
+                           "iperf3_streams": connections,
+                           "iperf3_gbps_runs": iperf,
+                           "iperf3_gbps": statistics.median(iperf) if iperf else None}
+    if iperf:
+        out["vs_iperf3"] = {r["name"]: round(r["gbps"] / out["iperf3_gbps"], 3)
+                            for r in measured}
+    return out
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    runs = report["runs"]
+    header = f"{'pattern':18s}" + "".join(
+        f" | {run['connections']} conn GB/s  vs iperf3 -P {run['connections']}" for run in runs)
+    print(header)
+    for i, r in enumerate(runs[0]["engine"]):
+        row = f"{r['name']:18s}"
+        for run in runs:
+            e = run["engine"][i]
+            ratio = run.get("vs_iperf3", {}).get(e["name"])
+            ratio_text = f"{ratio:.2f}x" if ratio is not None else "no iperf3"
+            row += f" | {e['gbps']:11.2f}  {ratio_text:>19s}"
+        print(row)
+    for run in runs:
+        if run["iperf3_gbps"] is not None:
+            print(f"ceiling iperf3 -P {run['connections']}: {run['iperf3_gbps']:.2f} GB/s")
+    print(f"ceiling memcpy: {report['memcpy_gbps']:.2f} GB/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mooncake_vllm.bench transfer")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document and keep it in the results folder")
     parser.add_argument("--connections", type=int, default=2,
-                        help="TCP connections per peer (2 suits a 2-core loopback)")
+                        help="N: the engine on N connections per peer against iperf3 -P N, "
+                        "beside 1 against -P 1 (2 suits a 2-core loopback)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the run counts")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    results.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.serve:
         return serve(args.connections)
+    if args.connections < 1:
+        parser.error(f"--connections must be at least 1, got {args.connections}")
 
-    iperf_before = iperf3_gbps()
-    results = measure_engine(args.connections, args.scale)
-    iperf_after = iperf3_gbps()
-    iperf = [v for v in (iperf_before, iperf_after) if v is not None]
-    ceilings: list[dict[str, Any]] = []
-    if iperf:
-        # measured before and after the engine runs; the median guards against a noisy neighbour
-        ceilings.append({"name": "iperf3", "gbps": statistics.median(iperf)})
-    ceilings.append({"name": "memcpy", "gbps": memcpy_gbps()})
+    started, host = results.started_at(), results.host_info()
+    counts = sorted({1, args.connections})
     report: dict[str, Any] = {
-        "results": results,
-        "ceilings": ceilings,
         "unit": "GB/s (1e9 bytes per second)",
-        "connections_per_peer": args.connections,
+        "runs": [compare(n, args.scale) for n in counts],
+        "memcpy_gbps": memcpy_gbps(),
     }
-    if iperf:
-        ceiling = ceilings[0]["gbps"]
-        report["vs_iperf3"] = {r["name"]: round(r["gbps"] / ceiling, 3) for r in results}
     if args.json:
+        path = results.write_result("transfer", report, started, host, args.note,
+                                    args.results_dir)
         print(json.dumps(report, indent=2))
+        print(f"kept in {path}", file=sys.stderr)
     else:
-        for r in results:
-            ratio = f"  {r['gbps'] / ceilings[0]['gbps']:.2f}x iperf3" if iperf else ""
-            print(f"{r['name']:18s} {r['seconds'] * 1e3:9.3f} ms {r['gbps']:7.2f} GB/s{ratio}")
-        for c in ceilings:
-            print(f"ceiling {c['name']:10s} {c['gbps']:7.2f} GB/s")
+        _print_table(report)
     return 0
 
 
