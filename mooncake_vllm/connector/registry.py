@@ -18,6 +18,30 @@ def open_store(config: ConnectorConfig) -> Any:
                          ttl_s=config.metadata_ttl_s)
 
 
+def model_shape(vllm_config: Any) -> Any:
+    """The served model's shape (metadata.ModelShape) from vLLM's config, or None (logged) for
+    a model whose config does not say it: a conductor then splits pipelined prompts by tokens."""
+    from mooncake_vllm.metadata import MalformedValueError, ModelShape
+
+    try:
+        mc = vllm_config.model_config
+        hf = mc.hf_text_config
+        heads = int(hf.num_attention_heads)
+        hidden = int(hf.hidden_size)
+        return ModelShape(
+            num_layers=int(hf.num_hidden_layers), num_heads=heads,
+            head_dim=int(getattr(hf, "head_dim", None) or hidden // heads),
+            num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or heads),
+            hidden_size=hidden,
+            intermediate_size=int(getattr(hf, "intermediate_size", None) or 4 * hidden),
+            dtype=str(mc.dtype).removeprefix("torch."),
+            block_size=int(vllm_config.cache_config.block_size))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError,
+            MalformedValueError) as e:
+        logger.warning("MooncakeVllmConnector: the model's shape is not published (%s)", e)
+        return None
+
+
 def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
                       remote_control: dict[str, Any], rank0: Any, model: str) -> Any:
     """Publish this instance so a proxy can find it; returns the open store (close to leave)."""
@@ -33,7 +57,7 @@ def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
         kv_layout=KVLayout(num_layers=lay["num_layers"], block_size=lay["block_size"],
                            dtype=lay["dtype"], num_kv_heads=lay["num_kv_heads"],
                            head_size=lay["head_size"], tp_rank=0, tp_size=lay["tp_size"]),
-        remote_control=remote_control)
+        remote_control=remote_control, model_shape=model_shape(vllm_config))
     store.register_instance(info)
     logger.info("MooncakeVllmConnector: registered instance %s (%s) at %s in %s",
                 config.instance_id, role, info.http_url, config.metadata_server)

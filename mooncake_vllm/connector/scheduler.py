@@ -85,6 +85,10 @@ class MooncakeScheduler:
         self.vllm_config = vllm_config
         self.kv_cache_manager: KVCacheManager | None = None
         self.remote_control: dict[str, Any] | None = None
+        from mooncake_vllm.connector.registry import model_shape
+
+        shape = model_shape(vllm_config)  # in every prefill answer, for a static conductor
+        self.model_shape: dict[str, Any] | None = shape.to_dict() if shape else None
         self._instance_registered = False
         self._metadata: Any = None
         # P state
@@ -270,7 +274,8 @@ class MooncakeScheduler:
             return False, None
         if not (self.is_producer and p.get("do_remote_decode")):
             return False, None
-        answer = {"remote_control": self.remote_control, "transfer_id": p.get("transfer_id")}
+        answer = {"remote_control": self.remote_control, "transfer_id": p.get("transfer_id"),
+                  "model_shape": self.model_shape}
         req = self._p_reqs.pop(rid, None)
         if p.get("probe") or req is None or not block_ids:
             return False, answer

@@ -45,6 +45,7 @@ from .base import (
     MetadataError,
     MetadataStore,
     MetadataUnavailableError,
+    ModelShape,
 )
 from .embedded import EmbeddedMetadata
 from .url import MetadataUrl, parse_metadata_url
@@ -52,7 +53,8 @@ from .url import MetadataUrl, parse_metadata_url
 __all__ = [
     "ROLES", "SCHEMA_VERSION", "EmbeddedMetadata", "InstanceCallback", "InstanceInfo",
     "KVLayout", "MalformedValueError", "MetadataConfigError", "MetadataError", "MetadataStore",
-    "MetadataUnavailableError", "MetadataUrl", "ENV_VARS", "open_metadata", "parse_metadata_url",
+    "MetadataUnavailableError", "MetadataUrl", "ModelShape", "ENV_VARS", "open_metadata",
+    "parse_metadata_url",
 ]
 
 ENV_METADATA_SERVER = "MOONCAKE_VLLM_METADATA_SERVER"

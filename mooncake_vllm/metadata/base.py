@@ -79,6 +79,56 @@ class KVLayout:
         return cls(**known)
 
 
+# Bounds on a model's shape: far beyond any model served today, yet small enough that nothing
+# derived from a record (a cut, a window) can overflow or take absurd values.
+_SHAPE_MAXIMA = {"num_layers": 4096, "num_heads": 4096, "head_dim": 4096, "num_kv_heads": 4096,
+                 "hidden_size": 1 << 20, "intermediate_size": 1 << 22, "block_size": 4096}
+SHAPE_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The served model's shape, per layer and across TP ranks: what a conductor needs to
+    weigh attention against the rest of a layer (pipelined prefill's cut) without a flag."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: str  # the model's compute dtype, torch's name without "torch."
+    block_size: int  # tokens per KV block
+
+    def __post_init__(self) -> None:
+        for name, maximum in _SHAPE_MAXIMA.items():
+            v = getattr(self, name)
+            _require_int(name, v, minimum=1)
+            if v > maximum:
+                raise MalformedValueError(f"model_shape.{name} {v} is above {maximum}")
+        if self.num_kv_heads > self.num_heads:
+            raise MalformedValueError(f"model_shape.num_kv_heads {self.num_kv_heads} is above "
+                                      f"num_heads {self.num_heads}")
+        if self.dtype not in SHAPE_DTYPES:
+            raise MalformedValueError(f"model_shape.dtype {self.dtype!r:.40} is not one of "
+                                      f"{', '.join(SHAPE_DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelShape:
+        if not isinstance(d, dict):
+            raise MalformedValueError(f"model_shape must be an object, got {type(d).__name__}")
+        missing = [k for k in _MODEL_SHAPE_FIELDS if k not in d]
+        if missing:
+            raise MalformedValueError(f"model_shape lacks {', '.join(missing)}")
+        return cls(**{k: d[k] for k in _MODEL_SHAPE_FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_MODEL_SHAPE_FIELDS = ("num_layers", "num_heads", "head_dim", "num_kv_heads", "hidden_size",
+                       "intermediate_size", "dtype", "block_size")
+
 _KV_LAYOUT_FIELDS = ("num_layers", "block_size", "dtype", "num_kv_heads", "head_size",
                      "tp_rank", "tp_size")
 _KV_LAYOUT_REQUIRED = _KV_LAYOUT_FIELDS[:5]
@@ -103,6 +153,7 @@ class InstanceInfo:
     kv_layout: KVLayout | None = None
     remote_control: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    model_shape: ModelShape | None = None
 
     def __post_init__(self) -> None:
         _require_str("instance_id", self.instance_id)
@@ -116,6 +167,8 @@ class InstanceInfo:
             _require_str(name, getattr(self, name), allow_empty=True)
         if self.kv_layout is not None and not isinstance(self.kv_layout, KVLayout):
             raise MalformedValueError("kv_layout must be a KVLayout or None")
+        if self.model_shape is not None and not isinstance(self.model_shape, ModelShape):
+            raise MalformedValueError("model_shape must be a ModelShape or None")
         for name in ("remote_control", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise MalformedValueError(f"{name} must be an object")
@@ -140,6 +193,8 @@ class InstanceInfo:
             raise MalformedValueError(f"instance lacks {', '.join(missing)}")
         layout = kwargs.get("kv_layout")
         kwargs["kv_layout"] = None if layout is None else KVLayout.from_dict(layout)
+        shape = kwargs.get("model_shape")
+        kwargs["model_shape"] = None if shape is None else ModelShape.from_dict(shape)
         try:
             return cls(**kwargs)
         except TypeError as e:  # a field of the wrong shape that the dataclass itself rejects
@@ -147,7 +202,7 @@ class InstanceInfo:
 
 
 _INSTANCE_FIELDS = ("instance_id", "role", "http_url", "control_endpoint", "model", "engine_id",
-                    "segment_name", "kv_layout", "remote_control", "extra")
+                    "segment_name", "kv_layout", "remote_control", "extra", "model_shape")
 _INSTANCE_REQUIRED = _INSTANCE_FIELDS[:5]
 
 
