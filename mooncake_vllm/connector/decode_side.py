@@ -45,12 +45,15 @@ class DecodeSide:
     def __init__(self, *, engine: Any, send: Send, config: ConnectorConfig, layout: KVLayout,
                  block_size: int, tp_rank: int, engine_id: str, segment_name: str,
                  descriptor: dict | None, stats: MooncakeStats,
-                 lock: threading.RLock) -> None:
+                 lock: threading.RLock, news: threading.Condition | None = None) -> None:
         self.engine, self._send, self.config, self.layout = engine, send, config, layout
         self.block_size, self.tp_rank, self.stats, self.lock = block_size, tp_rank, stats, lock
         self.engine_id, self.segment_name, self.descriptor = engine_id, segment_name, descriptor
         self.num_layers = len(layout.layer_names)
         self.layer_arrived = threading.Condition(lock)  # pipelined loads wait on it
+        # Notified (under `lock`) whenever has_news() may have turned true: an idle step
+        # waits on it instead of spinning (worker.py).
+        self.news = news if news is not None else threading.Condition(lock)
         self.inc: dict[str, Incoming] = {}  # by transfer id
         self.finished_recving: set[str] = set()
         # Pipelined requests whose blocks vLLM holds after they finished, until settled.
@@ -178,6 +181,12 @@ class DecodeSide:
             recving, self.finished_recving = self.finished_recving, set()
         return sending, recving
 
+    def has_news(self) -> bool:
+        """Something for vLLM's next step: KV arrived or failed, blocks to free, a gate
+        report (lock held)."""
+        return bool(self.finished_recving or self.finished_sending or self.load_errors
+                    or self.gate_report)
+
     def take_load_errors(self) -> set[int]:
         with self.lock:
             errs, self.load_errors = self.load_errors, set()
@@ -201,6 +210,7 @@ class DecodeSide:
                     self.watching.pop(msg.transfer_id, None)
                 (self.gate_report.started if msg.started else self.gate_report.alive).add(
                     msg.transfer_id)
+                self.news.notify_all()
                 return
             tr = self.inc.get(msg.transfer_id)
             if tr is None or tr.settled:
@@ -258,17 +268,20 @@ class DecodeSide:
                 self.finished_sending.add(tr.req_id)
             else:
                 self._settled_sync.add(tr.req_id)
+            self.news.notify_all()
             return
         if not ok and not tr.aborting:
             self._load_failed(tr, tr.error)
         # Parked for remote KV: vLLM frees (or, aborted, forgets) it once we report it.
         self.finished_recving.add(tr.req_id)
+        self.news.notify_all()
 
     def _load_failed(self, tr: Incoming, why: str) -> None:
         logger.error("KV load for request %s (transfer %s) failed: %s; %d blocks affected",
                      tr.req_id, tr.transfer_id, why, len(tr.block_ids))
         self.stats.add(failures=1)
         self.load_errors.update(tr.block_ids)
+        self.news.notify_all()
 
     def tick(self, now: float) -> None:
         with self.lock:

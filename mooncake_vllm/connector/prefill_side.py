@@ -58,9 +58,13 @@ class PrefillSide:
                  block_size: int, tp_rank: int, stats: MooncakeStats,
                  lock: threading.RLock, metadata: Any = None,
                  stager: StagingBuffer | None = None,
-                 kv_caches: dict[str, Any] | None = None, device_kv: Any = None) -> None:
+                 kv_caches: dict[str, Any] | None = None, device_kv: Any = None,
+                 news: threading.Condition | None = None) -> None:
         self.engine, self._send, self.config, self.layout = engine, send, config, layout
         self.block_size, self.tp_rank, self.stats, self.lock = block_size, tp_rank, stats, lock
+        # Notified (under `lock`) whenever has_news() may have turned true: an idle step
+        # waits on it instead of spinning (worker.py).
+        self.news = news if news is not None else threading.Condition(lock)
         self.metadata, self.stager, self.device_kv = metadata, stager, device_kv
         self.kv_caches = kv_caches or {}
         self.num_layers = len(layout.layer_names)
@@ -164,6 +168,10 @@ class PrefillSide:
                         and not tr.forward_end:
                     tr.forward_end = now
                     self._maybe_finish(tr)
+
+    def has_news(self) -> bool:
+        """Something for vLLM's next step: blocks to give back (lock held)."""
+        return bool(self.finished_sending)
 
     def take_finished(self) -> set[str]:
         with self.lock:
@@ -328,6 +336,7 @@ class PrefillSide:
         if tr.notified and tr.held is not None:
             self.finished_sending.add(tr.req_id)
             self.out.pop(tr.transfer_id, None)
+            self.news.notify_all()
 
     def _complete(self, tr: Outgoing) -> None:
         exposed = max(0.0, tr.last_done - tr.forward_end)

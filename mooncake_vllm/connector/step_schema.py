@@ -50,3 +50,7 @@ class MooncakeMetadata(KVConnectorMetadata):
     preempted: list[str] = field(default_factory=list)
     # D: pipelined transfers whose head D waits to hear P has started: (transfer_id, rc).
     watches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # The step schedules no tokens and requests wait on transfers: the workers wait (briefly)
+    # for a transfer to finish or fail instead of returning at once, so that the engine's
+    # loop does not spin while it waits for remote KV.
+    idle: bool = False

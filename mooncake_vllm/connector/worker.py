@@ -42,6 +42,19 @@ if TYPE_CHECKING:
 # A child of "vllm" so that our lines go through vLLM's handlers, format and level.
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 HEALTH_INTERVAL_S = 5.0
+# The longest a step with nothing to compute waits for a transfer to finish or fail. vLLM
+# steps again at once while requests wait for remote KV, which keeps a core busy (the other
+# instance's, on a shared host); longer would delay new arrivals and aborts, which the engine
+# handles only between steps.
+IDLE_STEP_WAIT_S = 0.02
+
+
+def wait_for_news(news: threading.Condition, prefill: PrefillSide, decode: DecodeSide,
+                  timeout_s: float) -> bool:
+    """An idle step: wait until either side has something for vLLM (a transfer finished or
+    failed, blocks to free, a gate report), at most `timeout_s`; True when it has."""
+    with news:
+        return news.wait_for(lambda: prefill.has_news() or decode.has_news(), timeout_s)
 
 
 @dataclass
@@ -67,6 +80,7 @@ class MooncakeWorker:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.block_size = vllm_config.cache_config.block_size
         self.lock = threading.RLock()
+        self.news = threading.Condition(self.lock)  # both sides notify; idle steps wait
         self.stats = MooncakeStats()
         self.engine: Any = None
         self.layout: KVLayout | None = None
@@ -122,17 +136,21 @@ class MooncakeWorker:
             engine=self.engine, send=self._send, config=c, layout=self.layout,
             block_size=self.block_size, tp_rank=self.tp_rank, stats=self.stats, lock=self.lock,
             metadata=self.metadata, stager=stager, kv_caches=self.kv_caches,
-            device_kv=device_kv)
+            device_kv=device_kv, news=self.news)
         self.decode = DecodeSide(
             engine=self.engine, send=self._send, config=c, layout=self.layout,
             block_size=self.block_size, tp_rank=self.tp_rank, engine_id=self.engine_id,
             segment_name=self.segment_name,
             descriptor=None if c.uses_etcd else self.engine.descriptor(), stats=self.stats,
-            lock=self.lock)
+            lock=self.lock, news=self.news)
         self.prefill.start()
         port = c.control_port + self.tp_rank if c.control_port else 0
-        self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick,
-                                      token=c.cluster_token)
+        # zmq's I/O thread, started with the channel, inherits this thread's affinity: the
+        # model's core, where it would wait for the model (and, on a host whose instances
+        # share cores, for the other instance's compute) to move every control message.
+        with widened_affinity():
+            self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick,
+                                          token=c.cluster_token)
         threading.Thread(target=self._health_loop, name="mooncake-health", daemon=True).start()
         info = self.layout.info()
         self.handshake = WorkerHandshake(
@@ -282,6 +300,9 @@ class MooncakeWorker:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         assert self.prefill is not None and self.decode is not None
+        meta = self._meta
+        if meta is not None and meta.idle and not finished_req_ids:
+            wait_for_news(self.news, self.prefill, self.decode, IDLE_STEP_WAIT_S)
         sending = self.prefill.take_finished()
         freed, recving = self.decode.get_finished(finished_req_ids)
         return sending | freed, recving
