@@ -107,6 +107,8 @@ class MooncakeScheduler:
         self._d_delayed: set[str] = set()
         self._d_pipelined: set[str] = set()
         self._d_unsettled: set[str] = set()  # see has_pending_block_frees
+        # D: requests parked until their KV arrives (whole-prompt loads).
+        self._d_awaiting: set[str] = set()
         # Each request's parameters are checked once, when it is first seen, and the verdict
         # kept until it finishes: a signature that expires while the request runs must not
         # turn it into a plain request half-way (its blocks would be freed under P's writes).
@@ -213,6 +215,8 @@ class MooncakeScheduler:
                      num_external_tokens, hit, "pipelined" if head else "whole prompt")
         if head is not None:
             self._d_pipelined.add(rid)
+        else:
+            self._d_awaiting.add(rid)
         self._pending_recvs.append(RecvSpec(
             req_id=rid, transfer_id=tid, remote_control=rc,
             block_ids=list(blocks.get_block_ids()[0]), first_block=hit // self.block_size,
@@ -220,7 +224,8 @@ class MooncakeScheduler:
 
     def build_connector_meta(self, out: SchedulerOutput) -> MooncakeMetadata:
         meta = MooncakeMetadata(recvs=self._pending_recvs, releases=self._pending_releases,
-                                held=self._pending_held, watches=self._gates.take_watches())
+                                held=self._pending_held, watches=self._gates.take_watches(),
+                                idle=self.idle_step(out))
         self._pending_recvs, self._pending_releases, self._pending_held = [], [], {}
         for rid in getattr(out, "preempted_req_ids", None) or ():
             req = self._p_reqs.get(rid)
@@ -242,6 +247,12 @@ class MooncakeScheduler:
                     num_prompt_tokens=req.num_prompt_tokens))
         return meta
 
+    def idle_step(self, out: SchedulerOutput) -> bool:
+        """Nothing to compute this step, and requests wait on transfers (D: KV to arrive; P:
+        blocks held until D has them): the workers may wait for one instead of spinning."""
+        return out.total_num_scheduled_tokens == 0 and bool(
+            self._d_awaiting or self._p_held or self._pending_held or self._d_delayed)
+
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
@@ -252,6 +263,7 @@ class MooncakeScheduler:
         self._gates.forget(rid)
         self._checked.pop(rid, None)
         self._d_unsettled.discard(rid)
+        self._d_awaiting.discard(rid)
         if rid in self._d_pipelined:
             # Pipelined: its blocks were lent to P's writes while it ran; the workers report
             # it in finished_sending once none can land any more (decode_side.py).
@@ -288,6 +300,7 @@ class MooncakeScheduler:
         return True, answer
 
     def update_connector_output(self, out: KVConnectorOutput) -> None:
+        self._d_awaiting.difference_update(out.finished_recving or ())
         for rid in out.finished_sending or ():
             self._p_held.discard(rid)
             self._d_delayed.discard(rid)
