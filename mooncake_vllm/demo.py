@@ -21,10 +21,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +32,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mooncake_vllm.testing.vllm_server import VllmServer, free_port
+from mooncake_vllm.testing.conductor_process import ConductorProcess
+from mooncake_vllm.testing.launcher import LaunchError
+from mooncake_vllm.testing.ports import free_port
+from mooncake_vllm.testing.startup import Progress, stop_in_parallel, wait_all_ready
+from mooncake_vllm.testing.vllm_server import VllmServer
 
 PROMPTS = (
     "The history of the transfer engine begins",
@@ -48,139 +50,8 @@ CONNECTOR = "MooncakeVllmConnector"
 EXIT_OK, EXIT_MISMATCH, EXIT_STARTUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-# ---------------------------------------------------------------------------- progress output
-class Progress:
-    """Timestamped lines; while engines load, a heartbeat with each one's latest log line."""
-
-    def __init__(self, stream: Any = sys.stdout) -> None:
-        self.t0 = time.monotonic()
-        self.stream = stream
-
-    def say(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
-
-
-_LEVELS = ("INFO", "WARNING", "ERROR")
-
-
-def _last_log_line(path: Path, width: int = 60) -> str:
-    """The newest non-empty line of a log, shortened: shows what a loading engine is doing."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return "starting"
-    # vLLM's own lines look like "(EngineCore pid=7) INFO 11-25 06:20:01 [file.py:12] msg";
-    # the rest (library warnings, stack frames) says little about progress.
-    logged = [ln for ln in lines if any(f" {lvl} " in ln for lvl in _LEVELS) and "] " in ln]
-    if not logged:
-        return "starting"
-    text = logged[-1].split("] ", 1)[1]
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-# ---------------------------------------------------------------------------- processes
-class Conductor:
-    """`mooncake-vllm proxy` as a subprocess in its own process group, logging to a file."""
-
-    def __init__(self, args: Sequence[str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "mooncake_vllm.cli", "proxy",
-               "--host", "127.0.0.1", "--port", str(self.port), *args]
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        _wait_http(f"{self.url}/health", timeout_s, self.proc, "conductor", self.log_path)
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        _stop_group(self.proc, timeout_s)
-
-
-def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], name: str,
-               log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StartupError(f"{name} exited with {proc.returncode}; log {log_path}:\n"
-                               f"{_tail(log_path)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.3)
-    raise StartupError(f"{name} not ready at {url} after {timeout_s:.0f} s; log {log_path}:\n"
-                       f"{_tail(log_path)}")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop_in_parallel(servers: Sequence[VllmServer]) -> None:
-    """Stop engines at once, not one after another: each may take seconds to wind down."""
-    # 10 s of grace: an engine still loading may not react to SIGTERM; it holds no state.
-    threads = [threading.Thread(target=s.stop, args=(10.0,), name=f"stop-{s.name}")
-               for s in servers]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-
-
-class StartupError(RuntimeError):
-    """A part of the stack did not come up; the message quotes its log."""
-
-
-def wait_all_ready(servers: Sequence[VllmServer], progress: Progress, timeout_s: float,
-                   heartbeat_s: float = 5.0) -> None:
-    """Wait for every vLLM server's /health, reporting each as it comes up and, every few
-    seconds, what the ones still loading are doing."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(servers)
-    next_beat = time.monotonic() + heartbeat_s
-    while pending:
-        for server in list(pending):
-            try:
-                server.wait_ready(timeout_s=0.01)
-            except TimeoutError:
-                continue
-            except RuntimeError as e:  # exited: its log tail is in the message
-                raise StartupError(str(e)) from None
-            pending.remove(server)
-            progress.say(f"{server.name} ready at {server.url}")
-        if not pending:
-            return
-        now = time.monotonic()
-        if now > deadline:
-            names = ", ".join(s.name for s in pending)
-            tails = "\n".join(f"--- {s.name} ({s.log_path}):\n{s.log_tail(15)}" for s in pending)
-            raise StartupError(f"not ready after {timeout_s:.0f} s: {names}\n{tails}")
-        if now >= next_beat:
-            progress.say("loading: " + "".join(
-                f"\n           {s.name:>8}: {_last_log_line(s.log_path)}" for s in pending))
-            next_beat = now + heartbeat_s
-        time.sleep(0.5)
+# The benchmarks still import these names from here; they live in mooncake_vllm.testing.
+StartupError = LaunchError
 
 
 # ---------------------------------------------------------------------------- requests
@@ -414,9 +285,9 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             proxy_args = ["--metadata-server", connector_extra["metadata_server"]]
         else:
             proxy_args = ["--prefill", prefill.url, "--decode", decode.url]
-        conductor = Conductor(proxy_args, workdir / "conductor.log")
+        conductor = ConductorProcess(proxy_args, log_path=workdir / "conductor.log")
         stack.callback(conductor.stop)
-        conductor.wait_ready(timeout_s=60)
+        conductor.start(timeout_s=60).wait_healthy(timeout_s=60)
         progress.say(f"conductor ready at {conductor.url} ({' '.join(proxy_args)})")
 
         # The first request of an engine pays one-off costs (kernel selection, allocator
@@ -524,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress.say(f"interrupted; everything started has been stopped (logs in {workdir})")
         return EXIT_INTERRUPTED
-    except StartupError as e:
+    except LaunchError as e:
         progress.say(f"the stack did not come up: {e}\n(logs in {workdir})")
         return EXIT_STARTUP
     if not result.all_match:

@@ -2,8 +2,11 @@
 routing on a replayed multi-turn workload with shared prefixes, measured in one run.
 
 Set-up: the tiny model on CPU; `--mode pd` runs 2 prefill + 1 decode instances with the
-MooncakeVllmConnector, `--mode both` 2 plain instances that each serve a request alone. The same
-instances serve every policy: between policies the prefill instances' prefix caches are reset
+MooncakeVllmConnector, `--mode both` 2 plain instances that each serve a request alone. Each
+instance runs in a cpuset of its own, and the instances are equal (`layout`): each prefill
+(or "both") instance has a core of its own; the decode instance has a third core, or, on a
+two-core machine, both cores, so that it shares equally with each prefill instance. The same
+instances serve every policy: between policies every instance's prefix cache is reset
 (`POST /reset_prefix_cache`, vLLM's dev-mode endpoint) and a fresh conductor is started.
 
 Workload (a replayed trace, identical for every policy): `--conversations` conversations, each
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +39,8 @@ from typing import Any
 
 import aiohttp
 
-from mooncake_vllm.proxy.process import ProxyProcess
+from mooncake_vllm.bench import results as kept
+from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.tiny_model import default_model_dir, make_tiny_model
 from mooncake_vllm.testing.vllm_server import VllmServer
 
@@ -65,6 +70,18 @@ def build_trace(conversations: int, turns: int, context_chars: int) -> list[list
             history[c] = row[-1] + f" Answer {t} for conversation {c}, in some detail.\n"
         trace.append(row)
     return trace
+
+
+def layout(mode: str, cores: list[int]) -> dict[str, list[int]]:
+    """Cores per instance, equal for the instances that compete: one core per prefill (or
+    "both") instance; the decode instance gets a core of its own where there is a third,
+    else every core (it then shares with each prefill instance alike, never with one)."""
+    if len(cores) < 2:
+        raise ValueError(f"the routing benchmark needs at least 2 cores, got {cores}")
+    out = {f"{'prefill' if mode == 'pd' else 'both'}{i}": [cores[i]] for i in range(2)}
+    if mode == "pd":
+        out["decode0"] = [cores[2]] if len(cores) >= 3 else cores[:2]
+    return out
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -129,8 +146,9 @@ async def replay(url: str, model: str, trace: list[list[str]], concurrency: int,
 
 
 def run_policy(policy: str, prefill: list[VllmServer], decode: list[VllmServer], model: str,
-               trace: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
-    for s in prefill:
+               trace: list[list[str]], args: argparse.Namespace,
+               conductor_cores: list[int]) -> dict[str, Any]:
+    for s in prefill + decode:
         _reset_prefix_cache(s.url)
     before = [_counters(s.url) for s in prefill]
     if decode:
@@ -140,8 +158,10 @@ def run_policy(policy: str, prefill: list[VllmServer], decode: list[VllmServer],
         inst_args = [a for s in prefill for a in ("--both", s.url)]
     proxy_args = [*inst_args, "--policy", policy, "--tokenizer", model,
                   "--slo-ttft-s", str(args.slo_ttft_s), "--log-level", "WARNING"]
-    with ProxyProcess(proxy_args) as proxy:
-        time.sleep(1.0)  # first health round: models and load known
+    with ConductorProcess(proxy_args, cpus=conductor_cores,
+                          log_path=args.logdir / f"conductor-{policy}.log") as proxy:
+        proxy.wait_healthy(timeout_s=60)
+        time.sleep(1.0)  # a health round more: every instance's load known
         t0 = time.monotonic()
         outcomes = asyncio.run(replay(proxy.url, model, trace, args.concurrency,
                                       args.max_tokens))
@@ -182,29 +202,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--slo-ttft-s", type=float, default=3.0)
     ap.add_argument("--model", default=None, help="model dir (default: the tiny test model)")
+    kept.add_arguments(ap)
     args = ap.parse_args(argv)
+    started, host = kept.started_at(), kept.host_info()
     policies = [p for p in args.policies.split(",") if p]
     model = args.model or str(make_tiny_model(default_model_dir()))
     trace = build_trace(args.conversations, args.turns, args.context_chars)
 
     logdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    args.logdir = logdir
+    cores = sorted(os.sched_getaffinity(0))
+    cores_of = layout(args.mode, cores)
     env = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
+
+    def server(name: str, kv_role: str | None) -> VllmServer:
+        kv = None if kv_role is None else {
+            "kv_connector": "MooncakeVllmConnector", "kv_role": kv_role,
+            "kv_connector_extra_config": {"metadata_server": "p2p"}}
+        return VllmServer(model, name=name, cpus=cores_of[name], pin_process=True, env=env,
+                          log_path=logdir / f"{name}.log", kv_transfer_config=kv)
+
     if args.mode == "pd":
-        extra = {"metadata_server": "p2p"}
-        prefill = [VllmServer(model, name=f"prefill{i}", cpus=[i], env=env,
-                              log_path=logdir / f"prefill{i}.log",
-                              kv_transfer_config={"kv_connector": "MooncakeVllmConnector",
-                                                  "kv_role": "kv_producer",
-                                                  "kv_connector_extra_config": extra})
-                   for i in range(2)]
-        decode = [VllmServer(model, name="decode0", cpus=[0], env=env,
-                             log_path=logdir / "decode0.log",
-                             kv_transfer_config={"kv_connector": "MooncakeVllmConnector",
-                                                 "kv_role": "kv_consumer",
-                                                 "kv_connector_extra_config": extra})]
+        prefill = [server(f"prefill{i}", "kv_producer") for i in range(2)]
+        decode = [server("decode0", "kv_consumer")]
     else:
-        prefill = [VllmServer(model, name=f"both{i}", cpus=[i], env=env,
-                              log_path=logdir / f"both{i}.log") for i in range(2)]
+        prefill = [server(f"both{i}", None) for i in range(2)]
         decode = []
     servers = prefill + decode
     results: dict[str, Any] = {}
@@ -214,21 +236,26 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.wait_ready(timeout_s=600)
         # Warm-up (first-request costs), then the measured runs.
-        run_policy("round_robin", prefill, decode, model, trace[:1], args)
+        confinement = {s.name: s.process.confinement_note if s.process else "not started"
+                       for s in servers}
+        run_policy("round_robin", prefill, decode, model, trace[:1], args, cores)
         for policy in policies:
-            results[policy] = run_policy(policy, prefill, decode, model, trace, args)
+            results[policy] = run_policy(policy, prefill, decode, model, trace, args, cores)
             if not args.json:
                 print(f"{policy}: {json.dumps(results[policy])}", file=sys.stderr)
     finally:
         for s in servers:
             s.stop()
-    report = {"mode": args.mode, "slo_ttft_s": args.slo_ttft_s,
+    report = {"mode": args.mode, "slo_ttft_s": args.slo_ttft_s, "cores": cores_of,
+              "conductor_cores": cores, "confinement": confinement,
               "workload": {"conversations": args.conversations, "turns": args.turns,
                            "context_chars": args.context_chars,
                            "concurrency": args.concurrency, "max_tokens": args.max_tokens},
               "policies": results}
     if args.json:
+        path = kept.write_result("routing", report, started, host, args.note, args.results_dir)
         print(json.dumps(report))
+        print(f"kept in {path}", file=sys.stderr)
     else:
         for name, r in results.items():
             print(f"{name:13s} hit rate {r['prefix_hit_rate']:.3f}  TTFT p50 {r['ttft_p50_s']:.3f}s"

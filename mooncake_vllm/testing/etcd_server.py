@@ -12,23 +12,21 @@ while instances run" means in production. With `tls=True` a throwaway CA, a serv
 `client_cert_auth=True` etcd also demands the client certificate. With `auth=True` the `root`
 user is created with `password` and authentication is enabled through `etcdctl`.
 
-etcd's output goes to `etcd.log` in the work directory; its tail is quoted in every error.
+etcd runs through `testing.launcher`; its output goes to `etcd.log` in the work directory (every
+start appends), and its tail is quoted in every error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from mooncake_vllm.testing.launcher import Launched, LaunchError
 from mooncake_vllm.testing.ports import free_port
 
 _LOG_TAIL_CHARS = 3000
@@ -80,8 +78,7 @@ class EtcdServer:
         self.client_key: Path | None = None
         self._server_cert: Path | None = None
         self._server_key: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: object | None = None
+        self._process: Launched | None = None
         self._auth_done = False
         if tls:
             self._make_certificates()
@@ -115,11 +112,11 @@ class EtcdServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process is not None and self._process.running
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._process.pid if self._process is not None else None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> EtcdServer:
@@ -144,13 +141,9 @@ class EtcdServer:
             # etcd turns client-certificate checking on whenever it is given a trusted CA.
             if self.client_cert_auth:
                 cmd += ["--client-cert-auth", "--trusted-ca-file", str(self.ca_cert)]
-        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process' lifetime)
-        log.write(f"\n===== {' '.join(cmd)}\n".encode())
-        log.flush()
-        self._log_file = log
-        self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        # One log for every start: a restart appends to it.
+        self._process = Launched(cmd, name=f"etcd on {self.client_url}",
+                                 log_path=self.log_path, append_log=True).start()
         try:
             self._wait_healthy()
             if self.auth and not self._auth_done:
@@ -162,11 +155,15 @@ class EtcdServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (etcd flushes and exits), SIGKILL after `timeout_s`. Keeps the data dir."""
-        self._terminate(signal.SIGTERM, timeout_s)
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL: a crash. Keeps the data dir."""
-        self._terminate(signal.SIGKILL, 5.0)
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
 
     def restart(self, down_s: float = 0.0, wipe_data: bool = False) -> None:
         """Stop, stay down `down_s` seconds, start again on the same ports and data dir.
@@ -217,50 +214,20 @@ class EtcdServer:
             return "(no etcd log)"
 
     # ----------------------------------------------------------------- internals
-    def _terminate(self, sig: signal.Signals, timeout_s: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if self._log_file is not None:
-            self._log_file.close()  # type: ignore[attr-defined]
-            self._log_file = None
-
     def _wait_healthy(self) -> None:
-        """Poll /health until etcd has a leader and serves reads, or fail with the log tail."""
+        """Until /health answers 200 (etcd has a leader and serves reads: else 503), or fail
+        with the log tail."""
         ctx: ssl.SSLContext | None = None
         if self.tls:
             ctx = ssl.create_default_context(cafile=str(self.ca_cert))
             if self.client_cert_auth:
                 ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
-        deadline = time.monotonic() + self.start_timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise EtcdServerError(
-                    f"etcd exited with status {self._proc.returncode} while starting on "
-                    f"{self.client_url}; log tail:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(
-                    f"{self.client_url}/health", timeout=1.0, context=ctx
-                ) as resp:
-                    body = json.loads(resp.read())
-                    if str(body.get("health")) == "true":
-                        return
-                    last = f"health={body!r}"
-            except (OSError, urllib.error.URLError, ValueError) as e:
-                last = repr(e)
-            time.sleep(0.05)
-        raise EtcdServerError(
-            f"etcd on {self.client_url} not healthy after {self.start_timeout_s:.0f} s "
-            f"(last: {last}); log tail:\n{self.log_tail()}"
-        )
+        assert self._process is not None
+        try:
+            self._process.wait_http(f"{self.client_url}/health", self.start_timeout_s,
+                                    ssl_context=ctx)
+        except LaunchError as e:
+            raise EtcdServerError(str(e)) from None
 
     def _enable_auth(self) -> None:
         self.etcdctl("user", "add", f"{self.user}:{self.password}", "--interactive=false")

@@ -1,8 +1,9 @@
 """Start and stop a real `vllm serve` process on loopback: for tests, the demo and benchmarks.
 
 The server runs the same command a user types (`vllm serve MODEL ...`, the console script next
-to this interpreter), so tests cover what users run. Its output goes to a log file whose tail
-is quoted in every error, because "the server did not come up" is useless without it.
+to this interpreter), so tests cover what users run. It is started by `testing.launcher`: its
+output goes to a log file whose tail is quoted in every error, and stop() ends its whole
+process group.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mooncake_vllm.testing.launcher import Launched, LaunchError
 from mooncake_vllm.testing.ports import free_port
 
 
@@ -93,12 +93,12 @@ class VllmServer:
         self.env = dict(env or {})
         self.cpus = list(cpus) if cpus is not None else [_next_core()]
         # Off: only vLLM's compute threads are bound to `cpus`; its API server, engine core
-        # and helper threads float. On: the whole process tree stays on `cpus`, as on a
-        # machine of its own (benchmarks: every system gets exactly the cores it is given).
+        # and helper threads float. On: the whole process tree stays on `cpus` in a cpuset
+        # (testing.cpuset), as on a machine of its own: no thread can widen its affinity.
         self.pin_process = pin_process
         self.name = name
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Launched | None = None
 
     @property
     def url(self) -> str:
@@ -114,73 +114,52 @@ class VllmServer:
         return cmd + self.extra_args
 
     def start(self) -> VllmServer:
-        env = {**os.environ, **DEFAULT_ENV, **self.env}
+        env = {**DEFAULT_ENV, **self.env}
         if self.cpus:
             # vLLM's CPU backend binds its OpenMP threads itself; tell it which cores are ours.
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, self.cpus)))
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
-        cpus = set(self.cpus) if self.pin_process and self.cpus else None
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # stop() signals the whole group: engine core included
-            # Children inherit the affinity, so this pins the engine core and workers too.
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        log.close()
+        self.process = Launched(
+            self.command(), name=self.name, log_path=self.log_path, env=env,
+            # A cpuset: the engine core, workers and every thread (the connector's too) stay.
+            cpus=self.cpus if self.pin_process and self.cpus else None,
+        ).start()
         return self
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.process is None else self.process.proc
+
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(text[-lines:])
+        return self.process.log_tail(lines) if self.process is not None else "(not started)"
+
+    def poll_ready(self) -> bool:
+        """One look at /health; LaunchError (with the log's tail) if the server exited."""
+        if self.process is None:
+            raise LaunchError(f"{self.name} was not started")
+        return self.process.poll_http(self.url + "/health")
 
     def wait_ready(self, timeout_s: float = 240.0) -> VllmServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(
-                    f"{self.name} ({self.url}) exited with {code} before it was ready; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"{self.name} ({self.url}) not ready after {timeout_s:.0f}s; "
-            f"log {self.log_path}:\n{self.log_tail()}"
-        )
+        if self.process is None:
+            raise LaunchError(f"{self.name} was not started")
+        self.process.wait_http(self.url + "/health", timeout_s)
+        return self
 
     def kill(self) -> None:
         """SIGKILL the whole process group: a crash, for failure tests."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        if self.process is not None:
+            self.process.kill()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            self.process.stop(timeout_s)
 
     def __enter__(self) -> VllmServer:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(
         self,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from proxy_http import get_json, metric, open_stream, post, sse_events, stream_text, wait_for
 
-from mooncake_vllm.proxy.process import ProxyProcess
+from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.etcd_server import EtcdServer
 from mooncake_vllm.testing.vllm_server import VllmServer, free_port, post_json
 
@@ -37,10 +37,10 @@ CLUSTER_TOKEN = "pd-test-cluster-token-0123456789"
 @dataclass
 class Cluster:
     etcd: EtcdServer
-    discovery_proxy: ProxyProcess
+    discovery_proxy: ConductorProcess
     prefill: VllmServer
     decode: VllmServer
-    static_proxy: ProxyProcess
+    static_proxy: ConductorProcess
 
 
 def _server(model: Path, name: str, role: str, etcd: EtcdServer, cpus: list[int],
@@ -68,7 +68,7 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     etcd = EtcdServer(work / "etcd").start()
     disc = p = d = static = None
     try:
-        disc = ProxyProcess(["--metadata-server", etcd.url, "--health-interval-s", "0.5",
+        disc = ConductorProcess(["--metadata-server", etcd.url, "--health-interval-s", "0.5",
                              "--tokenizer", str(tiny_model)]).start()
         assert get_json(disc.url + "/instances")[1]["instances"] == []
         p = _server(tiny_model, "prefill", "kv_producer", etcd, [0], work)
@@ -77,7 +77,7 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         d.start()
         p.wait_ready()
         d.wait_ready()
-        static = ProxyProcess(["--prefill", p.url, "--decode", d.url,
+        static = ConductorProcess(["--prefill", p.url, "--decode", d.url,
                                "--health-interval-s", "0.5"]).start()
         yield Cluster(etcd, disc, p, d, static)
     finally:
@@ -157,7 +157,7 @@ def test_short_prompts_prefilled_on_decode(cluster: Cluster, tiny_model: Path) -
     """--local-prefill-max-tokens: a short prompt goes to D alone (P sees nothing), a longer
     one is still disaggregated; both answer as a single instance would."""
     p, d = cluster.prefill, cluster.decode
-    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+    with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
                        "--local-prefill-max-tokens", "16"]) as proxy:
         long_prompt = "A prompt well past the limit, " * 8
         # The first disaggregated request also probes P for its remote_control: not counted.
@@ -183,7 +183,7 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
     the conductor cannot cut, is disaggregated whole. With --pipeline-gate D waits for P to
     start the head before it schedules its part (one gate wait counted on D)."""
     p, d = cluster.prefill, cluster.decode
-    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+    with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
                        "--pipeline-prefill-min-tokens", "128", "--pipeline-gate"]) as proxy:
         assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
                     _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200
@@ -216,7 +216,7 @@ def test_prefill_window_holds_a_burst_back_first_come_first_served(
     instance's, and nothing is left in the window afterwards."""
     p, d = cluster.prefill, cluster.decode
     window = 100
-    with ProxyProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
+    with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
                        "--prefill-window-tokens", str(window)]) as proxy:
         assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
                     _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200

@@ -13,7 +13,7 @@ import pytest
 from proxy_http import instance, post, wait_for
 
 from mooncake_vllm.proxy.discovery import static_id
-from mooncake_vllm.proxy.process import ProxyProcess
+from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.vllm_server import VllmServer
 
 pytestmark = pytest.mark.vllm
@@ -34,7 +34,7 @@ def test_client_key_checked_by_vllm_behind_the_conductor(tiny_model: Path,
                                                         tmp_path: Path) -> None:
     server = VllmServer(tiny_model, name="keyed", extra_args=["--api-key", KEY],
                         log_path=tmp_path / "keyed.log")
-    with server, ProxyProcess(["--both", server.url, "--upstream-api-key", KEY,
+    with server, ConductorProcess(["--both", server.url, "--upstream-api-key", KEY,
                                "--health-interval-s", "0.5"]) as proxy:
         # The health check's /v1/models needs the key: models known means it was sent.
         wait_for(lambda: instance(proxy.url, static_id("both", server.url))["models"], 30,

@@ -24,7 +24,7 @@ from proxy_http import (
 )
 
 from mooncake_vllm.proxy.discovery import static_id
-from mooncake_vllm.proxy.process import ProxyProcess
+from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.vllm_server import VllmServer, post_json
 
 pytestmark = pytest.mark.vllm
@@ -38,9 +38,9 @@ def _corpus() -> str:
 
 @pytest.fixture(scope="module")
 def proxy(two_plain_servers: tuple[VllmServer, VllmServer], tiny_model: Path
-          ) -> Iterator[ProxyProcess]:
+          ) -> Iterator[ConductorProcess]:
     a, b = two_plain_servers
-    with ProxyProcess(["--both", a.url, "--both", b.url, "--tokenizer", str(tiny_model),
+    with ConductorProcess(["--both", a.url, "--both", b.url, "--tokenizer", str(tiny_model),
                        "--health-interval-s", "0.5", "--health-timeout-s", "1"]) as p:
         wait_for(lambda: get_json(p.url + "/health")[0] == 200, 30, "proxy healthy")
         yield p
@@ -50,7 +50,7 @@ def _body(model: Path, **kw: object) -> dict:
     return {"model": str(model), "temperature": 0, **kw}
 
 
-def test_completion_relayed_equal_to_direct(proxy: ProxyProcess, two_plain_servers,
+def test_completion_relayed_equal_to_direct(proxy: ConductorProcess, two_plain_servers,
                                             tiny_model: Path) -> None:
     body = _body(tiny_model, prompt="The quick brown fox jumps over", max_tokens=12)
     direct = post_json(two_plain_servers[0].url + "/v1/completions", body)
@@ -63,7 +63,7 @@ def test_completion_relayed_equal_to_direct(proxy: ProxyProcess, two_plain_serve
     assert via["usage"]["completion_tokens"] == 12
 
 
-def test_completion_streamed_token_by_token(proxy: ProxyProcess, tiny_model: Path) -> None:
+def test_completion_streamed_token_by_token(proxy: ConductorProcess, tiny_model: Path) -> None:
     body = _body(tiny_model, prompt="Streaming is a way to", max_tokens=10)
     whole = post_json(proxy.url + "/v1/completions", body)["choices"][0]["text"]
     events = sse_events(proxy.url + "/v1/completions", {**body, "stream": True})
@@ -72,7 +72,7 @@ def test_completion_streamed_token_by_token(proxy: ProxyProcess, tiny_model: Pat
     assert stream_text(events, chat=False) == whole
 
 
-def test_chat_streamed_and_not(proxy: ProxyProcess, tiny_model: Path) -> None:
+def test_chat_streamed_and_not(proxy: ConductorProcess, tiny_model: Path) -> None:
     body = _body(tiny_model, messages=[{"role": "user", "content": "Tell me about lists"}],
                  max_tokens=8)
     whole = post_json(proxy.url + "/v1/chat/completions", body)
@@ -91,7 +91,7 @@ def test_chat_streamed_and_not(proxy: ProxyProcess, tiny_model: Path) -> None:
     ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', "'stream' must be true or false"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', "'max_tokens' must be a positive"),
 ])
-def test_bad_input_is_400_naming_the_problem(proxy: ProxyProcess, path: str, raw: bytes,
+def test_bad_input_is_400_naming_the_problem(proxy: ConductorProcess, path: str, raw: bytes,
                                              needle: str) -> None:
     import json
 
@@ -100,13 +100,13 @@ def test_bad_input_is_400_naming_the_problem(proxy: ProxyProcess, path: str, raw
     assert needle in json.loads(data)["error"]["message"]
 
 
-def test_upstream_4xx_is_relayed(proxy: ProxyProcess) -> None:
+def test_upstream_4xx_is_relayed(proxy: ConductorProcess) -> None:
     status, _, data = post(proxy.url + "/v1/completions",
                            {"model": "no-such-model", "prompt": "x", "max_tokens": 1})
     assert status == 404 and b"no-such-model" in data
 
 
-def test_models_health_metrics(proxy: ProxyProcess, tiny_model: Path) -> None:
+def test_models_health_metrics(proxy: ConductorProcess, tiny_model: Path) -> None:
     status, models = get_json(proxy.url + "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == [str(tiny_model)]
     status, health = get_json(proxy.url + "/health")
@@ -126,7 +126,7 @@ def _generated(server: VllmServer) -> float:
     return metric(server.url, "vllm:generation_tokens_total")
 
 
-def test_client_disconnect_aborts_upstream(proxy: ProxyProcess, two_plain_servers,
+def test_client_disconnect_aborts_upstream(proxy: ConductorProcess, two_plain_servers,
                                            tiny_model: Path) -> None:
     a, b = two_plain_servers
     max_tokens = 4000
@@ -160,8 +160,8 @@ def test_client_disconnect_aborts_upstream(proxy: ProxyProcess, two_plain_server
              "the conductor counted the request as client_gone")
 
 
-def test_unresponsive_instance_taken_out_until_it_recovers(proxy: ProxyProcess, two_plain_servers,
-                                                           tiny_model: Path) -> None:
+def test_unresponsive_instance_taken_out_until_it_recovers(
+        proxy: ConductorProcess, two_plain_servers, tiny_model: Path) -> None:
     a, b = two_plain_servers
     b_id = static_id("both", b.url)
     assert b.proc is not None
@@ -189,7 +189,7 @@ def test_instance_back_between_health_rounds_serves_at_once(two_plain_servers,
     assert b.proc is not None
     os.killpg(b.proc.pid, signal.SIGSTOP)
     try:
-        with ProxyProcess(["--both", b.url, "--health-interval-s", "60",
+        with ConductorProcess(["--both", b.url, "--health-interval-s", "60",
                            "--health-timeout-s", "1"]) as p:
             wait_for(lambda: not instance(p.url, b_id)["healthy"], 10, "b out of rotation")
             os.killpg(b.proc.pid, signal.SIGCONT)
@@ -217,7 +217,7 @@ def test_early_rejection_under_overload(two_plain_servers, tiny_model: Path) -> 
     slo = 3.0 * max(took)
     args = ["--both", a.url, "--both", b.url, "--tokenizer", str(tiny_model),
             "--policy", "least_loaded", "--slo-ttft-s", f"{slo:.3f}"]
-    with ProxyProcess(args) as p:
+    with ConductorProcess(args) as p:
         wait_for(lambda: get_json(p.url + "/health")[0] == 200, 30, "proxy healthy")
 
         def ask(i: int, n_chars: int) -> tuple[int, dict[str, str], float]:
@@ -252,7 +252,7 @@ def test_killed_instance_fails_over(two_plain_servers, tiny_model: Path) -> None
     b_id = static_id("both", b.url)
     # Round-robin and a slow health loop: requests do land on b after it died, before any
     # health check notices; only failover can save them.
-    with ProxyProcess(["--both", a.url, "--both", b.url, "--policy", "round_robin",
+    with ConductorProcess(["--both", a.url, "--both", b.url, "--policy", "round_robin",
                        "--health-interval-s", "60"]) as p:
         a_id = static_id("both", a.url)
         # One health round done (it fetched the models), so the next is a minute away.
