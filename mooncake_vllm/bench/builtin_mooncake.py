@@ -15,13 +15,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
-from mooncake_vllm.demo import Progress, _stop_group, _wait_http, wait_all_ready
+from mooncake_vllm.testing.launcher import Launched
+from mooncake_vllm.testing.startup import Progress, wait_all_ready
 from mooncake_vllm.testing.vllm_server import VllmServer, free_port
 
 PREFILL_ENGINE_ID = "bench-builtin-prefill"
@@ -38,8 +38,11 @@ except Exception:  # noqa: BLE001 - never stop the interpreter from starting
 
 
 def start_builtin_pair(model: str, workdir: Path, stack: contextlib.ExitStack,
-                       progress: Progress, startup_timeout_s: float) -> str:
-    """Start P (core 0), D (core 1) with MooncakeConnector and the relay; returns its URL."""
+                       progress: Progress, startup_timeout_s: float, prefill_cores: list[int],
+                       decode_cores: list[int], relay_cores: list[int]
+                       ) -> tuple[str, list[VllmServer], Launched]:
+    """Start P, D (each confined to its cores) with MooncakeConnector, and the relay; returns
+    the relay's URL, the servers and the relay's process."""
     import mooncake.engine  # noqa: F401 - fail here, clearly, when the package is missing
 
     site = workdir / "sitecustomize"
@@ -49,29 +52,28 @@ def start_builtin_pair(model: str, workdir: Path, stack: contextlib.ExitStack,
     env = {"PYTHONPATH": str(site), "VLLM_HOST_IP": "127.0.0.1",
            "VLLM_MOONCAKE_BOOTSTRAP_PORT": str(bootstrap_port)}
     servers = []
-    for role, kv_role, core in (("prefill", "kv_producer", 0), ("decode", "kv_consumer", 1)):
+    for role, kv_role, cores in (("prefill", "kv_producer", prefill_cores),
+                                 ("decode", "kv_consumer", decode_cores)):
         kv: dict[str, Any] = {"kv_connector": "MooncakeConnector", "kv_role": kv_role,
                               "kv_connector_extra_config": {"mooncake_protocol": "tcp"}}
         if role == "prefill":
             kv["engine_id"] = PREFILL_ENGINE_ID
-        server = VllmServer(model, kv_transfer_config=kv, cpus=[core], env=env, pin_process=True,
+        server = VllmServer(model, kv_transfer_config=kv, cpus=cores, env=env, pin_process=True,
                             name=f"builtin-{role}", log_path=workdir / f"builtin-{role}.log")
         stack.callback(server.stop)
         servers.append(server.start())
     wait_all_ready(servers, progress, startup_timeout_s)
 
     port = free_port()
-    log_path = workdir / "relay.log"
-    cmd = [sys.executable, "-m", "mooncake_vllm.bench.builtin_mooncake", "--port", str(port),
-           "--prefill", servers[0].url, "--decode", servers[1].url,
-           "--bootstrap", f"http://127.0.0.1:{bootstrap_port}", "--engine-id", PREFILL_ENGINE_ID]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    stack.callback(_stop_group, proc, 10.0)
+    relay = Launched(
+        [sys.executable, "-m", "mooncake_vllm.bench.builtin_mooncake", "--port", str(port),
+         "--prefill", servers[0].url, "--decode", servers[1].url,
+         "--bootstrap", f"http://127.0.0.1:{bootstrap_port}", "--engine-id", PREFILL_ENGINE_ID],
+        name="builtin-relay", log_path=workdir / "relay.log", cpus=relay_cores)
+    stack.callback(relay.stop)
     url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/health", 30, proc, "relay", log_path)
-    return url
+    relay.start().wait_http(f"{url}/health", timeout_s=30)
+    return url, servers, relay
 
 
 # ---------------------------------------------------------------------------- the relay

@@ -72,13 +72,17 @@ def started_at() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
+def result_path(benchmark: str, started: dt.datetime, results_dir: Path | None = None) -> Path:
+    """`{benchmark}-{UTC start}.json` in the results folder (files beside it share the stem)."""
+    folder = results_dir or default_results_dir()
+    return folder / f"{benchmark}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
 def write_result(benchmark: str, result: dict[str, Any], started: dt.datetime,
                  host: dict[str, Any], note: str = "", results_dir: Path | None = None) -> Path:
-    """Write `{benchmark}-{UTC start}.json` into the results folder; returns its path."""
-    folder = results_dir or default_results_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"{benchmark}-{stamp}.json"
+    """Keep one run in the results folder, with its host; returns the file's path."""
+    path = result_path(benchmark, started, results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": benchmark, "started_at": started.isoformat(),
               "finished_at": started_at().isoformat(), "host": host, "note": note,
               "result": result}
