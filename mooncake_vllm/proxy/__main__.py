@@ -33,6 +33,26 @@ def _secret(flag: str | None, env: str) -> str | None:
     return flag or os.environ.get(env) or None
 
 
+def _seconds_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or 'none'") from None
+
+
+def _count_or_auto(text: str) -> float | None:
+    """An override (a number) or 'auto'; integers stay integers."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or 'auto'") from None
+    return int(value) if value.is_integer() else value
+
+
 def parse_args(argv: list[str] | None) -> ProxyConfig:
     ap = argparse.ArgumentParser(prog="mooncake-vllm proxy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,38 +69,47 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     help="discover instances in etcd (they may come and go)")
     ap.add_argument("--namespace", default=d.namespace)
     ap.add_argument("--policy", choices=POLICIES, default=d.policy)
-    ap.add_argument("--local-prefill-max-tokens", type=int,
-                    default=d.local_prefill_max_tokens, metavar="N",
-                    help="prompts of at most N tokens are prefilled on the decode instance, "
-                    "not disaggregated (default %(default)s: always disaggregate)")
+    ap.add_argument("--slo-ttft-s", type=_seconds_or_none, default=d.slo_ttft_s,
+                    metavar="S|none", help="time-to-first-token SLO. Given, admission is on: "
+                    "a request predicted to miss it (or to miss the ITL SLO on every path) is "
+                    "refused at once with 503 + Retry-After (default: none, admit all)")
+    ap.add_argument("--slo-itl-s", type=_seconds_or_none, default=d.slo_itl_s,
+                    metavar="S|none", help="inter-token-latency SLO: a decode instance "
+                    "prefills a prompt itself (locally or pipelined) only while its running "
+                    "decodes' predicted gap between tokens stays within it (default "
+                    "%(default)s s: ten tokens a second, faster than anyone reads; none: no "
+                    "bound)")
+    ap.add_argument("--local-prefill-max-tokens", type=_count_or_auto,
+                    default=d.local_prefill_max_tokens, metavar="N|auto",
+                    help="override: prompts of at most N tokens are always prefilled on the "
+                    "decode instance, longer ones never (unless --local-prefill-when-faster); "
+                    "0: never by size (default auto: by predicted TTFT and ITL)")
     ap.add_argument("--local-prefill-when-faster", action="store_true",
-                    help="also prefill on the decode instance when its predicted TTFT beats "
-                    "the prefill instances' (bursts use D's idle compute; costs D decode time)")
-    ap.add_argument("--pipeline-prefill-min-tokens", type=int,
-                    default=d.pipeline_prefill_min_tokens, metavar="N",
-                    help="prompts of at least N tokens are prefilled by P and D at once, one "
-                    "layer apart (needs --tokenizer or token-id prompts; default %(default)s: "
-                    "off)")
+                    help="with --local-prefill-max-tokens: also prefill on the decode "
+                    "instance when its predicted TTFT beats the prefill instances'")
+    ap.add_argument("--pipeline-prefill-min-tokens", type=_count_or_auto,
+                    default=d.pipeline_prefill_min_tokens, metavar="N|auto",
+                    help="override: prompts of at least N tokens are always prefilled by P and "
+                    "D at once, one layer apart; 0: never (default auto: by prediction)")
     ap.add_argument("--pipeline-prefill-share", type=float,
                     default=d.pipeline_prefill_share, metavar="F",
                     help="the prefill instance's share of a pipelined prompt's compute "
                     "(default %(default)s)")
-    ap.add_argument("--pipeline-attention-tokens", type=float,
-                    default=d.pipeline_attention_tokens, metavar="C",
-                    help="context length at which a token's attention costs as much as the "
-                    "rest of its layer (the model's non-attention MACs per token / (2 x heads "
-                    "x head_dim)); balances the cut for it (default %(default)s: split tokens)")
+    ap.add_argument("--pipeline-attention-tokens", type=_count_or_auto,
+                    default=d.pipeline_attention_tokens, metavar="C|auto",
+                    help="override: context length at which a token's attention costs as "
+                    "much as the rest of its layer; 0: split tokens (default auto: from the "
+                    "model shape the prefill instance publishes)")
     ap.add_argument("--pipeline-gate", action="store_true",
                     help="D schedules a pipelined request's part only once P has started its "
                     "head: D's running decodes never wait on P's queue, at the price of the "
                     "pipelined request's TTFT")
-    ap.add_argument("--prefill-window-tokens", type=int, default=d.prefill_window_tokens,
-                    metavar="N", help="at most N prompt tokens in flight at each prefill "
-                    "instance; later requests wait at the conductor, first come first served, "
-                    "so a burst is prefilled a few requests at a time (default %(default)s: "
-                    "off)")
-    ap.add_argument("--slo-ttft-s", type=float, default=None,
-                    help="refuse (503 + Retry-After) requests predicted to miss this TTFT")
+    ap.add_argument("--prefill-window-tokens", type=_count_or_auto,
+                    default=d.prefill_window_tokens, metavar="N|auto",
+                    help="override: at most N prompt tokens in flight at each prefill "
+                    "instance; later requests wait at the conductor, first come first served; "
+                    "0: off (default auto: what P prefills in "
+                    f"{d.prefill_window_target_s:g} s at its measured speed)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer (model path) for exact prefix blocks; else text chunks")
     ap.add_argument("--block-tokens", type=int, default=d.block_tokens,
@@ -125,7 +154,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         pipeline_prefill_share=a.pipeline_prefill_share,
         pipeline_attention_tokens=a.pipeline_attention_tokens, pipeline_gate=a.pipeline_gate,
         prefill_window_tokens=a.prefill_window_tokens,
-        slo_ttft_s=a.slo_ttft_s, tokenizer=a.tokenizer,
+        slo_ttft_s=a.slo_ttft_s, slo_itl_s=a.slo_itl_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,
         connect_timeout_s=a.connect_timeout_s, prefill_timeout_s=a.prefill_timeout_s,

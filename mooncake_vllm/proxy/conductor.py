@@ -20,20 +20,28 @@ from .config import ProxyConfig
 from .discovery import Discovery, add_static
 from .health import HealthChecker
 from .metrics import ProxyMetrics
+from .model_shape import attention_tokens
+from .planner import Prediction, choose, options
 from .prompt import PromptHasher, PromptKey
 from .routing import Policy, PrefillChoice, assess, make_policy
 from .ttft_model import TtftModel
 from .upstreams import Instance, Registry
+from .warmup import Warmups
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Route:
-    prefill: PrefillChoice  # the prefill instance, or the "both" instance that serves alone
+    prefill: PrefillChoice  # the instance that prefills: P, or D itself, or a "both" instance
     decode: Instance | None  # None: served alone, without disaggregation
     # Pipelined prefill: P computes only the prompt's first this many tokens (0: all of it).
     pipeline_tokens: int = 0
+    path: str = "alone"  # "disaggregated" | "local" | "pipelined" | "alone" (a "both")
+    predicted_ttft_s: float = 0.0
+    predicted_itl_s: float | None = None  # None: no decode instance in the plan
+    rejected_for: str = ""  # "ttft" | "itl": admission refuses the request
+    overhead_s: float = 0.0  # the measured handoff or pipeline overhead in predicted_ttft_s
 
 
 class Conductor:
@@ -46,13 +54,18 @@ class Conductor:
         )
         self.registry.listeners.append(self._on_instance)
         self.policy = policy or make_policy(config.policy)
-        self.admission = Admission(config.slo_ttft_s, self.metrics)
+        self.admission = Admission(config.slo_ttft_s, self.metrics, config.slo_itl_s)
         self.hasher = PromptHasher(config.tokenizer, config.block_tokens, config.chars_per_block)
         self.session: aiohttp.ClientSession | None = None  # client requests' upstream halves
         self.checks: aiohttp.ClientSession | None = None  # health checks and load scraping
         self.health: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.probe_locks: dict[str, asyncio.Lock] = {}
+        # Measured per P-D pair (EWMA): D's first token after P's answer (a handoff), and what
+        # a pipelined request took beyond the later of its two predicted halves.
+        self.handoff_s: dict[tuple[str, str], float] = {}
+        self.pipeline_overhead_s: dict[tuple[str, str], float] = {}
+        self.warmups: Warmups | None = None
 
     def _on_instance(self, event: str, inst: Instance) -> None:
         if event == "put":
@@ -60,6 +73,9 @@ class Conductor:
         else:
             self.metrics.healthy.labels(inst.instance_id, inst.role).set(0)
             self.probe_locks.pop(inst.instance_id, None)
+            for pairs in (self.handoff_s, self.pipeline_overhead_s):
+                for pair in [k for k in pairs if inst.instance_id in k]:
+                    del pairs[pair]
 
     async def start(self) -> None:
         cfg = self.config
@@ -93,8 +109,12 @@ class Conductor:
                                     cfg.health_interval_s, cfg.health_timeout_s,
                                     cluster_token=cfg.cluster_token)
         self.health.start()
-        log.info("conductor: policy %s, prefix hashing by %s, SLO %s, transfer parameters %s, "
-                 "operator views %s", self.policy.name, self.hasher.mode, cfg.slo_ttft_s,
+        self.warmups = Warmups(self.registry, self.checks, cfg.warmup_tokens,
+                               cfg.health_interval_s, cfg.prefill_timeout_s, self.metrics)
+        self.warmups.start()
+        log.info("conductor: policy %s, prefix hashing by %s, SLOs TTFT %s ITL %s, transfer "
+                 "parameters %s, operator views %s", self.policy.name, self.hasher.mode,
+                 cfg.slo_ttft_s, cfg.slo_itl_s,
                  "signed" if cfg.cluster_token else "unsigned (no cluster token)",
                  "behind the admin token" if cfg.admin_token else "for loopback clients only")
         if not cfg.cluster_token and not is_loopback_host(cfg.host):
@@ -103,6 +123,8 @@ class Conductor:
                         "refuse them", cfg.host)
 
     async def stop(self) -> None:
+        if self.warmups is not None:
+            await self.warmups.stop()
         if self.health is not None:
             await self.health.stop()
         if self.discovery is not None:
@@ -113,46 +135,111 @@ class Conductor:
 
     def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False,
               one_sequence: bool = True) -> Route | None:
-        """Disaggregated when prefill and decode instances are up (a short prompt: the decode
-        instance alone; a long one, if `pipelinable`: P and D in a pipeline); else a "both"
-        instance alone. A request for several sequences (n > 1, best_of, several prompts) is
-        served by a decode instance alone: one transfer id carries the KV of one sequence."""
+        """Disaggregated, local or pipelined by plan (planner.py) when prefill and decode
+        instances are up; else a "both" instance alone. A request for several sequences (n > 1,
+        best_of, several prompts) is served by a decode instance alone: one transfer id carries
+        the KV of one sequence."""
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
         prefill, decode = up("prefill"), up("decode")
         if prefill and decode:
-            d = self.policy.choose_decode(decode)
-            if key.num_tokens <= self.config.local_prefill_max_tokens or not one_sequence:
-                return Route(assess(d, key), None)
-            p = self.policy.choose_prefill(prefill, key)
-            head = self.pipeline_head(key) if pipelinable else 0
-            if head:
-                return Route(assess(p.instance, key.head(head)), d, pipeline_tokens=head)
-            if self.config.local_prefill_when_faster:
-                # D's prefill speed is taken to be P's (the same model on, as a rule, the same
-                # hardware): D's own TTFT samples come mostly from tiny local prompts and would
-                # not tell its rate for a long one.
-                local = assess(d, key, p.instance.ttft)
-                if local.predicted_ttft_s < p.predicted_ttft_s:
-                    return Route(local, None)
-            return Route(p, d)
+            return self._plan(self.policy.choose_decode(decode), prefill, key, pipelinable,
+                              one_sequence)
         both = up("both")
         if both:
-            return Route(self.policy.choose_prefill(both, key), None)
+            choice = self.policy.choose_prefill(both, key)
+            return Route(choice, None, predicted_ttft_s=choice.predicted_ttft_s)
         return None
 
-    def pipeline_head(self, key: PromptKey) -> int:
-        """How many leading tokens P computes when this prompt is prefilled in a pipeline:
-        P's share in whole blocks, leaving D at least one token; 0 when not pipelined."""
+    def _plan(self, d: Instance, prefill: list[Instance], key: PromptKey, pipelinable: bool,
+              one_sequence: bool) -> Route:
         cfg = self.config
-        if (not cfg.pipeline_prefill_min_tokens or key.token_ids is None
-                or key.num_tokens < cfg.pipeline_prefill_min_tokens):
+        local = assess(d, key)
+        base_itl = d.itl.base(d.decode_batch() + 1)
+        forced_local = (cfg.local_prefill_max_tokens is not None
+                        and key.num_tokens <= cfg.local_prefill_max_tokens)
+        if forced_local or not one_sequence:
+            return Route(local, None, path="local", predicted_ttft_s=local.predicted_ttft_s,
+                         predicted_itl_s=base_itl)
+        p = self.policy.choose_prefill(prefill, key)
+        head = self.pipeline_head(key, p.instance) if pipelinable else 0
+        head_choice = assess(p.instance, key.head(head)) if head else None
+        pair = (p.instance.instance_id, d.instance_id)
+        spt_d = d.ttft.coefficients()[1]
+        prediction = Prediction(
+            p_prefill_s=p.predicted_ttft_s,
+            handoff_s=self.handoff_s.get(pair, cfg.prior_handoff_s),
+            d_prefill_s=local.predicted_ttft_s, d_base_itl_s=base_itl,
+            d_running=d.decode_batch(), d_seconds_per_token=spt_d,
+            prompt_tokens=key.num_tokens, pipeline_tokens=head,
+            p_head_prefill_s=head_choice.predicted_ttft_s if head_choice else 0.0,
+            d_tail_prefill_s=d.ttft.predict(d.queued_prefill_tokens + key.num_tokens - head),
+            pipeline_overhead_s=self.pipeline_overhead_s.get(pair, cfg.prior_handoff_s))
+        opts = options(prediction, local=cfg.local_prefill_max_tokens is None
+                       or cfg.local_prefill_when_faster, pipelined=head > 0)
+        if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be
+            opts = [o for o in opts if o.path == "pipelined"]
+        plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s)
+        chosen = plan.option or min(opts, key=lambda o: o.predicted_ttft_s)
+        route_of = {
+            "disaggregated": lambda: Route(p, d),
+            "local": lambda: Route(local, None),
+            "pipelined": lambda: Route(head_choice, d, pipeline_tokens=head),  # type: ignore
+        }[chosen.path]()
+        overhead = {"disaggregated": prediction.handoff_s, "local": 0.0,
+                    "pipelined": prediction.pipeline_overhead_s}[chosen.path]
+        return Route(route_of.prefill, route_of.decode, route_of.pipeline_tokens,
+                     path=chosen.path, predicted_ttft_s=chosen.predicted_ttft_s,
+                     predicted_itl_s=chosen.predicted_itl_s, rejected_for=plan.rejected_for,
+                     overhead_s=overhead)
+
+    def would_pipeline(self, key: PromptKey) -> bool:
+        """Whether a text prompt of this estimated length would be pipelined if its token ids
+        were known (then they are worth a /tokenize round trip)."""
+        if key.token_ids is not None or self.config.pipeline_prefill_min_tokens == 0:
+            return False
+        estimate = PromptKey(key.block_hashes, key.num_tokens, self.config.block_tokens,
+                             (0,) * key.num_tokens)
+        route = self.route(estimate, set(), pipelinable=True)
+        return route is not None and route.path == "pipelined"
+
+    def attention_tokens(self, p: Instance) -> float:
+        """C for the pipelined cut: the override, else from P's published model shape, else 0
+        (the tokens split evenly)."""
+        if self.config.pipeline_attention_tokens is not None:
+            return float(self.config.pipeline_attention_tokens)
+        return attention_tokens(p.model_shape) if p.model_shape else 0.0
+
+    def pipeline_head(self, key: PromptKey, p: Instance) -> int:
+        """How many leading tokens P computes when this prompt is prefilled in a pipeline:
+        P's share in whole blocks, leaving D at least one token; 0 when it cannot be."""
+        cfg = self.config
+        if (cfg.pipeline_prefill_min_tokens == 0 or key.token_ids is None
+                or key.num_tokens < (cfg.pipeline_prefill_min_tokens or 0)):
             return 0
-        bs = key.tokens_per_block
+        bs = p.model_shape.block_size if p.model_shape else key.tokens_per_block
         head = round(pipeline_cut(key.num_tokens, cfg.pipeline_prefill_share,
-                                  cfg.pipeline_attention_tokens) / bs) * bs
+                                  self.attention_tokens(p)) / bs) * bs
         return max(0, min(head, (key.num_tokens - 1) // bs * bs))
+
+    def window_limit(self, p: Instance) -> int:
+        """The prefill window of P (0: off): the override, else the tokens P prefills in the
+        target time at its measured speed."""
+        if self.config.prefill_window_tokens is not None:
+            return int(self.config.prefill_window_tokens)
+        seconds_per_token = p.ttft.coefficients()[1]
+        if seconds_per_token <= 0:
+            return 0
+        return max(1, int(self.config.prefill_window_target_s / seconds_per_token))
+
+    def observe_pair(self, table: dict[tuple[str, str], float], p: Instance, d: Instance,
+                     seconds: float) -> None:
+        """One measurement of a P-D pair's handoff or pipeline overhead (EWMA, never < 0)."""
+        pair = (p.instance_id, d.instance_id)
+        sample = max(seconds, 0.0)
+        old = table.get(pair)
+        table[pair] = sample if old is None else 0.8 * old + 0.2 * sample
 
 
 def pipeline_cut(num_tokens: int, share: float, attention_tokens: float) -> float:

@@ -27,29 +27,29 @@ class ProxyConfig:
     metadata_server: str = ""
     namespace: str = "default"
     policy: str = "cache_aware"
-    # Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
-    # decode instance itself. For a prompt this short the P/D handoff (a second request, a
-    # prefill step on P, the KV handoff) costs more than the prefill. 0: always disaggregate.
-    # Counts are exact with --tokenizer or token-id prompts, estimated from text otherwise.
-    local_prefill_max_tokens: int = 0
-    # Also prefill on the decode instance when its predicted TTFT (its own queued local
-    # prefills plus this prompt) beats the best prefill instance's: a burst that queues up on
-    # P then uses D's idle compute too, at the price of D's decode steps while it prefills.
+    # Every request's path (disaggregated, prefilled locally on D, pipelined P+D, or rejected)
+    # is chosen by prediction against the two SLOs (planner.py). The settings below that
+    # default to None are derived or predicted; a value given overrides that decision.
+    #
+    # Local prefill: a prompt of at most this many tokens is always prefilled by the decode
+    # instance itself, and a longer one only with `local_prefill_when_faster` (by predicted
+    # TTFT). 0: never by size. None: by prediction (the P/D handoff's measured cost included).
+    local_prefill_max_tokens: int | None = None
     local_prefill_when_faster: bool = False
-    # Pipelined prefill: a prompt of at least this many tokens is prefilled by P and D at once,
-    # one layer apart: P computes its first `pipeline_prefill_share` (whole blocks) and writes
-    # each layer into D as it is done, while D computes the rest of the prompt, each of its
-    # layers waiting for P's. It needs exact token ids (--tokenizer, or token-id prompts) and a
-    # plain completions request; others are disaggregated as usual. D's running decodes wait
-    # while it prefills, so this is for decode instances with compute to spare. 0: off.
-    pipeline_prefill_min_tokens: int = 0
-    # P's share of the pipelined prompt's compute. A token's attention grows with the context
-    # before it, so the tail costs D more per token than the head costs P: with
-    # `pipeline_attention_tokens` C (the context at which a token's attention costs as much as
-    # the rest of its layer: non-attention MACs per token / (2 x heads x head_dim)), the cut is
-    # placed where the compute splits at this share; with 0 the tokens split at it.
-    pipeline_prefill_share: float = 0.5
-    pipeline_attention_tokens: float = 0.0
+    # Pipelined prefill: P computes the prompt's first `pipeline_prefill_share` of compute
+    # (whole blocks) and writes each layer into D as it is done, while D computes the rest.
+    # It needs exact token ids (--tokenizer, token-id prompts, or the instances' /tokenize)
+    # and a plain completions request. N: every prompt of at least N tokens; 0: off; None: by
+    # prediction.
+    pipeline_prefill_min_tokens: int | None = None
+    # P's share of the pipelined prompt's compute: a little over half, since P also posts the
+    # writes of every layer.
+    pipeline_prefill_share: float = 0.55
+    # The context length C at which a token's attention costs as much as the rest of its layer
+    # (non-attention MACs per token / (2 x heads x head_dim)): a token at position i costs
+    # 1 + i / C, and the cut is placed where the compute splits at the share. None: derived
+    # from the prefill instance's published model shape (model_shape.py); 0: split tokens.
+    pipeline_attention_tokens: float | None = None
     # Pipelined requests ask D to schedule its part only once P has started the head
     # (`pipeline_gate` in D's kv_transfer_params): D's running decodes then never wait on P's
     # queue, at the price of the pipelined request's TTFT (its tail starts one D step later).
@@ -59,11 +59,24 @@ class ProxyConfig:
     # a burst reaches P at once and P prefills it in one big step, so every request of the
     # burst gets its first token only when the last one is done; with it P works through the
     # burst a few requests at a time, first come first served, as a single vLLM instance does
-    # with chunked prefill. A request larger than the window goes alone. 0: off.
-    prefill_window_tokens: int = 0
-    # Early rejection: a request whose predicted TTFT exceeds this is refused with 503.
-    # None: admit everything (predictions are still made and exported).
+    # with chunked prefill. A request larger than the window goes alone. 0: off. None: the
+    # tokens P prefills in `prefill_window_target_s` at its measured speed.
+    prefill_window_tokens: int | None = None
+    prefill_window_target_s: float = 0.15
+    # SLOs. TTFT: with one, admission is on: a request predicted to miss it, or whose every
+    # path misses the ITL SLO, is refused at once with 503 and Retry-After. None: admit all
+    # (predictions are still made and exported). ITL: local or pipelined prefill on a decode
+    # instance only while its running decodes' predicted ITL stays within it. None: no bound.
     slo_ttft_s: float | None = None
+    slo_itl_s: float | None = 0.1
+    # What a P/D handoff is taken to cost until a P-D pair has shown its own.
+    prior_handoff_s: float = 0.02
+    # Without --tokenizer, a text prompt that would be pipelined is tokenized by an instance's
+    # /tokenize within this deadline (else it stays on the text path, counted).
+    tokenize_timeout_s: float = 2.0
+    # Warm-up: each instance, when first seen healthy, prefills this many token ids (and one)
+    # as plain requests, so that the first requests are planned from measured speeds.
+    warmup_tokens: int = 256
     # Prefix hashing: a tokenizer (path or hub name) gives exact token blocks; without one the
     # prompt text is hashed in character chunks. See prompt.py.
     tokenizer: str | None = None
@@ -129,16 +142,19 @@ class ProxyConfig:
             raise bad("metadata_server", "expected etcd://HOST:PORT")
         if self.policy not in POLICIES:
             raise bad("policy", f"expected one of {', '.join(POLICIES)}")
-        if self.slo_ttft_s is not None and not self.slo_ttft_s > 0:
-            raise bad("slo_ttft_s", "must be a positive number of seconds")
-        if self.local_prefill_max_tokens < 0:
-            raise bad("local_prefill_max_tokens", "must be >= 0 (0: always disaggregate)")
-        if self.pipeline_prefill_min_tokens < 0:
-            raise bad("pipeline_prefill_min_tokens", "must be >= 0 (0: no pipelined prefill)")
-        if self.prefill_window_tokens < 0:
-            raise bad("prefill_window_tokens", "must be >= 0 (0: no window)")
-        if self.pipeline_attention_tokens < 0:
-            raise bad("pipeline_attention_tokens", "must be >= 0 (0: split tokens evenly)")
+        for key in ("slo_ttft_s", "slo_itl_s"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise bad(key, "must be a positive number of seconds (or none)")
+        for key, zero in (("local_prefill_max_tokens", "never by size"),
+                          ("pipeline_prefill_min_tokens", "no pipelined prefill"),
+                          ("prefill_window_tokens", "no window"),
+                          ("pipeline_attention_tokens", "split tokens evenly")):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise bad(key, f"must be >= 0 (0: {zero}; auto: derived)")
+        if self.warmup_tokens < 0:
+            raise bad("warmup_tokens", "must be >= 0 (0: no warm-up)")
         if not 0 < self.pipeline_prefill_share < 1:
             raise bad("pipeline_prefill_share", "must be between 0 and 1 (the prefill "
                       "instance's share of the prompt)")
@@ -149,7 +165,8 @@ class ProxyConfig:
         for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s",
                     "probe_timeout_s", "prefill_timeout_s", "first_token_timeout_s",
                     "body_timeout_s",
-                    "idle_timeout_s", "prior_overhead_s", "prior_tokens_per_s"):
+                    "idle_timeout_s", "prior_overhead_s", "prior_tokens_per_s",
+                    "prior_handoff_s", "tokenize_timeout_s", "prefill_window_target_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be positive")
         for key in ("cluster_token", "admin_token"):  # named, never shown

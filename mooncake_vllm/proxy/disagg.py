@@ -37,11 +37,14 @@ from mooncake_vllm.remote_control import remote_control_problem
 
 from . import transfer_params
 from .access import client_auth, conductor_auth
+from .admission import Outcome, Verdict
 from .conductor import Conductor, Route
 from .errors import error_response
 from .health import mark_down
 from .limits import encode_json, run_sized
+from .model_shape import shape_in_answer
 from .prompt import PromptKey
+from .tokenize import TokenizeFailed, tokenize
 from .upstream_calls import (
     Opened,
     UpstreamFailure,
@@ -87,6 +90,8 @@ def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> di
 
 def _learn_remote_control(inst: Instance, answer: dict[str, Any]) -> None:
     params = answer.get(transfer_params.KEY)
+    if inst.model_shape is None:  # static form: the shape comes with every prefill answer
+        inst.model_shape = shape_in_answer(inst.instance_id, params)
     rc = params.get("remote_control") if isinstance(params, dict) else None
     if not (isinstance(rc, dict) and rc and (inst.remote_control is None
                                              or inst.remote_control_from_probe)):
@@ -139,19 +144,70 @@ class RequestRun:
         self.size = size  # bytes of the client's body: large ones are encoded off the loop
         self.auth = client_auth(request)
         self.ticket = PrefillTicket(route.prefill.instance, route.prefill.new_tokens)
-        self._ttft_seen = False
+        # A pipelined tail is prefill work queued on D too.
+        tail = key.num_tokens - route.pipeline_tokens
+        self.tail_ticket = (PrefillTicket(route.decode, tail)
+                            if route.pipeline_tokens and route.decode is not None else None)
+        self._ttft_seen: float | None = None
+        self._prefill_done: float | None = None  # seconds after start P's half answered
+        self._outcome: Outcome | None = None
+        self._chunks: list[float] = []
 
     def first_output(self) -> None:
         """The first answer byte is on its way to the client (or the prefill is done)."""
-        if self._ttft_seen:
+        if self._ttft_seen is not None:
             return
-        self._ttft_seen = True
-        ttft = time.monotonic() - self.started
-        choice = self.route.prefill
-        choice.instance.ttft.observe(self.ticket.work_tokens, ttft)
-        self.c.admission.record(choice.instance.instance_id, choice.predicted_ttft_s, ttft)
+        ttft = self._ttft_seen = time.monotonic() - self.started
+        route = self.route
+        choice = route.prefill
+        if route.decode is None:  # the instance that answers prefilled alone
+            choice.instance.ttft.observe(self.ticket.work_tokens, ttft)
+        elif self.stream:
+            self._observe_pair()
+        self._outcome = self.c.admission.record(
+            choice.instance.instance_id, route.predicted_ttft_s, ttft, route.path,
+            route.predicted_itl_s if self.stream else None)
         if self.stream:
             self.c.metrics.ttft.observe(ttft)
+            self._chunks.append(time.monotonic())
+
+    def _observe_pair(self) -> None:
+        """With both P's answer and D's first token seen: the pair's handoff (disaggregated),
+        or what a pipelined request took beyond its predicted halves."""
+        route, ttft, done = self.route, self._ttft_seen, self._prefill_done
+        if route.decode is None or ttft is None or done is None:
+            return
+        p, d = route.prefill.instance, route.decode
+        if route.pipeline_tokens:
+            compute = route.predicted_ttft_s - route.overhead_s
+            self.c.observe_pair(self.c.pipeline_overhead_s, p, d, ttft - compute)
+        else:
+            self.c.observe_pair(self.c.handoff_s, p, d, ttft - done)
+
+    def on_chunk(self) -> None:
+        """A chunk of D's stream: one gap of this request's ITL, and of D's decode load."""
+        now = time.monotonic()
+        d = self.route.decode or self.route.prefill.instance
+        if self._chunks and d.queued_prefill_tokens == 0:  # no prefill of ours in D's steps
+            d.itl.observe(d.decode_batch(), now - self._chunks[-1])
+        self._chunks.append(now)
+
+    def stream_ended(self) -> None:
+        if self._outcome is not None and len(self._chunks) >= 2:
+            gaps = len(self._chunks) - 1
+            self.c.admission.record_itl(self._outcome,
+                                        (self._chunks[-1] - self._chunks[0]) / gaps)
+
+    async def _relay(self, inst: Instance, opened: Opened) -> web.StreamResponse:
+        try:
+            return await relay_stream(self.c, self.request, inst, opened, self.on_chunk)
+        finally:
+            self.stream_ended()
+
+    def close_tickets(self) -> None:
+        self.ticket.close()
+        if self.tail_ticket is not None:
+            self.tail_ticket.close()
 
     async def alone(self) -> web.StreamResponse:
         inst = self.route.prefill.instance
@@ -164,7 +220,7 @@ class RequestRun:
                 if opened.final is not None:
                     return opened.final
                 self.first_output()
-                return await relay_stream(self.c, self.request, inst, opened)
+                return await self._relay(inst, opened)
         finally:
             self.ticket.close()
 
@@ -172,6 +228,9 @@ class RequestRun:
         try:
             answer = await post_json(self.c, p, "prefill", self.path, pdata,
                                       self.c.config.prefill_timeout_s, self.auth)
+            self._prefill_done = time.monotonic() - self.started
+            p.ttft.observe(self.ticket.work_tokens, self._prefill_done)  # P's own prefill
+            self._observe_pair()
             _learn_remote_control(p, answer)
             if not self.stream:
                 self.first_output()  # non-streamed: prefill done is the best TTFT we see
@@ -182,7 +241,7 @@ class RequestRun:
     async def _enter_window(self, p: Instance) -> None:
         """Both halves wait together for P's prefill window (see prefill_window.py), so D's
         half arrives in step with P's; bounded by the prefill deadline."""
-        limit = self.c.config.prefill_window_tokens
+        limit = self.c.window_limit(p)
         if limit <= 0:
             return
         timeout = self.c.config.prefill_timeout_s
@@ -216,7 +275,7 @@ class RequestRun:
             pdata, ddata = await run_sized(
                 self.size, lambda: (encode_json(pbody), encode_json(dbody)))
         except BaseException:
-            self.ticket.close()
+            self.close_tickets()
             raise
         p_task = asyncio.create_task(self._prefill(p, pdata))
         d_task = asyncio.create_task(open_upstream(self.c, d, "decode", self.path, ddata,
@@ -233,11 +292,13 @@ class RequestRun:
                 if opened.final is not None:
                     return opened.final
                 self.first_output()
-                return await relay_stream(self.c, self.request, d, opened)
+                if self.tail_ticket is not None:  # D's first token: its tail is prefilled
+                    self.tail_ticket.close()
+                return await self._relay(d, opened)
         finally:
             await _settle(p_task, graceful=committed)
             await _settle(d_task, graceful=False)
-            self.ticket.close()  # a task cancelled before it ran never reached its finally
+            self.close_tickets()  # a task cancelled before it ran never reached its finally
 
 
 async def _settle(task: asyncio.Task[Any], graceful: bool) -> None:
@@ -250,6 +311,39 @@ async def _settle(task: asyncio.Task[Any], graceful: bool) -> None:
         result = await task
         if isinstance(result, Opened) and not result.resp.closed:
             result.resp.close()
+
+
+def _refusal(c: Conductor, verdict: Verdict) -> web.StreamResponse:
+    if verdict.reason == "itl":
+        why = (f"every path is predicted to miss the inter-token latency SLO of "
+               f"{c.config.slo_itl_s}s on the decode instances")
+    else:
+        why = (f"predicted time to first token {verdict.predicted_ttft_s:.2f}s exceeds the "
+               f"SLO of {c.config.slo_ttft_s}s")
+    return error_response(503, why + "; retry later", "overloaded",
+                          headers={"Retry-After": str(verdict.retry_after_s)})
+
+
+async def exact_key(c: Conductor, body: dict[str, Any], key: PromptKey,
+                    auth: dict[str, str]) -> PromptKey:
+    """The prompt's key from exact token ids (an instance's /tokenize), so that it can be
+    pipelined; the text key when that fails (counted, and the request is not pipelined)."""
+    decode = c.registry.usable("decode")
+    prompt = body.get("prompt")
+    if not decode or not isinstance(prompt, str) or c.checks is None:
+        return key
+    inst = min(decode, key=lambda i: (i.decode_load(), i.instance_id))
+    try:
+        ids = await tokenize(c.checks, inst, body.get("model"), prompt,
+                             c.config.tokenize_timeout_s, conductor_auth(
+                                 c.config.upstream_api_key) or auth)
+    except TokenizeFailed as e:
+        log.warning("instance %s: %s; this prompt is served on the text path",
+                    inst.instance_id, e)
+        c.metrics.tokenize.labels("failed").inc()
+        return key
+    c.metrics.tokenize.labels("ok").inc()
+    return c.hasher.from_token_ids(ids)
 
 
 async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, Any],
@@ -266,6 +360,8 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     last: UpstreamFailure | None = None
     can_pipeline = pipelinable(path, body)
     single = one_sequence(body)
+    if can_pipeline and key.token_ids is None and c.would_pipeline(key):
+        key = await exact_key(c, body, key, client_auth(request))
     rechecked = False
     for attempt in range(c.config.max_attempts):
         route = c.route(key, exclude, can_pipeline, single)
@@ -278,12 +374,11 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
             break
         choice = route.prefill
         if attempt == 0:
-            verdict = c.admission.judge(choice.instance.instance_id, choice.predicted_ttft_s)
+            verdict = c.admission.judge(choice.instance.instance_id, route.path,
+                                        route.predicted_ttft_s, route.predicted_itl_s,
+                                        route.rejected_for)
             if not verdict.admit:
-                return error_response(
-                    503, f"predicted time to first token {verdict.predicted_ttft_s:.2f}s "
-                    f"exceeds the SLO of {c.config.slo_ttft_s:.2f}s; retry later",
-                    "overloaded", headers={"Retry-After": str(verdict.retry_after_s)})
+                return _refusal(c, verdict)
         m = c.metrics
         m.routing.labels(c.policy.name, choice.instance.role, choice.instance.instance_id).inc()
         if route.decode is not None:

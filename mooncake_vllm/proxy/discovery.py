@@ -79,7 +79,8 @@ class Discovery:
             self.registry.remove(info.instance_id)
             return
         self.registry.upsert(info.instance_id, info.http_url, info.role, "discovery",
-                             model=info.model, remote_control=info.remote_control or None)
+                             model=info.model, remote_control=info.remote_control or None,
+                             model_shape=getattr(info, "model_shape", None))
 
     def close(self) -> None:
         if self._unsubscribe is not None:

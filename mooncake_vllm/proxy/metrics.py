@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 ERROR_BUCKETS = (-10.0, -2.0, -1.0, -0.5, -0.1, -0.02, 0.0, 0.02, 0.1, 0.5, 1.0, 2.0, 10.0)
 
 
@@ -37,8 +38,26 @@ class ProxyMetrics:
             p + "ttft_prediction_error_seconds",
             "Observed minus predicted TTFT of admitted requests", buckets=ERROR_BUCKETS,
             registry=r)
-        self.slo = Counter(p + "slo_outcomes", "Admitted requests that met or missed the SLO",
-                           ["met"], registry=r)
+        self.slo = Counter(p + "slo_outcomes", "Admitted requests that met or missed the TTFT "
+                           "SLO", ["met"], registry=r)
+        self.paths = Counter(p + "path_decisions", "Requests by the path planned for them "
+                             "(disaggregated, local, pipelined, alone, rejected)", ["path"],
+                             registry=r)
+        self.predicted_itl = Histogram(p + "predicted_itl_seconds", "Inter-token latency "
+                                       "predicted at admission on the decode instance",
+                                       buckets=ITL_BUCKETS, registry=r)
+        self.itl = Histogram(p + "itl_seconds", "Mean gap between streamed chunks, per request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.itl_prediction_error = Histogram(
+            p + "itl_prediction_error_seconds", "Observed minus predicted ITL of admitted "
+            "streamed requests", buckets=ERROR_BUCKETS, registry=r)
+        self.itl_slo = Counter(p + "itl_slo_outcomes", "Admitted streamed requests that met "
+                               "or missed the ITL SLO", ["met"], registry=r)
+        self.tokenize = Counter(p + "tokenize_calls", "Text prompts tokenized by an instance's "
+                                "/tokenize for a pipelined prefill, by outcome (failed: served "
+                                "on the text path)", ["outcome"], registry=r)
+        self.warmups = Counter(p + "warmups", "Instances warmed up, by outcome", ["outcome"],
+                               registry=r)
         self.upstream_errors = Counter(p + "upstream_errors",
                                        "Failed upstream calls, by instance, role and kind",
                                        ["instance", "role", "kind"], registry=r)

@@ -5,8 +5,9 @@ Decision: tokenize in the conductor with the model's own tokenizer
 given, because then blocks are exactly the token blocks vLLM caches and token counts are exact.
 Without a tokenizer the prompt text is hashed in fixed character chunks, and tokens are
 estimated at 4 characters each: prefixes shared as text are still recognised, which is all
-routing needs. Asking an instance's `/tokenize` per request was rejected: it adds a network
-round trip to every TTFT and load to the instances we are trying to spare.
+routing needs. Asking an instance's `/tokenize` for every request was rejected: it adds a
+network round trip to every TTFT and load to the instances we are trying to spare; the
+conductor asks only for a prompt it would pipeline, which needs exact ids (tokenize.py).
 
 Hashes chain (each block's hash covers everything before it), so equal hashes mean equal
 prefixes, as in vLLM's own prefix cache. Only full blocks count: vLLM caches only those.
@@ -146,6 +147,10 @@ class PromptHasher:
         if self._tok is not None:
             return self._from_tokens(list(self._tok.encode(prompt)))
         return self._from_text(prompt)
+
+    def from_token_ids(self, ids: list[int]) -> PromptKey:
+        """The key of a prompt whose exact token ids are known (e.g. from /tokenize)."""
+        return self._from_tokens(ids)
 
     def _from_tokens(self, ids: list[int]) -> PromptKey:
         n = self.tokens_per_block

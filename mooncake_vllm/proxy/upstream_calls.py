@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,10 @@ def _sse_error(message: str) -> bytes:
 
 
 async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
-                       opened: Opened) -> web.StreamResponse:
-    """Past the commit point: relay chunks as they come; never buffer the stream."""
+                       opened: Opened,
+                       on_chunk: Callable[[], None] | None = None) -> web.StreamResponse:
+    """Past the commit point: relay chunks as they come; never buffer the stream. `on_chunk`
+    is called as each chunk after the first arrives (the ITL observer)."""
     out = web.StreamResponse(status=opened.resp.status, headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no"})
@@ -147,6 +150,8 @@ async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
                 problem = f"{type(e).__name__}: {e}"
             else:
                 if chunk:
+                    if on_chunk is not None:
+                        on_chunk()
                     await out.write(chunk)
                     tail = (tail + chunk)[-32:]
                     continue

@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from mooncake_vllm.metadata import ModelShape
+
+from .decode_load import ItlModel
 from .prefill_window import PrefillWindow
 from .prefix_index import PrefixIndex
 from .ttft_model import TtftModel
@@ -33,6 +36,8 @@ class Instance:
     # from discovery, or from a probe request (static form). None: not known yet.
     remote_control: dict[str, Any] | None = None
     remote_control_from_probe: bool = False
+    # The served model's shape: from discovery, or from a prefill answer (static form).
+    model_shape: ModelShape | None = None
     models: list[str] = field(default_factory=list)
     healthy: bool = True
     last_error: str = ""
@@ -46,12 +51,19 @@ class Instance:
     waiting: float = 0.0
     kv_usage: float = 0.0
     prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex(8192))
+    # This instance's own prefill time (seconds = overhead + tokens / rate), and its decode ITL.
     ttft: TtftModel = field(default_factory=TtftModel)
+    itl: ItlModel = field(default_factory=ItlModel)
+    warmed_up: bool = False
 
     def decode_load(self) -> float:
         """Running requests (ours or reported, whichever is larger), waiting ones, and KV usage:
         a decode instance whose KV is nearly full will preempt, so usage weighs heavily."""
         return max(float(self.inflight_decode), self.running) + self.waiting + 8.0 * self.kv_usage
+
+    def decode_batch(self) -> float:
+        """Requests decoding here now: ours, or as reported, whichever is larger."""
+        return max(float(self.inflight_decode), self.running)
 
     def forget_cache_state(self) -> None:
         """After a restart or outage the instance's prefix cache and control endpoint may be
@@ -73,6 +85,9 @@ class Instance:
             "waiting": self.waiting, "kv_usage": self.kv_usage,
             "prefix_blocks": len(self.prefix), "has_remote_control": bool(self.remote_control),
             "ttft_overhead_s": a, "ttft_tokens_per_s": (1.0 / b) if b > 0 else None,
+            "itl_base_s": self.itl.base(max(self.decode_batch(), 1.0)),
+            "warmed_up": self.warmed_up,
+            "model_shape": self.model_shape.to_dict() if self.model_shape else None,
         }
 
 
@@ -138,7 +153,8 @@ class Registry:
         return self._by_id.get(instance_id)
 
     def upsert(self, instance_id: str, url: str, role: str, source: str, model: str = "",
-               remote_control: dict[str, Any] | None = None) -> Instance:
+               remote_control: dict[str, Any] | None = None,
+               model_shape: ModelShape | None = None) -> Instance:
         if role not in ROLES:
             raise ValueError(f"instance {instance_id}: role {role!r} is not one of {ROLES}")
         url = url.rstrip("/")
@@ -148,11 +164,13 @@ class Registry:
             if remote_control:
                 old.remote_control, old.remote_control_from_probe = dict(remote_control), False
             old.model = model or old.model
+            old.model_shape = model_shape or old.model_shape
             return old
         inst = Instance(
             instance_id=instance_id, url=url, role=role, source=source, model=model,
             remote_control=dict(remote_control) if remote_control else None,
             prefix=PrefixIndex(self._capacity), ttft=self._ttft_factory(),
+            model_shape=model_shape,
         )
         self._by_id[instance_id] = inst
         log.info("instance %s (%s) at %s: added (%s)", instance_id, role, url, source)

@@ -35,7 +35,8 @@ def test_disaggregated_halves_carry_signed_conductor_params_and_client_auth() ->
         await p.start()
         await d.start()
         cfg = ProxyConfig(port=0, prefill_urls=(p.url,), decode_urls=(d.url,),
-                          cluster_token=TOKEN, upstream_api_key="upstream-key")
+                          cluster_token=TOKEN, upstream_api_key="upstream-key",
+                          local_prefill_max_tokens=0, warmup_tokens=0)
         try:
             async with conductor_at(cfg) as (url, _):
                 status, _ = await _post(url, {"model": MODEL, "prompt": "hello", "max_tokens": 4,
@@ -76,10 +77,12 @@ def test_single_instance_requests_lose_client_params(layout: str) -> None:
         await alone.start()
         await p.start()
         if layout == "both":
-            cfg = ProxyConfig(port=0, both_urls=(alone.url,), cluster_token=TOKEN)
+            cfg = ProxyConfig(port=0, both_urls=(alone.url,), cluster_token=TOKEN,
+                              warmup_tokens=0)
         else:
             cfg = ProxyConfig(port=0, prefill_urls=(p.url,), decode_urls=(alone.url,),
-                              local_prefill_max_tokens=1000, cluster_token=TOKEN)
+                              local_prefill_max_tokens=1000, cluster_token=TOKEN,
+                              warmup_tokens=0)
         try:
             async with conductor_at(cfg) as (url, c):
                 for stream in (False, True):
@@ -129,7 +132,7 @@ def test_several_sequences_go_to_a_decode_instance_alone(extra: dict[str, Any]) 
         await p.start()
         await d.start()
         cfg = ProxyConfig(port=0, prefill_urls=(p.url,), decode_urls=(d.url,),
-                          cluster_token=TOKEN)
+                          cluster_token=TOKEN, local_prefill_max_tokens=0, warmup_tokens=0)
         try:
             async with conductor_at(cfg) as (url, _):
                 status, _ = await _post(url, {"model": MODEL, "prompt": "hello", "max_tokens": 4,

@@ -42,7 +42,7 @@ def _serve(fn: Any, **cfg: Any) -> None:
         inst = FakeInstance()
         await inst.start()
         try:
-            config = ProxyConfig(port=0, both_urls=(inst.url,), **cfg)
+            config = ProxyConfig(port=0, both_urls=(inst.url,), **{"warmup_tokens": 0, **cfg})
             async with conductor_at(config) as (url, c):
                 await fn(url, c, inst)
         finally:

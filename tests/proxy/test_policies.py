@@ -131,17 +131,22 @@ def test_ttft_model_learns_rate_and_overhead() -> None:
 
 def test_admission_rejects_over_slo_with_retry_after_and_exports() -> None:
     metrics = ProxyMetrics()
-    adm = Admission(slo_ttft_s=1.0, metrics=metrics)
-    ok = adm.judge("p0", 0.4)
-    no = adm.judge("p0", 3.6)
-    assert ok.admit and not no.admit and no.retry_after_s == 3
-    adm.record("p0", 0.4, 0.5)
+    adm = Admission(slo_ttft_s=1.0, metrics=metrics, slo_itl_s=0.1)
+    ok = adm.judge("p0", "disaggregated", 0.4, 0.02)
+    no = adm.judge("p0", "disaggregated", 3.6, 0.02)
+    assert ok.admit and not no.admit and no.retry_after_s == 3 and no.reason == "ttft"
+    outcome = adm.record("p0", 0.4, 0.5, "disaggregated", 0.02)
+    adm.record_itl(outcome, 0.05)
     rep = adm.report()
     assert rep["admitted"] == 1 and rep["rejected"] == 1
+    assert rep["paths"] == {"disaggregated": 1, "rejected": 1}
     assert rep["mean_abs_error_s"] == pytest.approx(0.1)
+    assert rep["itl_mean_abs_error_s"] == pytest.approx(0.03)
     text = metrics.render().decode()
     assert 'mooncake_proxy_rejections_total{reason="slo"} 1.0' in text
     assert 'mooncake_proxy_slo_outcomes_total{met="true"} 1.0' in text
+    assert 'mooncake_proxy_path_decisions_total{path="disaggregated"} 1.0' in text
+    assert 'mooncake_proxy_itl_slo_outcomes_total{met="true"} 1.0' in text
 
 
 def test_ticket_closes_once() -> None:
@@ -174,35 +179,34 @@ def test_short_prompts_routed_to_decode_alone() -> None:
     route = c.route(long_, set())
     assert route is not None and route.decode is not None
     assert (route.prefill.instance.instance_id, route.decode.instance_id) == ("p", "d")
-    # Off by default: every prompt is disaggregated.
-    route = _pd_conductor().route(short, set())
-    assert route is not None and route.decode is not None
+    # 0: never by size: every prompt is disaggregated.
+    route = _pd_conductor(local_prefill_max_tokens=0).route(short, set())
+    assert route is not None and route.decode is not None and route.path == "disaggregated"
 
 
 def test_burst_spills_prefill_onto_idle_decode_when_faster() -> None:
-    c = _pd_conductor(local_prefill_when_faster=True)
+    c = _pd_conductor(local_prefill_max_tokens=0, local_prefill_when_faster=True)
     key = PromptHasher(None, tokens_per_block=32).key(False, {"prompt": [7] * 500})
     p, d = c.registry.get("p"), c.registry.get("d")
     assert p is not None and d is not None
-    route = c.route(key, set())  # both idle: the prefill instance, disaggregated
+    tickets = [PrefillTicket(d, 500)]  # D has a prompt of its own to prefill: P
+    route = c.route(key, set())
     assert route is not None and route.decode is d and route.prefill.instance is p
-    tickets = [PrefillTicket(p, 500)]  # P now has a prompt queued; D computes nothing
+    tickets.append(PrefillTicket(p, 1000))  # P's queue is longer now: D prefills this one
     route = c.route(key, set())
     assert route is not None and route.decode is None and route.prefill.instance is d
-    tickets.append(PrefillTicket(d, 500))  # equal queues again: back to P
-    route = c.route(key, set())
-    assert route is not None and route.decode is d
     for t in tickets:
         t.close()
     # Without the flag a queue on P never moves prefill to D.
-    c2 = _pd_conductor()
+    c2 = _pd_conductor(local_prefill_max_tokens=0)
     PrefillTicket(c2.registry.get("p"), 5000)  # type: ignore[arg-type]
     route = c2.route(key, set())
     assert route is not None and route.decode is not None
 
 
 def test_long_token_prompts_pipelined_in_whole_blocks() -> None:
-    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_prefill_share=0.5)
+    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_prefill_share=0.5,
+                      local_prefill_max_tokens=0)
     ids = PromptHasher(None, tokens_per_block=32)
     text = PromptHasher(None, tokens_per_block=32, chars_per_block=128)
     long_ = ids.key(False, {"prompt": list(range(10, 1910))})
@@ -219,9 +223,11 @@ def test_long_token_prompts_pipelined_in_whole_blocks() -> None:
         route = c.route(key, set(), pipelinable=cut)
         assert route is not None and route.decode is not None and route.pipeline_tokens == 0
     # The head always leaves D at least one token, in whole blocks.
-    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 257})) == 128
+    p = c.registry.get("p")
+    assert p is not None
+    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 257}), p) == 128
     c = _pd_conductor(pipeline_prefill_min_tokens=64, pipeline_prefill_share=0.99)
-    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 256})) == 224
+    assert c.pipeline_head(ids.key(False, {"prompt": [5] * 256}), p) == 224
 
 
 @pytest.mark.parametrize("path,body,ok", [
@@ -252,5 +258,8 @@ def test_pipeline_cut_balances_compute_not_tokens() -> None:
         cut = pipeline_cut(t, 0.5, c)
         assert t / 2 < cut < t and cost(cut, c) == pytest.approx(cost(t, c) / 2)
     assert pipeline_cut(1900, 0.5, 0) == 950
-    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_attention_tokens=1088)
-    assert c.pipeline_head(PromptHasher(None, 32).key(False, {"prompt": [9] * 1900})) == 1152
+    c = _pd_conductor(pipeline_prefill_min_tokens=256, pipeline_attention_tokens=1088,
+                      pipeline_prefill_share=0.5)
+    p = c.registry.get("p")
+    assert p is not None
+    assert c.pipeline_head(PromptHasher(None, 32).key(False, {"prompt": [9] * 1900}), p) == 1152

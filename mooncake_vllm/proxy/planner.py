@@ -1,0 +1,94 @@
+"""Per request: which path serves it, by prediction, against a TTFT and an ITL SLO.
+
+Paths (with prefill and decode instances up):
+- "disaggregated": P prefills the whole prompt and hands the KV to D. TTFT: P's queue and
+  compute after prefix hits, plus the handoff measured on that P-D pair. ITL: D's decode step
+  with one more request in its batch.
+- "local": D prefills the prompt itself. TTFT: D's own queue and compute, no handoff. ITL: D's
+  running decodes also wait for this prefill's tokens in their steps.
+- "pipelined": P prefills the head while D prefills the tail, one layer apart. TTFT: the later
+  of the two halves, plus the overhead measured for pipelined requests on that pair. ITL: D's
+  running decodes wait for the tail.
+
+The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
+smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
+spends least of D). When no path meets the ITL SLO the request is disaggregated, which spares
+D's running decodes most. With admission on (a TTFT SLO), a request whose chosen path is
+predicted to miss either SLO is rejected instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PATHS = ("disaggregated", "local", "pipelined")
+
+
+@dataclass(frozen=True)
+class Option:
+    path: str
+    predicted_ttft_s: float
+    predicted_itl_s: float
+    pipeline_tokens: int = 0  # pipelined: the head P computes
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The numbers a plan is made of, for one request on one P-D pair."""
+
+    p_prefill_s: float  # P: its queue plus this prompt's uncached tokens
+    handoff_s: float  # measured on this P-D pair: D's first token after P's answer
+    d_prefill_s: float  # D: its queue plus this whole prompt (local prefill)
+    d_base_itl_s: float  # D's decode step with this request added to its batch
+    d_running: float  # requests decoding on D now (whose ITL a prefill on D costs)
+    d_seconds_per_token: float  # D's prefill compute per token
+    prompt_tokens: int
+    # Pipelined (0: not possible for this request): the head on P, the tail on D.
+    pipeline_tokens: int = 0
+    p_head_prefill_s: float = 0.0
+    d_tail_prefill_s: float = 0.0
+    pipeline_overhead_s: float = 0.0  # measured on this pair, beyond the later half
+
+
+def options(pr: Prediction, local: bool = True, pipelined: bool = True,
+            disaggregated: bool = True) -> list[Option]:
+    """Every allowed path with its predicted TTFT and ITL."""
+    out: list[Option] = []
+
+    def itl_with_prefill(tokens: int) -> float:
+        charged = tokens * pr.d_seconds_per_token if pr.d_running > 0 else 0.0
+        return pr.d_base_itl_s + charged
+
+    if disaggregated:
+        out.append(Option("disaggregated", pr.p_prefill_s + pr.handoff_s, pr.d_base_itl_s))
+    if local:
+        out.append(Option("local", pr.d_prefill_s, itl_with_prefill(pr.prompt_tokens)))
+    if pipelined and pr.pipeline_tokens > 0:
+        tail = pr.prompt_tokens - pr.pipeline_tokens
+        out.append(Option("pipelined",
+                          max(pr.p_head_prefill_s, pr.d_tail_prefill_s)
+                          + pr.pipeline_overhead_s,
+                          itl_with_prefill(tail), pr.pipeline_tokens))
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    option: Option | None  # None: rejected
+    rejected_for: str = ""  # "ttft" | "itl" when rejected
+    within_itl: bool = True  # False: no path met the ITL SLO (disaggregated as the least harm)
+
+
+def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None) -> Plan:
+    """The path to take, or a rejection (only with a TTFT SLO: admission is on)."""
+    if not opts:
+        raise ValueError("choose: no path to choose from")
+    meets_itl = [o for o in opts if slo_itl_s is None or o.predicted_itl_s <= slo_itl_s]
+    pool = meets_itl or [o for o in opts if o.path == "disaggregated"] or opts
+    best = min(pool, key=lambda o: (o.predicted_ttft_s, PATHS.index(o.path)))
+    if slo_ttft_s is not None:
+        if best.predicted_ttft_s > slo_ttft_s:
+            return Plan(None, "ttft", bool(meets_itl))
+        if not meets_itl:
+            return Plan(None, "itl", False)
+    return Plan(best, "", bool(meets_itl))
