@@ -25,6 +25,9 @@ CONTROL_DELIVERY_S = 5.0
 _REMOVED = {
     "abort_ack_timeout_s": "D now takes its blocks back when P confirms, or at the write "
                            "horizon derived from transfer_timeout_s and engine_timeout_s",
+    "measure_non_overlapped": "it is a benchmark hook now, not a setting: set "
+                              "MOONCAKE_VLLM_BENCH_NON_OVERLAPPED=1 in the prefill instance's "
+                              "environment",
 }
 
 
@@ -77,9 +80,6 @@ class ConnectorConfig:
     # device and the transport cannot read device memory).
     staging: str = "auto"  # "auto" | "on" | "off"
     staging_buffer_mb: int = 256
-    # Benchmark only: after the overlapped transfer, send the same bytes again (before telling
-    # D "done", so D's blocks are not in use) and report how long that takes.
-    measure_non_overlapped: bool = False
 
     def last_write_landing_s(self, wait_s: float) -> float:
         """From D's registration (asking P to write for `wait_s`) to the moment no write of this

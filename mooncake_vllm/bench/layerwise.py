@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mooncake_vllm.connector.stats import NON_OVERLAPPED_ENV
 from mooncake_vllm.testing.tiny_model import TinyModelSpec, make_tiny_model
 from mooncake_vllm.testing.vllm_server import VllmServer, post_json
 
@@ -82,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # One core each: two-thread OpenMP teams spin at barriers and crawl when the host is
     # oversubscribed, which would measure the host rather than the transfer.
     p = VllmServer(model, name="prefill", log_path=work / "prefill.log", extra_args=common,
-                   cpus=[0],
-                   kv_transfer_config=_kv("kv_producer", measure_non_overlapped=True,
-                                          registration_timeout_s=600))
+                   cpus=[0], env={NON_OVERLAPPED_ENV: "1"},
+                   kv_transfer_config=_kv("kv_producer", registration_timeout_s=600))
     d = VllmServer(model, name="decode", log_path=work / "decode.log", extra_args=common,
                    cpus=[1 % (os.cpu_count() or 1)],
                    kv_transfer_config=_kv("kv_consumer", transfer_timeout_s=600))

@@ -38,7 +38,7 @@ from mooncake_vllm.connector.control import unpin_current_thread
 from mooncake_vllm.connector.layout import KVLayout, layer_transfer
 from mooncake_vllm.connector.pipeline_gate import Watchers
 from mooncake_vllm.connector.staging import Slot, StagingBuffer
-from mooncake_vllm.connector.stats import MooncakeStats
+from mooncake_vllm.connector.stats import MooncakeStats, measuring_non_overlapped
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
 from mooncake_vllm.connector.transfers import Outgoing
 
@@ -65,6 +65,7 @@ class PrefillSide:
         # Notified (under `lock`) whenever has_news() may have turned true: an idle step
         # waits on it instead of spinning (worker.py).
         self.news = news if news is not None else threading.Condition(lock)
+        self.measure_non_overlapped = measuring_non_overlapped()  # benchmark hook
         self.metadata, self.stager, self.device_kv = metadata, stager, device_kv
         self.kv_caches = kv_caches or {}
         self.num_layers = len(layout.layer_names)
@@ -239,7 +240,7 @@ class PrefillSide:
         tr.layer_inflight[layer] += 1
         if not tr.first_post:
             tr.first_post = time.monotonic()
-        if self.config.measure_non_overlapped and slot is None:
+        if self.measure_non_overlapped and slot is None:
             tr.posted.append((la, ra, ln))
         tr.sent[layer] = hi
         if bid is None:  # device copy still running: the poster thread submits
@@ -342,7 +343,7 @@ class PrefillSide:
         exposed = max(0.0, tr.last_done - tr.forward_end)
         transfer_s = max(0.0, tr.last_done - tr.first_post)
         non_overlapped = 0.0
-        if self.config.measure_non_overlapped and tr.posted:
+        if self.measure_non_overlapped and tr.posted:
             non_overlapped = self._resend(tr)
         self.stats.add(bytes_sent=tr.bytes, blocks_sent=tr.blocks, transfers_sent=1)
         self.stats.observe("transfer_s", transfer_s)

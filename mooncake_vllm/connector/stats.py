@@ -7,6 +7,7 @@ summarised (vLLM aggregates the per-worker objects with `aggregate` and resets t
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,15 @@ COUNTERS = ("bytes_sent", "blocks_sent", "bytes_received", "blocks_received",
             "transfers_sent", "transfers_received", "failures", "pipeline_gate_waits",
             "health_failures")
 SERIES = ("transfer_s", "exposed_s", "non_overlapped_s")
+# Benchmark hook, not a setting (bench/layerwise.py sets it in a prefill instance's
+# environment): after each overlapped transfer, P sends the same bytes again, all posted
+# after the forward pass and before telling D "done" (so D's blocks are not in use yet), and
+# reports how long that took as non_overlapped_s.
+NON_OVERLAPPED_ENV = "MOONCAKE_VLLM_BENCH_NON_OVERLAPPED"
+
+
+def measuring_non_overlapped() -> bool:
+    return os.environ.get(NON_OVERLAPPED_ENV, "") == "1"
 
 
 def _empty() -> dict[str, Any]:

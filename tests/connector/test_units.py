@@ -15,10 +15,13 @@ from mooncake_vllm.connector.layout import KVLayout, coalesce, layer_transfer, m
 
 def test_config_sources_and_errors() -> None:
     cfg = ConnectorConfig.from_sources(
-        {"registration_timeout_s": "2.5", "measure_non_overlapped": "true"},
+        {"registration_timeout_s": "2.5", "insecure": "true"},
         env={"MOONCAKE_VLLM_CONTROL_PORT": "5600", "MOONCAKE_VLLM_REGISTRATION_TIMEOUT_S": "9"})
     assert cfg.registration_timeout_s == 2.5  # extra config beats the environment
-    assert cfg.control_port == 5600 and cfg.measure_non_overlapped is True
+    assert cfg.control_port == 5600 and cfg.insecure is True
+    with pytest.raises(ConfigError, match=r"'measure_non_overlapped' was removed.*"
+                                          r"MOONCAKE_VLLM_BENCH_NON_OVERLAPPED=1"):
+        ConnectorConfig.from_sources({"measure_non_overlapped": True}, env={})
     with pytest.raises(ConfigError, match=r"control_port=70000"):
         ConnectorConfig.from_sources({"control_port": 70000}, env={})
     with pytest.raises(ConfigError, match=r"unknown key 'nope'"):
