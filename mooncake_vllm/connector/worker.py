@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandsha
 from mooncake_vllm.config import ConfigError, ConnectorConfig
 from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.control import ControlChannel, unpin_current_thread, widened_affinity
+from mooncake_vllm.connector.core_sharing import CoreRegistry
 from mooncake_vllm.connector.decode_side import DecodeSide
 from mooncake_vllm.connector.layout import KVLayout, memory_regions
 from mooncake_vllm.connector.pipeline_gate import GateReport
@@ -95,6 +96,7 @@ class MooncakeWorker:
         self._early_post: dict[str, bool] = {}  # layer -> its KV is in the cache at its start
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.unhealthy = ""  # why this worker cannot serve transfers; "" when it can
+        self.cores: CoreRegistry | None = None  # CPU platform: our record of cores in use
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ setup
@@ -126,6 +128,11 @@ class MooncakeWorker:
         for addr, length in memory_regions(kv_caches):
             self.engine.register(addr, length)
         self.kv_caches = dict(kv_caches)
+        if all(t.device.type == "cpu" for t in kv_caches.values()):
+            ktc = self.vllm_config.kv_transfer_config
+            self.cores = CoreRegistry(c.instance_id, self.engine_id,
+                                      str(ktc.kv_role) if ktc is not None else "")
+            self.cores.announce()
         stager, device_kv = self._setup_staging(kv_caches)
         if c.uses_etcd:
             from mooncake_vllm.connector.registry import open_store
@@ -185,6 +192,8 @@ class MooncakeWorker:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.cores is not None:
+            self.cores.withdraw()
         if self.prefill is not None:
             self.prefill.stop()
         if self.control is not None:
