@@ -2,9 +2,9 @@
 speeds rather than the prior: when an instance is first seen healthy (its model known), the
 conductor sends it three plain one-token completions, of token ids it is unlikely to have
 cached: one that is not timed (a fresh engine's first request pays one-off costs), one of a
-single token (the overhead) and one of `warmup_tokens` (the rate). Each timed one feeds the
-instance's TTFT model, like any prefill it serves later. A failure is logged and counted;
-the instance then learns from its first requests instead.
+single token (the overhead) and one of `warmup_tokens` (the rate). The two timings become
+the prior of the instance's TTFT model, which its later prefills refine. A failure is logged
+and counted; the instance then keeps the configured prior and learns from its requests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from .metrics import ProxyMetrics
+from .ttft_model import TtftModel
 from .upstreams import Instance, Registry
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ async def warm_up(session: aiohttp.ClientSession, inst: Instance, tokens: int,
                   timeout_s: float) -> None:
     model = inst.models[0] if inst.models else (inst.model or None)
     prompts = [[FIRST_ID + 1], [FIRST_ID], list(range(FIRST_ID + 2, FIRST_ID + 2 + tokens))]
-    for i, ids in enumerate(prompts):
+    took: list[float] = []
+    for ids in prompts:
         body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "stream": False}
         if model:
             body["model"] = model
@@ -38,8 +40,11 @@ async def warm_up(session: aiohttp.ClientSession, inst: Instance, tokens: int,
             await r.read()
             if r.status != 200:
                 raise RuntimeError(f"a warm-up completion answered {r.status}")
-        if i:
-            inst.ttft.observe(len(ids), time.monotonic() - started)
+        took.append(time.monotonic() - started)
+    overhead, full = took[1], took[2]
+    if full > overhead:
+        inst.ttft = TtftModel(prior_overhead_s=overhead,
+                              prior_tokens_per_s=(tokens - 1) / (full - overhead))
 
 
 class Warmups:

@@ -1,0 +1,195 @@
+"""The per-request plan (local, pipelined, disaggregated or rejected) against the TTFT and ITL
+SLOs, the ITL model, and what the conductor derives from a published model shape: plain
+classes and functions with real inputs, no vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from mooncake_vllm.metadata import InstanceInfo, MalformedValueError, ModelShape
+from mooncake_vllm.proxy.conductor import Conductor
+from mooncake_vllm.proxy.config import ProxyConfig
+from mooncake_vllm.proxy.decode_load import ItlModel
+from mooncake_vllm.proxy.model_shape import attention_tokens, shape_in_answer
+from mooncake_vllm.proxy.planner import Prediction, choose, options
+from mooncake_vllm.proxy.prompt import PromptHasher
+from mooncake_vllm.proxy.ttft_model import TtftModel
+from mooncake_vllm.proxy.upstreams import PrefillTicket
+
+# The tiny test model (testing/tiny_model.py), fp32, vLLM blocks of 32 tokens.
+TINY = ModelShape(num_layers=4, num_heads=8, head_dim=32, num_kv_heads=2, hidden_size=256,
+                  intermediate_size=512, dtype="float32", block_size=32)
+
+
+def _prediction(**kw: float) -> Prediction:
+    """An idle P-D pair prefilling 4000 tokens a second with a 20 ms handoff."""
+    spt = 1 / 4000
+    n = int(kw.pop("prompt_tokens", 1))
+    head = int(kw.pop("pipeline_tokens", 0))
+    base = dict(p_prefill_s=0.01 + n * spt, handoff_s=0.02, d_prefill_s=0.01 + n * spt,
+                d_base_itl_s=0.01, d_running=0.0, d_seconds_per_token=spt, prompt_tokens=n,
+                pipeline_tokens=head, p_head_prefill_s=0.01 + head * spt,
+                d_tail_prefill_s=0.01 + (n - head) * spt, pipeline_overhead_s=0.02)
+    base.update(kw)
+    return Prediction(**base)  # type: ignore[arg-type]
+
+
+def test_tiny_prompt_goes_local_because_of_the_handoff() -> None:
+    plan = choose(options(_prediction(prompt_tokens=1)), None, 0.1)
+    assert plan.option is not None and plan.option.path == "local"
+    # A decode instance that has prompts of its own queued: P, despite the handoff.
+    plan = choose(options(_prediction(prompt_tokens=1, d_prefill_s=0.5)), None, 0.1)
+    assert plan.option is not None and plan.option.path == "disaggregated"
+
+
+def test_long_prompt_on_an_idle_decode_is_pipelined() -> None:
+    plan = choose(options(_prediction(prompt_tokens=1900, pipeline_tokens=1152)), None, 0.1)
+    assert plan.option is not None and plan.option.path == "pipelined"
+    assert plan.option.pipeline_tokens == 1152
+    # Too short for the pipeline's overhead to pay off: local.
+    plan = choose(options(_prediction(prompt_tokens=96, pipeline_tokens=64)), None, 0.1)
+    assert plan.option is not None and plan.option.path == "local"
+
+
+def test_itl_slo_keeps_prefill_off_a_busy_decode() -> None:
+    """D is decoding: a prefill there costs its running requests the prefill's time in their
+    steps. Within the ITL SLO it is allowed, past it the request is disaggregated; with no
+    ITL SLO TTFT alone decides."""
+    busy = {"d_running": 4.0, "d_base_itl_s": 0.02}
+    small = choose(options(_prediction(prompt_tokens=100, **busy)), None, 0.1)
+    assert small.option is not None and small.option.path == "local"  # +25 ms: within
+    mid = _prediction(prompt_tokens=1200, pipeline_tokens=704, **busy)
+    plan = choose(options(mid), None, 0.1)
+    assert plan.option is not None and plan.option.path == "disaggregated" and plan.within_itl
+    assert plan.option.predicted_itl_s == pytest.approx(0.02)
+    plan = choose(options(mid), None, None)
+    assert plan.option is not None and plan.option.path == "pipelined"
+    # The same prompt on an idle D harms no one's ITL: pipelined.
+    idle = _prediction(prompt_tokens=1200, pipeline_tokens=704)
+    plan = choose(options(idle), None, 0.1)
+    assert plan.option is not None and plan.option.path == "pipelined"
+
+
+def test_rejections_only_with_a_ttft_slo() -> None:
+    queued = _prediction(prompt_tokens=500, p_prefill_s=3.0, d_prefill_s=3.0)
+    assert choose(options(queued), None, 0.1).option is not None  # admission off
+    plan = choose(options(queued), 1.0, 0.1)
+    assert plan.option is None and plan.rejected_for == "ttft"
+    # D so loaded that even one more decode misses the ITL SLO: refused for ITL with a TTFT
+    # SLO, disaggregated (the least harm) without one.
+    overloaded = _prediction(prompt_tokens=10, d_base_itl_s=0.3, d_running=40.0)
+    plan = choose(options(overloaded), 1.0, 0.1)
+    assert plan.option is None and plan.rejected_for == "itl"
+    plan = choose(options(overloaded), None, 0.1)
+    assert plan.option is not None and plan.option.path == "disaggregated"
+    assert not plan.within_itl
+
+
+def test_itl_model_learns_batch_cost_and_charges_prefill() -> None:
+    m = ItlModel()
+    for _ in range(200):
+        for batch in (1, 3, 5):
+            m.observe(batch, 0.010 + 0.005 * (batch - 1))  # truth: 10 ms + 5 ms per request
+    assert m.base(1) == pytest.approx(0.010, abs=0.002)
+    assert m.base(9) == pytest.approx(0.050, abs=0.004)
+    assert m.predict(3, 400, 1 / 4000) == pytest.approx(0.020 + 0.1, abs=0.003)
+    m.observe(0, 5.0)  # nothing was decoding: not a decode gap
+    m.observe(2, -1.0)
+    assert m.observations == 600
+
+
+def _pd(**cfg: object) -> Conductor:
+    c = Conductor(ProxyConfig(prefill_urls=("http://127.0.0.1:9000",),
+                              decode_urls=("http://127.0.0.1:9100",), **cfg))  # type: ignore[arg-type]
+    c.registry.upsert("p", "http://127.0.0.1:9000", "prefill", "static", model_shape=TINY)
+    c.registry.upsert("d", "http://127.0.0.1:9100", "decode", "static", model_shape=TINY)
+    for name in ("p", "d"):  # both warmed up: 10 ms + 4000 tokens a second (warmup.py)
+        inst = c.registry.get(name)
+        assert inst is not None
+        inst.ttft = TtftModel(prior_overhead_s=0.01, prior_tokens_per_s=4000.0)
+    return c
+
+
+def test_plain_conductor_routes_each_prompt_by_prediction() -> None:
+    """No flag: a 1-token prompt is prefilled on D, a long token-id prompt pipelined with the
+    cut from the published shape, the same prompt disaggregated while D decodes others."""
+    c = _pd()
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    ids = PromptHasher(None, tokens_per_block=32)
+    route = c.route(ids.key(False, {"prompt": [5]}), set(), pipelinable=True)
+    assert route is not None and route.path == "local" and route.prefill.instance is d
+    long_ = ids.key(False, {"prompt": list(range(10, 1910))})
+    route = c.route(long_, set(), pipelinable=True)
+    assert route is not None and route.path == "pipelined" and route.decode is d
+    # C = 1088 from the shape, share 0.55 of 1900 + 1900^2 / 2C: 1248 tokens, 39 blocks.
+    assert route.pipeline_tokens == 1248 and route.prefill.instance is p
+    # A text prompt that long would be pipelined: worth asking /tokenize for its ids.
+    text = PromptHasher(None).key(False, {"prompt": "word " * 1900})
+    assert c.would_pipeline(text) and not c.would_pipeline(
+        PromptHasher(None).key(False, {"prompt": "word"}))
+    d.running = 3.0  # D decodes three requests: a prefill there would cost them ITL
+    route = c.route(long_, set(), pipelinable=True)
+    assert route is not None and route.path == "disaggregated" and route.prefill.instance is p
+    route = c.route(ids.key(False, {"prompt": [5]}), set(), pipelinable=True)
+    assert route is not None and route.path == "local"  # one token: within the ITL SLO
+    # The overrides still hold: never local, never pipelined.
+    c2 = _pd(local_prefill_max_tokens=0, pipeline_prefill_min_tokens=0)
+    for key in (ids.key(False, {"prompt": [5]}), long_):
+        route = c2.route(key, set(), pipelinable=True)
+        assert route is not None and route.path == "disaggregated"
+
+
+def test_plain_conductor_sizes_the_prefill_window_from_p_speed() -> None:
+    c = _pd()
+    p = c.registry.get("p")
+    assert p is not None
+    assert c.window_limit(p) == pytest.approx(0.15 * 4000, rel=0.05)  # 0.15 s of P's prefill
+    assert _pd(prefill_window_tokens=0).window_limit(p) == 0
+    assert _pd(prefill_window_tokens=576).window_limit(p) == 576
+    # The window is P's queue: D's prefill work is counted apart from it.
+    ticket = PrefillTicket(p, 500)
+    assert p.queued_prefill_tokens == 500
+    ticket.close()
+
+
+def test_attention_tokens_from_the_shape() -> None:
+    assert attention_tokens(TINY) == 1088  # the value README gave by hand
+    llama3_8b = ModelShape(num_layers=32, num_heads=32, head_dim=128, num_kv_heads=8,
+                           hidden_size=4096, intermediate_size=14336, dtype="bfloat16",
+                           block_size=16)
+    assert attention_tokens(llama3_8b) == pytest.approx(26624)
+    c = _pd()
+    p = c.registry.get("p")
+    assert p is not None
+    assert c.attention_tokens(p) == 1088
+    assert _pd(pipeline_attention_tokens=0).attention_tokens(p) == 0  # override
+    p.model_shape = None
+    assert c.attention_tokens(p) == 0  # no shape: tokens split evenly
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"num_layers": 0}, "num_layers must be an integer >= 1"),
+    ({"num_heads": 10**6}, "num_heads 1000000 is above 4096"),
+    ({"head_dim": "128"}, "head_dim must be an integer"),
+    ({"num_kv_heads": 16}, "num_kv_heads 16 is above num_heads 8"),
+    ({"dtype": "complex64"}, "dtype 'complex64' is not one of"),
+    ({"block_size": True}, "block_size must be an integer"),
+])
+def test_model_shape_from_the_network_is_checked(change: dict, why: str) -> None:
+    raw = {**TINY.to_dict(), **change}
+    with pytest.raises(MalformedValueError, match=why):
+        ModelShape.from_dict(raw)
+    assert shape_in_answer("p", {"model_shape": raw}) is None  # logged, not used
+    assert shape_in_answer("p", {"model_shape": TINY.to_dict()}) == TINY
+    assert shape_in_answer("p", {"remote_control": {}}) is None
+
+
+def test_instance_record_carries_the_shape() -> None:
+    info = InstanceInfo("p0", "prefill", "http://h:1", "tcp://h:2", "m", model_shape=TINY)
+    assert InstanceInfo.from_json(info.to_json()).model_shape == TINY
+    bare = InstanceInfo("p0", "prefill", "http://h:1", "tcp://h:2", "m")
+    assert InstanceInfo.from_json(bare.to_json()).model_shape is None  # older writers
+    bad = info.to_json().replace(b'"head_dim":32', b'"head_dim":-1')
+    with pytest.raises(MalformedValueError, match="head_dim"):
+        InstanceInfo.from_json(bad)
