@@ -12,9 +12,10 @@ Paths (with prefill and decode instances up):
 
 The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
 smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
-spends least of D). When no path meets the ITL SLO the request is disaggregated, which spares
-D's running decodes most. With admission on (a TTFT SLO), a request whose chosen path is
-predicted to miss either SLO is rejected instead.
+spends least of D). When no path meets the ITL SLO (D is too loaded already) only the paths
+that cost D least remain: disaggregated, or a prefill on a D with nothing else running. With
+admission on (a TTFT SLO), a request whose chosen path is predicted to miss either SLO is
+rejected instead.
 """
 
 from __future__ import annotations
@@ -83,12 +84,16 @@ def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None
     """The path to take, or a rejection (only with a TTFT SLO: admission is on)."""
     if not opts:
         raise ValueError("choose: no path to choose from")
-    meets_itl = [o for o in opts if slo_itl_s is None or o.predicted_itl_s <= slo_itl_s]
-    pool = meets_itl or [o for o in opts if o.path == "disaggregated"] or opts
+    # A path may cost D's running decodes ITL up to the SLO; when even the least costly path
+    # misses it (D is that loaded already), only the least costly paths remain.
+    least_itl = min(o.predicted_itl_s for o in opts)
+    within_itl = slo_itl_s is None or least_itl <= slo_itl_s
+    limit = least_itl if slo_itl_s is None or not within_itl else slo_itl_s
+    pool = [o for o in opts if slo_itl_s is None or o.predicted_itl_s <= limit]
     best = min(pool, key=lambda o: (o.predicted_ttft_s, PATHS.index(o.path)))
     if slo_ttft_s is not None:
         if best.predicted_ttft_s > slo_ttft_s:
-            return Plan(None, "ttft", bool(meets_itl))
-        if not meets_itl:
+            return Plan(None, "ttft", within_itl)
+        if not within_itl:
             return Plan(None, "itl", False)
-    return Plan(best, "", bool(meets_itl))
+    return Plan(best, "", within_itl)

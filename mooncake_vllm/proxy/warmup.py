@@ -1,9 +1,9 @@
 """A short warm-up of each instance, so that the first requests are planned from measured
 speeds rather than the prior: when an instance is first seen healthy (its model known), the
-conductor sends it three plain one-token completions, of token ids it is unlikely to have
-cached: one that is not timed (a fresh engine's first request pays one-off costs), one of a
-single token (the overhead) and one of `warmup_tokens` (the rate). The two timings become
-the prior of the instance's TTFT model, which its later prefills refine. A failure is logged
+conductor sends it four plain one-token completions, of token ids it is unlikely to have
+cached: one that is not timed (a fresh engine's first request pays one-off costs), two of a
+single token (the faster one: the overhead) and one of `warmup_tokens` (the rate). These
+become the prior of the instance's TTFT model, which its later prefills refine. A failure is logged
 and counted; the instance then keeps the configured prior and learns from its requests.
 """
 
@@ -28,7 +28,8 @@ FIRST_ID = 11  # past the special tokens of common vocabularies
 async def warm_up(session: aiohttp.ClientSession, inst: Instance, tokens: int,
                   timeout_s: float) -> None:
     model = inst.models[0] if inst.models else (inst.model or None)
-    prompts = [[FIRST_ID + 1], [FIRST_ID], list(range(FIRST_ID + 2, FIRST_ID + 2 + tokens))]
+    prompts = [[FIRST_ID], [FIRST_ID + 1], [FIRST_ID + 2],
+               list(range(FIRST_ID + 3, FIRST_ID + 3 + tokens))]
     took: list[float] = []
     for ids in prompts:
         body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "stream": False}
@@ -41,7 +42,7 @@ async def warm_up(session: aiohttp.ClientSession, inst: Instance, tokens: int,
             if r.status != 200:
                 raise RuntimeError(f"a warm-up completion answered {r.status}")
         took.append(time.monotonic() - started)
-    overhead, full = took[1], took[2]
+    overhead, full = min(took[1:3]), took[3]
     if full > overhead:
         inst.ttft = TtftModel(prior_overhead_s=overhead,
                               prior_tokens_per_s=(tokens - 1) / (full - overhead))

@@ -193,3 +193,11 @@ def test_instance_record_carries_the_shape() -> None:
     bad = info.to_json().replace(b'"head_dim":32', b'"head_dim":-1')
     with pytest.raises(MalformedValueError, match="head_dim"):
         InstanceInfo.from_json(bad)
+
+
+def test_slow_decode_steps_alone_do_not_move_prefill_off_an_idle_decode() -> None:
+    """When every path misses the ITL SLO because D's steps are slow (a loaded host), a D
+    with nothing running still prefills a tiny prompt: that costs no one's ITL."""
+    slow = _prediction(prompt_tokens=1, d_base_itl_s=0.3)
+    plan = choose(options(slow), None, 0.1)
+    assert plan.option is not None and plan.option.path == "local" and not plan.within_itl
