@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mooncake_vllm.bench import results
 from mooncake_vllm.connector.stats import NON_OVERLAPPED_ENV
 from mooncake_vllm.testing.tiny_model import TinyModelSpec, make_tiny_model
 from mooncake_vllm.testing.vllm_server import VllmServer, post_json
@@ -73,20 +74,23 @@ def _report(p: VllmServer, tid: str, timeout_s: float = 30.0) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mooncake_vllm.bench layerwise")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object and keep it in the results folder")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--workdir", default=None, help="keep model and logs here")
+    results.add_arguments(ap)
     args = ap.parse_args(argv)
+    started, host = results.started_at(), results.host_info()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mooncake-layerwise-"))
     model = make_tiny_model(work / "model", TinyModelSpec(num_hidden_layers=args.layers))
     common = ["--max-num-batched-tokens", str(PROMPT_TOKENS + 64)]  # one forward pass
     # One core each: two-thread OpenMP teams spin at barriers and crawl when the host is
     # oversubscribed, which would measure the host rather than the transfer.
     p = VllmServer(model, name="prefill", log_path=work / "prefill.log", extra_args=common,
-                   cpus=[0], env={NON_OVERLAPPED_ENV: "1"},
+                   cpus=[0], pin_process=True, env={NON_OVERLAPPED_ENV: "1"},
                    kv_transfer_config=_kv("kv_producer", registration_timeout_s=600))
     d = VllmServer(model, name="decode", log_path=work / "decode.log", extra_args=common,
-                   cpus=[1 % (os.cpu_count() or 1)],
+                   cpus=[1 % (os.cpu_count() or 1)], pin_process=True,
                    kv_transfer_config=_kv("kv_consumer", transfer_timeout_s=600))
     try:
         p.start()
@@ -101,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         p.stop()
         d.stop()
+    kept: dict[str, Any] = {**result, "confinement": {
+        s.name: s.process.confinement_note if s.process else "not started" for s in (p, d)}}
     if args.json:
-        print(json.dumps(result))
+        path = results.write_result("layerwise", kept, started, host, args.note,
+                                    args.results_dir)
+        print(json.dumps(kept))
+        print(f"kept in {path}", file=sys.stderr)
     else:
         ratio = result["exposed_s"] / max(result["non_overlapped_s"], 1e-9)
         print(f"KV bytes {result['kv_bytes']}: exposed {result['exposed_s'] * 1e3:.2f} ms, "
