@@ -79,6 +79,24 @@ class Launched:
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def pids(self) -> set[int]:
+        """Its live processes: the group's, and its cpuset's (children that left the group)."""
+        return self._members() if self.proc is not None else set()
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) its live processes have used so far: the
+        difference over an interval says whether it worked or idled meanwhile."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            try:
+                text = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = text[text.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / tick
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()

@@ -180,3 +180,22 @@ def test_kill_sends_no_sigterm_first(tmp_path: Path) -> None:
     proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert "got SIGTERM" not in proc.log_path.read_text().splitlines()
+
+
+def test_cpu_seconds_tell_a_busy_process_from_an_idle_one(tmp_path: Path) -> None:
+    up = "print('CHILD 0', flush=True)\n"  # started: its interpreter's start-up is over
+    busy = Launched([sys.executable, "-c", up + "while True: pass"], name="busy",
+                    log_path=tmp_path / "b.log").start()
+    idle = Launched([sys.executable, "-c", up + "import time; time.sleep(600)"], name="idle",
+                    log_path=tmp_path / "i.log").start()
+    try:
+        _child_pid(busy), _child_pid(idle)
+        before = busy.cpu_seconds(), idle.cpu_seconds()
+        time.sleep(2.0)
+        used = busy.cpu_seconds() - before[0], idle.cpu_seconds() - before[1]
+        # The machine may be shared: the busy one gets a fair part of a core, not all of it.
+        assert used[0] > 0.2 and used[1] < 0.02, used
+    finally:
+        busy.stop()
+        idle.stop()
+    assert busy.pids() == set()
