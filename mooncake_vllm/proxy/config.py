@@ -153,6 +153,11 @@ class ProxyConfig:
             value = getattr(self, key)
             if value is not None and not value >= 0:
                 raise bad(key, f"must be >= 0 (0: {zero}; auto: derived)")
+        for key in ("local_prefill_max_tokens", "pipeline_prefill_min_tokens",
+                    "prefill_window_tokens"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(key, "must be a whole number of tokens (or auto)")
         if self.warmup_tokens < 0:
             raise bad("warmup_tokens", "must be >= 0 (0: no warm-up)")
         if not 0 < self.pipeline_prefill_share < 1:

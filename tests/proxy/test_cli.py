@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mooncake_vllm.cli import main as cli_main
+from mooncake_vllm.proxy.__main__ import parse_args
+from mooncake_vllm.proxy.config import ProxyConfigError
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -59,3 +61,29 @@ def test_short_tokens_are_refused_without_being_shown(flag: str,
     assert cli_main(["proxy", "--both", "http://127.0.0.1:1", flag, "short-secret"]) == 2
     err = capsys.readouterr().err
     assert "too short" in err and "short-secret" not in err
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--slo-itl-s", "soon"], "expected seconds or 'none'"),
+    (["--prefill-window-tokens", "many"], "expected a number or 'auto'"),
+])
+def test_slo_and_override_values_are_checked_by_the_parser(argv: list[str], named: str,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--both", "http://127.0.0.1:1", *argv])
+    assert named in capsys.readouterr().err
+
+
+def test_defaults_plan_by_prediction_and_flags_override() -> None:
+    plain = parse_args(["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"])
+    assert (plain.local_prefill_max_tokens, plain.pipeline_prefill_min_tokens,
+            plain.prefill_window_tokens, plain.pipeline_attention_tokens) == (None,) * 4
+    assert plain.slo_ttft_s is None and plain.slo_itl_s == 0.1
+    given = parse_args(["--both", "http://127.0.0.1:1", "--slo-ttft-s", "2", "--slo-itl-s",
+                        "none", "--local-prefill-max-tokens", "0", "--prefill-window-tokens",
+                        "auto", "--pipeline-attention-tokens", "1088.5"])
+    assert (given.slo_ttft_s, given.slo_itl_s, given.local_prefill_max_tokens) == (2.0, None, 0)
+    assert given.prefill_window_tokens is None and given.pipeline_attention_tokens == 1088.5
+    with pytest.raises(ProxyConfigError, match="local_prefill_max_tokens=1.5: must be a whole"):
+        parse_args(["--both", "http://127.0.0.1:1", "--local-prefill-max-tokens", "1.5"])
