@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -113,7 +114,10 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
              for i, rate in enumerate(args.rates)]
     asyncio.run(_warm_up(url, model, PromptMaker(args.vocab_size, WARM_UP_SEED),
                          args.request_timeout))
-    result: dict[str, Any] = {"scenarios": {}, "sweep": []}
+    # Systems run one after the other: the load average beside each shows whether the
+    # machine was as quiet for one as for the others.
+    result: dict[str, Any] = {"load_average_before": list(os.getloadavg()), "scenarios": {},
+                              "sweep": []}
     for name, rounds in scenarios.items():
         if name not in args.scenarios:
             continue
@@ -130,6 +134,7 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
         result["sweep"].append(point)
         progress.say(f"{system} rate {rate:g}/s: goodput {point['goodput_rps']:.2f}/s, "
                      f"SLOs met {point['met_slos']}/{point['requests']}, {_brief(point)}")
+    result["load_average_after"] = list(os.getloadavg())
     return result
 
 
