@@ -45,6 +45,10 @@ def text_report(result: dict[str, Any]) -> str:
                 f"{p['rejected_fraction']:.2f}, {_ms(p['admitted_itl_p99_s'])})")
             row += f"{cell:>32s}"
         lines.append(row)
+    loads = [f"{n} {systems[n]['load_average_before'][0]:.1f} -> "
+             f"{systems[n]['load_average_after'][0]:.1f}"
+             for n in names if "load_average_after" in systems[n]]
+    lines.append("1-minute load average before -> after each system: " + ", ".join(loads))
     for n in names:
         if "error" in systems[n]:
             lines.append(f"{n} did not run: {systems[n]['error'].splitlines()[0][:200]}")
