@@ -82,3 +82,14 @@ def test_alias_ignores_other_names(tmp_path: Path) -> None:
         """
     )
     assert _run(code, site) == "0"
+
+
+def test_installed_alias_is_the_one_in_packaging() -> None:
+    """The install puts packaging/'s finder and its .pth at the root of site-packages, where
+    the interpreter runs a .pth at start-up; a stale or missing copy would fail here."""
+    import sysconfig
+
+    repo = Path(__file__).resolve().parents[2] / "packaging"
+    site = Path(sysconfig.get_paths()["platlib"])
+    for name in ("mooncake_vllm_dist_alias.py", "mooncake_vllm_dist_alias.pth"):
+        assert (site / name).read_bytes() == (repo / name).read_bytes(), name
