@@ -330,11 +330,11 @@ async def exact_key(c: Conductor, body: dict[str, Any], key: PromptKey,
     pipelined; the text key when that fails (counted, and the request is not pipelined)."""
     decode = c.registry.usable("decode")
     prompt = body.get("prompt")
-    if not decode or not isinstance(prompt, str) or c.checks is None:
+    if not decode or not isinstance(prompt, str) or c.session is None:
         return key
     inst = min(decode, key=lambda i: (i.decode_load(), i.instance_id))
-    try:
-        ids = await tokenize(c.checks, inst, body.get("model"), prompt,
+    try:  # on the client pool: a burst of these must not crowd out the health checks
+        ids = await tokenize(c.session, inst, body.get("model"), prompt,
                              c.config.tokenize_timeout_s, conductor_auth(
                                  c.config.upstream_api_key) or auth)
     except TokenizeFailed as e:
