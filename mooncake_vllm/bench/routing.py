@@ -17,7 +17,8 @@ issued turn by turn by `--concurrency` clients; every request streams, and TTFT 
 the first token as the client sees it.
 
 Per policy: prefix-cache hit rate from the prefill instances' own counters (deltas of
-`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`), TTFT p50/p99 of admitted requests,
+`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`; the decode instance's apart, as
+`decode_prefix_hit_rate`), TTFT p50/p99 of admitted requests,
 the fraction refused by early rejection, and SLO attainment (requests answered within
 `--slo-ttft-s`, over all requests, refused ones counted as misses).
 """
@@ -150,7 +151,7 @@ def run_policy(policy: str, prefill: list[VllmServer], decode: list[VllmServer],
                conductor_cores: list[int]) -> dict[str, Any]:
     for s in prefill + decode:
         _reset_prefix_cache(s.url)
-    before = [_counters(s.url) for s in prefill]
+    before = [_counters(s.url) for s in prefill + decode]
     if decode:
         inst_args = [a for s in prefill for a in ("--prefill", s.url)]
         inst_args += [a for s in decode for a in ("--decode", s.url)]
@@ -166,15 +167,21 @@ def run_policy(policy: str, prefill: list[VllmServer], decode: list[VllmServer],
         outcomes = asyncio.run(replay(proxy.url, model, trace, args.concurrency,
                                       args.max_tokens))
         wall = time.monotonic() - t0
-    after = [_counters(s.url) for s in prefill]
-    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-    queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    after = [_counters(s.url) for s in prefill + decode]
+    delta = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    hits = sum(h for h, _ in delta[:len(prefill)])
+    queries = sum(q for _, q in delta[:len(prefill)])
+    # The conductor may let the decode instance prefill a prompt itself: its hits are kept
+    # apart, since on D a lookup also precedes every KV transfer.
+    d_hits = sum(h for h, _ in delta[len(prefill):])
+    d_queries = sum(q for _, q in delta[len(prefill):])
     ttfts = [o.ttft_s for o in outcomes if o.status == 200 and o.ttft_s is not None]
     rejected = sum(o.status == 503 for o in outcomes)
     failed = sum(o.status not in (200, 503) for o in outcomes)
     met = sum(t <= args.slo_ttft_s for t in ttfts)
     return {
         "prefix_hit_rate": hits / queries if queries else None,
+        "decode_prefix_hit_rate": d_hits / d_queries if d_queries else None,
         "ttft_p50_s": _percentile(ttfts, 0.50),
         "ttft_p99_s": _percentile(ttfts, 0.99),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else None,
