@@ -7,6 +7,7 @@ left running or listening afterwards.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mooncake_vllm.testing import cpuset
 
 pytestmark = [pytest.mark.vllm, pytest.mark.etcd, pytest.mark.timeout(1200)]
 
@@ -37,32 +40,53 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\S+)\s+([\d.]+)ms\s+([\d.]+)ms\s+[\d.]+\s+[\d.]+\s+"
+                 r"(\S+)\s+(yes|NO)$", flags=re.M)
+MOVES_KV = ("disaggregated", "pipelined")
+
+
 def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "mooncake_vllm.demo", "--workdir", str(workdir),
          "--max-tokens", "16"],
-        capture_output=True, text=True, timeout=1100,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    out = proc.stdout + proc.stderr
+    stdout, stderr = proc.communicate(timeout=1100)
+    out = stdout + stderr
     assert proc.returncode == 0, out[-6000:]
 
-    n_prompts = len(re.findall(r"^\[\d+\] ", proc.stdout, flags=re.M))
+    n_prompts = len(re.findall(r"^\[\d+\] ", stdout, flags=re.M))
     assert n_prompts >= 5, out[-3000:]
-    assert proc.stdout.count("    MATCH (") == n_prompts, out[-3000:]
-    assert f"{n_prompts}/{n_prompts} answers match the single vLLM instance" in proc.stdout
+    assert stdout.count("    MATCH (") == n_prompts, out[-3000:]
+    assert f"{n_prompts}/{n_prompts} answers match the single vLLM instance" in stdout
 
+    # One table row per prompt: the conductor's path, and KV write times where KV moved.
+    rows = ROW.findall(stdout)
+    assert len(rows) == n_prompts, out[-3000:]
+    paths = [r[2] for r in rows]
+    assert all(p in ("disaggregated", "local", "pipelined") for p in paths), paths
+    assert all((r[5] != "-") == (r[2] in MOVES_KV) for r in rows), rows
     moved = re.search(r"KV moved prefill -> decode: ([\d.]+) MiB sent, ([\d.]+) MiB received, "
-                      r"(\d+) transfers", proc.stdout)
+                      r"(\d+) transfers", stdout)
     assert moved is not None, out[-3000:]
     sent, received, transfers = float(moved[1]), float(moved[2]), int(moved[3])
-    assert sent > 0 and transfers >= n_prompts, moved[0]
-    assert received == pytest.approx(sent), moved[0]
-    assert re.search(r"exposed transfer time .*: [\d.]+ ms average over \d+ requests",
-                     proc.stdout), out[-3000:]
+    assert transfers == sum(p in MOVES_KV for p in paths) >= 1, (moved[0], paths)
+    assert sent > 0 and received == pytest.approx(sent), moved[0]
+    assert re.search(r"exposed transfer time .*: [\d.]+ ms average over \d+ requests: "
+                     r"[\d.]+ ms before decode asked for the KV, [\d.]+ ms with writes under way",
+                     stdout), out[-3000:]
+    assert "random weights" in stdout and "What this shows:" in stdout
 
-    # Clean shutdown: every server it announced is gone, and no process uses its work dir.
+    # Each instance on its own core(s), in a cpuset where this host has them.
+    if len(os.sched_getaffinity(0)) >= 2 and cpuset.unavailable_reason() is None:
+        for name in ("prefill", "decode", "single"):
+            assert re.search(rf"{name} on cores [\d,]+ by cpuset ", stdout), out[-3000:]
+
+    # Clean shutdown: every server it announced is gone, no process uses its work dir, and
+    # its cpusets are removed.
     urls = re.findall(r"(?:prefill|decode|single|conductor) ready at (http://[\d.:]+)", out)
     assert len(urls) == 4, out[-3000:]
     assert [u for u in urls if _listening(u)] == []
     assert _processes_mentioning(str(workdir)) == []
+    assert list(cpuset.CPUSET_ROOT.glob(f"mooncake-vllm-{proc.pid}-*")) == []
