@@ -67,10 +67,6 @@ CONNECTOR = "MooncakeVllmConnector"
 EXIT_OK, EXIT_MISMATCH, EXIT_STARTUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-# The benchmarks still import these names from here; they live in mooncake_vllm.testing.
-StartupError = LaunchError
-
-
 def core_layout() -> dict[str, list[int] | None]:
     """Prefill and decode a core each, as on a cluster they get a machine each; the reference
     both of those cores (it runs while they idle). None: too few cores to confine anything."""
