@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 import yaml
 from compose_env import interpolate
 
+from mooncake_vllm.testing.launcher import Launched
 from mooncake_vllm.testing.ports import free_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -78,27 +79,15 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     d = Deployment(tmp_path)
-    log = (tmp_path / "etcd.log").open("wb")
-    proc = subprocess.Popen(d.etcd_command(), stdout=log, stderr=subprocess.STDOUT)
+    etcd = Launched(d.etcd_command(), name="compose etcd", log_path=tmp_path / "etcd.log")
+    # etcd demands a client certificate: /health is asked with one.
+    tls = ssl.create_default_context(cafile=str(d.certs / "ca.crt"))
+    tls.load_cert_chain(str(d.certs / "client.crt"), str(d.certs / "client.key"))
     try:
-        ctl = ["etcdctl", f"--endpoints=https://127.0.0.1:{d.cport}",
-               f"--cacert={d.certs / 'ca.crt'}", f"--cert={d.certs / 'client.crt'}",
-               f"--key={d.certs / 'client.key'}", "endpoint", "health"]
-        deadline = time.monotonic() + 20
-        while subprocess.run(ctl, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"},
-                             timeout=10).returncode != 0:
-            assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "etcd.log").read_text()[-3000:]
-            time.sleep(0.2)
+        etcd.start().wait_http(f"https://127.0.0.1:{d.cport}/health", 20, ssl_context=tls)
         yield d
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        etcd.stop(10)
 
 
 def _open(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], url: str) -> Any:
