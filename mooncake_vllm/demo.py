@@ -77,9 +77,19 @@ def core_layout() -> dict[str, list[int] | None]:
 
 
 def _describe(servers: Sequence[VllmServer]) -> str:
+    """Where each server runs and how it is held there, in full (cpuset paths)."""
     return "; ".join(
         f"{s.name} on {s.process.confinement_note if s.process else 'its own'}"
         for s in servers)
+
+
+def _cores_in_words(servers: Sequence[VllmServer]) -> str:
+    if any(s.process is None or s.process.cpus is None for s in servers):
+        return "no core of its own for any instance (this host has fewer than two)"
+    held = all("by cpuset" in s.process.confinement_note for s in servers if s.process)
+    where = ", ".join(f"{s.name} on cores {','.join(map(str, s.cpus))}" for s in servers)
+    return where + (", each in a cpuset of its own" if held else
+                    " (by affinity only: no cpusets here, so threads may leave their cores)")
 
 
 def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: int,
@@ -161,7 +171,7 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
         reference_cpu = _cpu_seconds(single) - reference_cpu
         sent = sum(t.bytes for row in rows for t in row.transfers)
         received = _wait_bytes_received(decode, received_before + sent, timeout_s=15)
-        return DemoResult(rows, received - received_before, _describe(servers),
+        return DemoResult(rows, received - received_before, _cores_in_words(servers),
                           pd_cpu, reference_cpu)
     finally:
         progress.say("stopping everything")

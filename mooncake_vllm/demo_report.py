@@ -262,9 +262,7 @@ def print_report(result: DemoResult, stream: Any = sys.stdout) -> None:
 
 def explain(result: DemoResult) -> list[str]:
     """What the numbers mean, for someone who sees them for the first time."""
-    transfers = [t for row in result.rows for t in row.transfers]
-    smallest = min((t.bytes for t in transfers), default=0)
-    return [
+    lines = [
         "What this shows:",
         "- The model is a tiny Llama with random weights, so its text is noise. The point is "
         "equality: greedy decoding on the decode instance, from KV computed by the prefill "
@@ -273,7 +271,9 @@ def explain(result: DemoResult) -> list[str]:
         f"idled (they used {result.pd_cpu_during_reference_s:.2f} s of CPU meanwhile: "
         f"health checks), and idled while they answered "
         f"({result.reference_cpu_during_pd_s:.2f} s), so neither run competed with the "
-        "other. Other programs on this host still share these cores: timings vary.",
+        "other. The single instance splits every operation over both cores, which meet after "
+        "each: where other programs use these cores too, it waits for the busier one, and "
+        "timings vary from run to run.",
         "- path: what the conductor, started with no tuning flag, chose for each request: "
         "disaggregated (P prefills, the KV moves, D decodes), local (D alone: for a short "
         "prompt, prefilling costs less than a hand-off), pipelined (P and D prefill one long "
@@ -283,11 +283,19 @@ def explain(result: DemoResult) -> list[str]:
         "the decode instance has landed, i.e. transfer time that computing did not hide. "
         "Layers are written while later layers compute, so for a long prompt whose decode "
         "registration (where to write) arrived first it is close to zero, as in "
-        "`mooncake-vllm bench layerwise` (2048 tokens, the decode half sent first). A short "
-        f"prompt's KV is small ({smallest / 1024:.0f} KiB here, which the engine moves in "
-        "well under a millisecond: `mooncake-vllm bench transfer`); what its exposed time "
-        "holds is waiting: for the decode instance to ask for the KV, when the forward pass "
-        "ended first (the 'before decode asked' part above), and for the threads that post, "
-        "receive and acknowledge the writes to get their turn on cores (and a Python "
-        "interpreter) that each instance's engine is using too.",
+        "`mooncake-vllm bench layerwise` (2048 tokens, the decode half sent first).",
     ]
+    short = [row for row in result.rows if row.transfers and row.got.prompt_tokens < 256]
+    if short:
+        kib = min(t.bytes for row in short for t in row.transfers) / 1024
+        lines.append(
+            f"  A short prompt's KV is small ({kib:.0f} KiB for the smallest here, which the "
+            "engine moves in well under a millisecond: `mooncake-vllm bench transfer`); what "
+            "its exposed time holds is waiting: for the decode instance to ask for the KV "
+            "when the forward pass ended first (the 'before decode asked' part above), and for "
+            "the threads that post, receive and acknowledge the writes to get their turn on "
+            "the one core (and the Python interpreter) that each instance's engine uses too.")
+    if not any(row.transfers for row in result.rows):
+        lines.append("  No request moved KV here: the conductor served every prompt on the "
+                     "decode instance alone.")
+    return lines
