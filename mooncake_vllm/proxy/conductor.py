@@ -181,6 +181,7 @@ class Conductor:
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be
             opts = [o for o in opts if o.path == "pipelined"]
         plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s)
+        log.debug("plan for %d tokens: %s -> %s", key.num_tokens, opts, plan)
         chosen = plan.option or min(opts, key=lambda o: o.predicted_ttft_s)
         route_of = {
             "disaggregated": lambda: Route(p, d),

@@ -1,16 +1,18 @@
 """A short warm-up of each instance, so that the first requests are planned from measured
 speeds rather than the prior: when an instance is first seen healthy (its model known), the
-conductor sends it four plain one-token completions, of token ids it is unlikely to have
-cached: one that is not timed (a fresh engine's first request pays one-off costs), two of a
-single token (the faster one: the overhead) and one of `warmup_tokens` (the rate). These
-become the prior of the instance's TTFT model, which its later prefills refine. A failure is logged
-and counted; the instance then keeps the configured prior and learns from its requests.
+conductor sends it four plain one-token completions: one that is not timed (a fresh engine's
+first request pays one-off costs), two of a single token (the faster one: the overhead) and
+one of `warmup_tokens` ids drawn at random (the rate; an instance that another conductor has
+warmed up would answer a fixed prompt from its prefix cache). These become the prior of the
+instance's TTFT model, which its later prefills refine. A failure is logged and counted; the
+instance then keeps the configured prior and learns from its requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -22,14 +24,18 @@ from .upstreams import Instance, Registry
 
 log = logging.getLogger(__name__)
 
-FIRST_ID = 11  # past the special tokens of common vocabularies
+# Ids past the special tokens and within any vocabulary served today. The long prompt is drawn
+# at random: an instance another conductor has warmed up would otherwise answer it from its
+# prefix cache, and the rate measured would be the cache's.
+FIRST_ID, LAST_ID = 100, 1000
 
 
 async def warm_up(session: aiohttp.ClientSession, inst: Instance, tokens: int,
                   timeout_s: float) -> None:
     model = inst.models[0] if inst.models else (inst.model or None)
+    draw = random.Random()
     prompts = [[FIRST_ID], [FIRST_ID + 1], [FIRST_ID + 2],
-               list(range(FIRST_ID + 3, FIRST_ID + 3 + tokens))]
+               [draw.randrange(FIRST_ID, LAST_ID) for _ in range(tokens)]]
     took: list[float] = []
     for ids in prompts:
         body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "stream": False}
