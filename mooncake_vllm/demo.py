@@ -169,15 +169,29 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             moved = transfer_log.wait_new(1, timeout_s=2.0 if path != "local" else 0.0)
             rows.append(Row(prompt, got, ref, path, moved))
         reference_cpu = _cpu_seconds(single) - reference_cpu
+        strays = _threads_off_their_cores(servers)  # while the connector's threads still run
         sent = sum(t.bytes for row in rows for t in row.transfers)
         received = _wait_bytes_received(decode, received_before + sent, timeout_s=15)
         return DemoResult(rows, received - received_before, _cores_in_words(servers),
-                          pd_cpu, reference_cpu)
+                          pd_cpu, reference_cpu, *strays)
     finally:
         progress.say("stopping everything")
         with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
             stack.close()
         progress.say("stopped")
+
+
+def _threads_off_their_cores(servers: Sequence[VllmServer]) -> tuple[int, list[str]]:
+    """How many threads were checked, and each one allowed beyond its server's cores."""
+    checked, strays = 0, []
+    for s in servers:
+        if s.process is None or s.process.cpus is None:
+            continue
+        for tid, cores in s.process.thread_cores().items():
+            checked += 1
+            if not cores <= set(s.process.cpus):
+                strays.append(f"{s.name} thread {tid} may run on cores {sorted(cores)}")
+    return checked, strays
 
 
 def _cpu_seconds(*servers: VllmServer) -> float:

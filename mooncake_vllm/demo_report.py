@@ -209,6 +209,8 @@ class DemoResult:
     cores: str  # where each instance ran, in words
     pd_cpu_during_reference_s: float
     reference_cpu_during_pd_s: float
+    threads_checked: int = 0  # threads of the confined instances, looked at after the run
+    threads_off_their_cores: list[str] = field(default_factory=list)
 
     @property
     def all_match(self) -> bool:
@@ -253,6 +255,10 @@ def print_report(result: DemoResult, stream: Any = sys.stdout) -> None:
         p(f"exposed transfer time (end of prefill forward pass -> decode has every layer): "
           f"{exposed * 1e3:.2f} ms average over {n} requests: {waiting * 1e3:.2f} ms before "
           f"decode asked for the KV, {(exposed - waiting) * 1e3:.2f} ms with writes under way")
+    if result.threads_checked:
+        strays = result.threads_off_their_cores
+        p(f"threads on their instance's cores: {result.threads_checked - len(strays)} of "
+          f"{result.threads_checked}" + "".join(f"\n  {s}" for s in strays))
     n_ok = sum(r.match[0] for r in result.rows)
     p(f"{n_ok}/{len(result.rows)} answers match the single vLLM instance")
     p()

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from mooncake_vllm.testing.cpuset import Confinement
+from mooncake_vllm.testing.cpuset import Confinement, parse_cpu_list
 
 
 class LaunchError(RuntimeError):
@@ -96,6 +96,21 @@ class Launched:
             fields = text[text.rindex(")") + 2:].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
         return total / tick
+
+    def thread_cores(self) -> dict[int, set[int]]:
+        """The cores each thread of its live processes may run on, by thread id: shows whether
+        any thread left the cores it was given (one that widened its own affinity)."""
+        out = {}
+        for pid in self.pids():
+            for status in Path(f"/proc/{pid}/task").glob("*/status"):
+                try:
+                    text = status.read_text()
+                except OSError:
+                    continue  # the thread ended meanwhile
+                for line in text.splitlines():
+                    if line.startswith("Cpus_allowed_list:"):
+                        out[int(status.parent.name)] = parse_cpu_list(line.split(":", 1)[1])
+        return out
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -82,6 +82,10 @@ def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> N
     if len(os.sched_getaffinity(0)) >= 2 and cpuset.unavailable_reason() is None:
         for name in ("prefill", "decode", "single"):
             assert re.search(rf"{name} on cores [\d,]+ by cpuset ", stdout), out[-3000:]
+        # The connector widens its I/O threads' affinity; in a cpuset they stay anyway.
+        threads = re.search(r"threads on their instance's cores: (\d+) of (\d+)$", stdout,
+                            flags=re.M)
+        assert threads is not None and threads[1] == threads[2] != "0", out[-3000:]
 
     # Clean shutdown: every server it announced is gone, no process uses its work dir, and
     # its cpusets are removed.

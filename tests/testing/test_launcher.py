@@ -64,6 +64,32 @@ def test_a_child_cannot_widen_its_affinity_past_its_cpuset(tmp_path: Path) -> No
     assert not any(Path(cpuset.CPUSET_ROOT).glob(f"*-{os.getpid()}-*-widen")), "not removed"
 
 
+# A thread widens its affinity and stays alive, so that thread_cores() sees it.
+WIDEN_AND_STAY = textwrap.dedent("""
+    import os, threading, time
+    def widen():
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        print("CHILD 0", flush=True)
+        time.sleep(600)
+    threading.Thread(target=widen, daemon=True).start()
+    time.sleep(600)
+""")
+
+
+@needs_two_cores
+@needs_cpusets
+def test_thread_cores_shows_every_thread_on_the_cpusets_cores(tmp_path: Path) -> None:
+    core = ALL_CORES[-1]
+    proc = Launched([sys.executable, "-c", WIDEN_AND_STAY], name="stay",
+                    log_path=tmp_path / "s.log", cpus=[core]).start()
+    try:
+        _child_pid(proc)
+        cores = proc.thread_cores()
+        assert len(cores) >= 2 and all(c == {core} for c in cores.values()), cores
+    finally:
+        proc.stop()
+
+
 @needs_two_cores
 def test_without_cpusets_affinity_is_a_fallback_that_threads_can_widen(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,6 +100,14 @@ def test_without_cpusets_affinity_is_a_fallback_that_threads_can_widen(
     assert result["main"] == ALL_CORES  # what a cpuset prevents
     assert "sched_setaffinity only (no cpuset: " in proc.confinement_note
     assert proc.confinement_note.splitlines()[0] in proc.log_path.read_text()
+
+    stay = Launched([sys.executable, "-c", WIDEN_AND_STAY], name="stay",
+                    log_path=tmp_path / "s.log", cpus=[ALL_CORES[0]]).start()
+    try:
+        _child_pid(stay)
+        assert set(ALL_CORES) in stay.thread_cores().values()  # thread_cores() sees it
+    finally:
+        stay.stop()
 
 
 def test_cores_outside_ours_are_refused_naming_them(tmp_path: Path) -> None:
