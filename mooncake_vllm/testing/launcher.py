@@ -126,6 +126,7 @@ class Launched:
     def start(self) -> Launched:
         if self.running:
             return self
+        self.stop()  # an earlier run's children and cpuset, if it exited by itself
         command = self.command
         if self.cpus is not None:
             self._confinement = Confinement(self.cpus, label=self.name)
@@ -182,12 +183,6 @@ class Launched:
             raise self._failure(f"still running after {timeout_s:.0f} s") from None
 
     # ------------------------------------------------------------------ stop
-    def signal_group(self, sig: signal.Signals) -> None:
-        """Send `sig` to every process of the group (SIGSTOP/SIGCONT in failure tests)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-
     def stop(self, timeout_s: float = 30.0, kill_timeout_s: float = 10.0) -> None:
         """SIGTERM to the group; SIGKILL to what is left after `timeout_s`; return once no
         process of the group (or of its cpuset) is left. Safe to call more than once."""
