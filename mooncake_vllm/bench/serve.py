@@ -35,6 +35,7 @@ from typing import Any
 
 from mooncake_vllm.bench import results, verdicts
 from mooncake_vllm.bench.goodput import Slos, derive_slos, goodput
+from mooncake_vllm.bench.host_load import ForeignLoad
 from mooncake_vllm.bench.serve_report import plot, text_report
 from mooncake_vllm.bench.serve_systems import (
     BOTH_CORES,
@@ -90,18 +91,22 @@ def sweep_requests(make: PromptMaker, args: argparse.Namespace, rate: float,
                           (args.output_min, args.output_max), seed)
 
 
-def derive_slos_on(url: str, model: str, args: argparse.Namespace) -> Slos:
-    """The rule of `goodput.py`, on the single instance at `url` (already warmed up)."""
+def derive_slos_on(url: str, model: str, args: argparse.Namespace,
+                   pgids: set[int]) -> tuple[Slos, dict[str, Any]]:
+    """The rule of `goodput.py`, on the single instance at `url` (already warmed up); with
+    what others used of the machine meanwhile."""
     make = PromptMaker(args.vocab_size, PROBE_SEED)
     probe = [Request(r.prompt, r.max_tokens, math.nan)
              for r in sweep_requests(make, args, 1.0, PROBE_SEED)[:args.slo_probe_requests]]
+    window = ForeignLoad(pgids).start()
     outcomes, _ = asyncio.run(run_scenario(url, model, probe, args.request_timeout))
+    load = window.stop()
     return derive_slos(outcomes, args.slo_ttft_factor, args.slo_itl_factor,
-                       args.slo_ttft_s, args.slo_itl_s)
+                       args.slo_ttft_s, args.slo_itl_s), load
 
 
 def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progress: Progress,
-              system: str) -> dict[str, Any]:
+              system: str, pgids: set[int]) -> dict[str, Any]:
     """Every scenario and the sweep through `url`; every system gets the same prompts."""
     make = PromptMaker(args.vocab_size, args.seed)
     scenarios: dict[str, list[list[Request]]] = {  # rounds, one after the other
@@ -114,8 +119,9 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
              for i, rate in enumerate(args.rates)]
     asyncio.run(_warm_up(url, model, PromptMaker(args.vocab_size, WARM_UP_SEED),
                          args.request_timeout))
-    # Systems run one after the other: the load average beside each shows whether the
-    # machine was as quiet for one as for the others.
+    # Systems run one after the other: what others used of the machine meanwhile shows
+    # whether it was as quiet for one as for the others.
+    window = ForeignLoad(pgids).start()
     result: dict[str, Any] = {"load_average_before": list(os.getloadavg()), "scenarios": {},
                               "sweep": []}
     for name, rounds in scenarios.items():
@@ -135,6 +141,7 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
         progress.say(f"{system} rate {rate:g}/s: goodput {point['goodput_rps']:.2f}/s, "
                      f"SLOs met {point['met_slos']}/{point['requests']}, {_brief(point)}")
     result["load_average_after"] = list(os.getloadavg())
+    result["host_load"] = window.stop()
     return result
 
 
@@ -223,9 +230,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run_systems(args: argparse.Namespace, model: str, out_dir: Path,
-                 progress: Progress, confinement: dict[str, Any]
+                 progress: Progress, record: dict[str, Any]
                  ) -> tuple[Slos, dict[str, Any]]:
-    """Run every system; `confinement` gets how each process was kept on its cores."""
+    """Run every system; `record` gets how each process was kept on its cores
+    (`confinement`) and what others used of the machine while the SLOs were derived."""
     systems: dict[str, Any] = {}
     slos: Slos | None = None
     if args.slo_ttft_s is not None and args.slo_itl_s is not None:
@@ -236,16 +244,20 @@ def _run_systems(args: argparse.Namespace, model: str, out_dir: Path,
         workdir.mkdir(exist_ok=True)
         try:
             with start_system(name, model, workdir, progress, args.startup_timeout) as running:
-                confinement[name] = running.confinement
+                record["confinement"][name] = running.confinement
                 if running.url is not None:
                     if name == "single":
                         asyncio.run(_warm_up(running.url, model, PromptMaker(
                             args.vocab_size, WARM_UP_SEED), args.request_timeout))
-                        slos = slos or derive_slos_on(running.url, model, args)
+                        if slos is None:
+                            slos, probe_load = derive_slos_on(running.url, model, args,
+                                                              running.pgids)
+                            record["slo_probe_host_load"] = probe_load
                         progress.say(f"SLOs: TTFT {slos.ttft_s * 1e3:.1f} ms, ITL "
                                      f"{slos.itl_s * 1e3:.2f} ms ({slos.rule})")
                     assert slos is not None
-                    systems[name] = bench_url(running.url, model, args, slos, progress, name)
+                    systems[name] = bench_url(running.url, model, args, slos, progress, name,
+                                              running.pgids)
                     continue
                 assert slos is not None
                 for i, (reported, flags) in enumerate(conductor_flags(slos).items()):
@@ -254,7 +266,7 @@ def _run_systems(args: argparse.Namespace, model: str, out_dir: Path,
                     log = workdir / f"{reported}-conductor.log"
                     with start_conductor(running, flags, log) as url:
                         systems[reported] = bench_url(url, model, args, slos, progress,
-                                                      reported)
+                                                      reported, running.pgids)
         except (RuntimeError, ImportError, TimeoutError, OSError,
                 ValueError) as e:
             # Reported, never hidden; without the single instance there are no SLOs.
@@ -278,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         from mooncake_vllm.testing.tiny_model import default_model_dir, make_tiny_model
 
         model = str(make_tiny_model(default_model_dir()))
-    confinement: dict[str, Any] = {}
-    slos, systems = _run_systems(args, model, out_dir, progress, confinement)
+    record: dict[str, Any] = {"confinement": {}, "slo_probe_host_load": None}
+    slos, systems = _run_systems(args, model, out_dir, progress, record)
     png = out_dir / "serve.png"
     plot(systems, slos, png)
     kept = results.result_path("serve", started, args.results_dir) if args.json else None
@@ -287,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": model, "dtype": "float32", "mode": "quick" if args.quick else "full",
         "cores": {"single": BOTH_CORES, "single_1core": PREFILL_CORES,
                   "prefill": PREFILL_CORES, "decode": DECODE_CORES, "front_door": BOTH_CORES},
-        "confinement": confinement,
+        **record,
+        "noisy": sorted(n for n, d in systems.items() if d.get("host_load", {}).get("noisy"))
+        + (["slo_probe"] if (record["slo_probe_host_load"] or {}).get("noisy") else []),
         "conductor_flags": conductor_flags(slos),
         "conductor_lacks": unsupported_slo_flags(),
         "workload": {k: getattr(args, k) for k in (

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncake_vllm.bench.goodput import Slos
+from mooncake_vllm.bench.host_load import NOISY_SHARE
 
 
 def _ms(v: Any, digits: int = 1) -> str:
@@ -45,13 +46,18 @@ def text_report(result: dict[str, Any]) -> str:
                 f"{p['rejected_fraction']:.2f}, {_ms(p['admitted_itl_p99_s'])})")
             row += f"{cell:>32s}"
         lines.append(row)
-    loads = [f"{n} {systems[n]['load_average_before'][0]:.1f} -> "
-             f"{systems[n]['load_average_after'][0]:.1f}"
-             for n in names if "load_average_after" in systems[n]]
-    lines.append("1-minute load average before -> after each system: " + ", ".join(loads))
+    lines.append("share of the machine others used (other processes + steal) while each was "
+                 "measured: " + ", ".join(
+                     f"{n} {d['host_load']['foreign_cpu_share']:.0%} + "
+                     f"{d['host_load']['steal_share']:.0%}"
+                     for n, d in systems.items() if "host_load" in d))
     for n in names:
         if "error" in systems[n]:
             lines.append(f"{n} did not run: {systems[n]['error'].splitlines()[0][:200]}")
+    if result.get("noisy"):
+        lines += ["", f"NOISY: others used more than {NOISY_SHARE:.0%} of the machine while "
+                  f"measuring {', '.join(result['noisy'])}: the ratios and verdicts below "
+                  "compare systems measured under different load"]
     lines += ["", "bars (issue 12):"]
     for v in result["verdicts"]:
         lines.append(f"  {v['verdict'].upper():13s} {v['bar']}: {v['value']}")

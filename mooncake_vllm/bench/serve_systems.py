@@ -87,6 +87,14 @@ class Running:
     servers: list[VllmServer]
     url: str | None
     confinement: dict[str, str] = field(default_factory=dict)
+    # process groups of every process of the system (servers, front door): what the
+    # benchmark itself runs, told apart from other load on the machine (`host_load.py`)
+    pgids: set[int] = field(default_factory=set)
+
+    def add(self, name: str, process: Launched | None) -> None:
+        self.confinement[name] = _note(process)
+        if process is not None and process.pid is not None:
+            self.pgids.add(process.pid)
 
 
 def _note(process: Launched | None) -> str:
@@ -99,7 +107,9 @@ def _single(name: str, model: str, workdir: Path, stack: contextlib.ExitStack,
                         pin_process=True, name=name, log_path=workdir / f"{name}.log")
     stack.callback(server.stop)
     wait_all_ready([server.start()], progress, startup_timeout_s)
-    return Running([server], server.url, {name: _note(server.process)})
+    running = Running([server], server.url)
+    running.add(name, server.process)
+    return running
 
 
 def _ours(model: str, workdir: Path, stack: contextlib.ExitStack, progress: Progress,
@@ -114,7 +124,10 @@ def _ours(model: str, workdir: Path, stack: contextlib.ExitStack, progress: Prog
         stack.callback(server.stop)
         servers.append(server.start())
     wait_all_ready(servers, progress, startup_timeout_s)
-    return Running(servers, None, {s.name: _note(s.process) for s in servers})
+    running = Running(servers, None)
+    for s in servers:
+        running.add(s.name, s.process)
+    return running
 
 
 @contextlib.contextmanager
@@ -124,9 +137,12 @@ def start_conductor(running: Running, flags: Sequence[str], log_path: Path) -> I
     conductor = ConductorProcess(["--prefill", prefill.url, "--decode", decode.url, *flags],
                                  log_path=log_path, cpus=BOTH_CORES)
     with conductor:
-        running.confinement["conductor"] = _note(conductor.process)
-        conductor.wait_healthy(timeout_s=60)
-        yield conductor.url
+        running.add("conductor", conductor.process)
+        try:
+            conductor.wait_healthy(timeout_s=60)
+            yield conductor.url
+        finally:
+            running.pgids.discard(conductor.process.pid or -1)
 
 
 @contextlib.contextmanager
@@ -144,7 +160,10 @@ def start_system(name: str, model: str, workdir: Path, progress: Progress,
             url, servers, relay = start_builtin_pair(
                 model, workdir, stack, progress, startup_timeout_s, PREFILL_CORES,
                 DECODE_CORES, BOTH_CORES)
-            notes = {s.name: _note(s.process) for s in servers}
-            yield Running(servers, url, {**notes, "relay": _note(relay)})
+            running = Running(servers, url)
+            for s in servers:
+                running.add(s.name, s.process)
+            running.add("relay", relay)
+            yield running
         else:
             raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")

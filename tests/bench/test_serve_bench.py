@@ -47,6 +47,8 @@ def test_serve_bench_keeps_json_and_plot(tmp_path: Path) -> None:
         (point,) = data["sweep"]
         assert point["rate"] == 4 and point["failed"] == 0 and point["requests"] == 6, point
         assert 0 <= point["met_slos"] <= 6 and point["goodput_rps"] >= 0, point
+        load = data["host_load"]  # what others used of the machine meanwhile
+        assert load["window_s"] > 0 and min(load["foreign_cpu_share"], load["steal_share"]) >= 0
     confinement = result["confinement"]
     assert confinement["single"]["single"].startswith("cores 0,1 by "), confinement
     ours = confinement["mooncake_vllm"]
