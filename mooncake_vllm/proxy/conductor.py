@@ -163,10 +163,15 @@ class Conductor:
             return Route(local, None, path="local", predicted_ttft_s=local.predicted_ttft_s,
                          predicted_itl_s=base_itl)
         p = self.policy.choose_prefill(prefill, key)
+        # D's prefill speed is taken to be P's (the same model on, as a rule, the same
+        # hardware): D's own samples come from few prompts, mostly tiny local ones, and two
+        # noisy overheads would decide between local and disaggregated instead of the handoff.
+        speed = p.instance.ttft
+        local = assess(d, key, speed)
         head = self.pipeline_head(key, p.instance) if pipelinable else 0
         head_choice = assess(p.instance, key.head(head)) if head else None
         pair = (p.instance.instance_id, d.instance_id)
-        spt_d = d.ttft.coefficients()[1]
+        spt_d = speed.coefficients()[1]
         prediction = Prediction(
             p_prefill_s=p.predicted_ttft_s,
             handoff_s=self.handoff_s.get(pair, cfg.prior_handoff_s),
@@ -174,7 +179,7 @@ class Conductor:
             d_running=d.decode_batch(), d_seconds_per_token=spt_d,
             prompt_tokens=key.num_tokens, pipeline_tokens=head,
             p_head_prefill_s=head_choice.predicted_ttft_s if head_choice else 0.0,
-            d_tail_prefill_s=d.ttft.predict(d.queued_prefill_tokens + key.num_tokens - head),
+            d_tail_prefill_s=speed.predict(d.queued_prefill_tokens + key.num_tokens - head),
             pipeline_overhead_s=self.pipeline_overhead_s.get(pair, cfg.prior_handoff_s))
         opts = options(prediction, local=cfg.local_prefill_max_tokens is None
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
