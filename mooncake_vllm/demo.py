@@ -151,14 +151,14 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
         transfer_log = TransferLog(prefill.log_path)
 
         progress.say("the single instance answers every prompt (prefill and decode idle)")
-        pd_cpu = _cpu_seconds(prefill, decode)
+        pd_cpu, started = _cpu_seconds(prefill, decode), time.monotonic()
         refs = [stream_completion(single.url, model, prompt, max_tokens, request_timeout_s)
                 for prompt in prompts]
-        pd_cpu = _cpu_seconds(prefill, decode) - pd_cpu
+        pd_cpu, reference_run_s = _cpu_seconds(prefill, decode) - pd_cpu, time.monotonic() - started
         time.sleep(0.5)  # its compute threads may spin a moment after the last request
 
         rows = []
-        reference_cpu = _cpu_seconds(single)
+        reference_cpu, started = _cpu_seconds(single), time.monotonic()
         for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True), 1):
             progress.say(f"prompt {i}/{len(prompts)} through the conductor: "
                          f"{ref.prompt_tokens} tokens")
@@ -168,12 +168,12 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             # P logs a transfer before D can emit its first token; read it for this row.
             moved = transfer_log.wait_new(1, timeout_s=2.0 if path != "local" else 0.0)
             rows.append(Row(prompt, got, ref, path, moved))
-        reference_cpu = _cpu_seconds(single) - reference_cpu
+        reference_cpu, pd_run_s = _cpu_seconds(single) - reference_cpu, time.monotonic() - started
         strays = _threads_off_their_cores(servers)  # while the connector's threads still run
         sent = sum(t.bytes for row in rows for t in row.transfers)
         received = _wait_bytes_received(decode, received_before + sent, timeout_s=15)
         return DemoResult(rows, received - received_before, _cores_in_words(servers),
-                          pd_cpu, reference_cpu, *strays)
+                          pd_cpu, reference_cpu, reference_run_s, pd_run_s, *strays)
     finally:
         progress.say("stopping everything")
         with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short

@@ -209,6 +209,8 @@ class DemoResult:
     cores: str  # where each instance ran, in words
     pd_cpu_during_reference_s: float
     reference_cpu_during_pd_s: float
+    reference_run_s: float  # wall time of the reference's run, then of P and D's
+    pd_run_s: float
     threads_checked: int = 0  # threads of the confined instances, looked at after the run
     threads_off_their_cores: list[str] = field(default_factory=list)
 
@@ -273,11 +275,13 @@ def explain(result: DemoResult) -> list[str]:
         "- The model is a tiny Llama with random weights, so its text is noise. The point is "
         "equality: greedy decoding on the decode instance, from KV computed by the prefill "
         "instance and moved over the transfer engine, gives the single instance's tokens.",
-        f"- Cores: {result.cores}. The single instance answered while prefill and decode "
-        f"idled (they used {result.pd_cpu_during_reference_s:.2f} s of CPU meanwhile: "
-        f"health checks), and idled while they answered "
-        f"({result.reference_cpu_during_pd_s:.2f} s), so neither run competed with the "
-        "other. The single instance splits every operation over both cores, which meet after "
+        f"- Cores: {result.cores}. The single instance answered first, then the conductor "
+        "with prefill and decode; each side idled during the other's run but for health "
+        "checks and metrics scrapes (prefill and decode used "
+        f"{result.pd_cpu_during_reference_s:.2f} s of CPU in the reference's "
+        f"{result.reference_run_s:.1f} s, the reference "
+        f"{result.reference_cpu_during_pd_s:.2f} s in their {result.pd_run_s:.1f} s). "
+        "The single instance splits every operation over both cores, which meet after "
         "each: where other programs use these cores too, it waits for the busier one, and "
         "timings vary from run to run.",
         "- path: what the conductor, started with no tuning flag, chose for each request: "
