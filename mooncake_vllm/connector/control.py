@@ -51,7 +51,10 @@ def unpin_current_thread() -> None:
 
     vLLM's CPU worker pins its main thread to one core for OpenMP, and threads it starts
     inherit that pin: our I/O threads would then only run when the busy model thread yields,
-    which stretches a millisecond of work into seconds.
+    which stretches a millisecond of work into seconds. On a host whose instances are pinned
+    apart they may then run on another instance's cores: they do little, and waiting for our
+    own model thread would cost far more. Inside a cgroup cpuset the kernel intersects the
+    mask with the cpuset's cores, so a confined instance stays confined.
     """
     try:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
