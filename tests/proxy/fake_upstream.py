@@ -30,9 +30,11 @@ class Seen:
 @dataclass
 class FakeInstance:
     """`remote_control`: what a prefill answer carries. `fail`: (status, body) answered to
-    every generation request instead. `hold`: generation requests wait for it to be set."""
+    every generation request instead. `hold`: generation requests wait for it to be set.
+    `token_ids`: what POST /tokenize answers (None: 404, as a server without it)."""
 
     remote_control: dict[str, Any] | None = None
+    token_ids: list[int] | None = None
     fail: tuple[int, bytes] | None = None
     hold: asyncio.Event | None = None
     seen: list[Seen] = field(default_factory=list)
@@ -68,10 +70,18 @@ class FakeInstance:
             return web.json_response({"object": "list", "data": [{"id": MODEL}]})
         return web.Response(text="")
 
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.token_ids is None:
+            return web.Response(status=404, text="Not Found")
+        return web.json_response({"tokens": self.token_ids, "count": len(self.token_ids),
+                                  "max_model_len": 4096})
+
     async def start(self) -> FakeInstance:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/tokenize", self._tokenize)
         for path in ("/health", "/metrics", "/v1/models"):
             app.router.add_get(path, self._get)
         self._runner = web.AppRunner(app, access_log=None)
