@@ -41,7 +41,6 @@ class Route:
     predicted_ttft_s: float = 0.0
     predicted_itl_s: float | None = None  # None: no decode instance in the plan
     rejected_for: str = ""  # "ttft" | "itl": admission refuses the request
-    overhead_s: float = 0.0  # the measured handoff or pipeline overhead in predicted_ttft_s
 
 
 class Conductor:
@@ -61,10 +60,8 @@ class Conductor:
         self.health: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.probe_locks: dict[str, asyncio.Lock] = {}
-        # Measured per P-D pair (EWMA): D's first token after P's answer (a handoff), and what
-        # a pipelined request took beyond the later of its two predicted halves.
+        # Measured per P-D pair (EWMA): D's first token after P's answer (the handoff).
         self.handoff_s: dict[tuple[str, str], float] = {}
-        self.pipeline_overhead_s: dict[tuple[str, str], float] = {}
         self.warmups: Warmups | None = None
 
     def _on_instance(self, event: str, inst: Instance) -> None:
@@ -73,9 +70,8 @@ class Conductor:
         else:
             self.metrics.healthy.labels(inst.instance_id, inst.role).set(0)
             self.probe_locks.pop(inst.instance_id, None)
-            for pairs in (self.handoff_s, self.pipeline_overhead_s):
-                for pair in [k for k in pairs if inst.instance_id in k]:
-                    del pairs[pair]
+            for pair in [k for k in self.handoff_s if inst.instance_id in k]:
+                del self.handoff_s[pair]
 
     async def start(self) -> None:
         cfg = self.config
@@ -179,8 +175,7 @@ class Conductor:
             d_running=d.decode_batch(), d_seconds_per_token=spt_d,
             prompt_tokens=key.num_tokens, pipeline_tokens=head,
             p_head_prefill_s=head_choice.predicted_ttft_s if head_choice else 0.0,
-            d_tail_prefill_s=speed.predict(d.queued_prefill_tokens + key.num_tokens - head),
-            pipeline_overhead_s=self.pipeline_overhead_s.get(pair, cfg.prior_handoff_s))
+            d_tail_prefill_s=speed.predict(d.queued_prefill_tokens + key.num_tokens - head))
         opts = options(prediction, local=cfg.local_prefill_max_tokens is None
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be
@@ -193,12 +188,9 @@ class Conductor:
             "local": lambda: Route(local, None),
             "pipelined": lambda: Route(head_choice, d, pipeline_tokens=head),  # type: ignore
         }[chosen.path]()
-        overhead = {"disaggregated": prediction.handoff_s, "local": 0.0,
-                    "pipelined": prediction.pipeline_overhead_s}[chosen.path]
         return Route(route_of.prefill, route_of.decode, route_of.pipeline_tokens,
                      path=chosen.path, predicted_ttft_s=chosen.predicted_ttft_s,
-                     predicted_itl_s=chosen.predicted_itl_s, rejected_for=plan.rejected_for,
-                     overhead_s=overhead)
+                     predicted_itl_s=chosen.predicted_itl_s, rejected_for=plan.rejected_for)
 
     def would_pipeline(self, key: PromptKey) -> bool:
         """Whether a text prompt of this estimated length would be pipelined if its token ids
@@ -239,13 +231,12 @@ class Conductor:
             return 0
         return max(1, int(self.config.prefill_window_target_s / seconds_per_token))
 
-    def observe_pair(self, table: dict[tuple[str, str], float], p: Instance, d: Instance,
-                     seconds: float) -> None:
-        """One measurement of a P-D pair's handoff or pipeline overhead (EWMA, never < 0)."""
+    def observe_handoff(self, p: Instance, d: Instance, seconds: float) -> None:
+        """One measurement of a P-D pair's handoff (EWMA, never < 0)."""
         pair = (p.instance_id, d.instance_id)
         sample = max(seconds, 0.0)
-        old = table.get(pair)
-        table[pair] = sample if old is None else 0.8 * old + 0.2 * sample
+        old = self.handoff_s.get(pair)
+        self.handoff_s[pair] = sample if old is None else 0.8 * old + 0.2 * sample
 
 
 def pipeline_cut(num_tokens: int, share: float, attention_tokens: float) -> float:

@@ -172,17 +172,12 @@ class RequestRun:
             self._chunks.append(time.monotonic())
 
     def _observe_pair(self) -> None:
-        """With both P's answer and D's first token seen: the pair's handoff (disaggregated),
-        or what a pipelined request took beyond its predicted halves."""
+        """With both P's answer and D's first token seen: the pair's handoff (for a pipelined
+        request, D's first token after P's answer for the head)."""
         route, ttft, done = self.route, self._ttft_seen, self._prefill_done
         if route.decode is None or ttft is None or done is None:
             return
-        p, d = route.prefill.instance, route.decode
-        if route.pipeline_tokens:
-            compute = route.predicted_ttft_s - route.overhead_s
-            self.c.observe_pair(self.c.pipeline_overhead_s, p, d, ttft - compute)
-        else:
-            self.c.observe_pair(self.c.handoff_s, p, d, ttft - done)
+        self.c.observe_handoff(route.prefill.instance, route.decode, ttft - done)
 
     def on_chunk(self) -> None:
         """A chunk of D's stream: one gap of this request's ITL, and of D's decode load."""

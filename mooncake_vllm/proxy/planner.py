@@ -7,8 +7,7 @@ Paths (with prefill and decode instances up):
 - "local": D prefills the prompt itself. TTFT: D's own queue and compute, no handoff. ITL: D's
   running decodes also wait for this prefill's tokens in their steps.
 - "pipelined": P prefills the head while D prefills the tail, one layer apart. TTFT: the later
-  of the two halves, plus the overhead measured for pipelined requests on that pair. ITL: D's
-  running decodes wait for the tail.
+  of the two halves, plus the handoff. ITL: D's running decodes wait for the tail.
 
 The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
 smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
@@ -48,7 +47,6 @@ class Prediction:
     pipeline_tokens: int = 0
     p_head_prefill_s: float = 0.0
     d_tail_prefill_s: float = 0.0
-    pipeline_overhead_s: float = 0.0  # measured on this pair, beyond the later half
 
 
 def options(pr: Prediction, local: bool = True, pipelined: bool = True,
@@ -67,8 +65,7 @@ def options(pr: Prediction, local: bool = True, pipelined: bool = True,
     if pipelined and pr.pipeline_tokens > 0:
         tail = pr.prompt_tokens - pr.pipeline_tokens
         out.append(Option("pipelined",
-                          max(pr.p_head_prefill_s, pr.d_tail_prefill_s)
-                          + pr.pipeline_overhead_s,
+                          max(pr.p_head_prefill_s, pr.d_tail_prefill_s) + pr.handoff_s,
                           itl_with_prefill(tail), pr.pipeline_tokens))
     return out
 

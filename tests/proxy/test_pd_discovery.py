@@ -206,9 +206,11 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
     start the head before it schedules its part (one gate wait counted on D)."""
     p, d = cluster.prefill, cluster.decode
     with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(tiny_model),
-                       "--pipeline-prefill-min-tokens", "128", "--pipeline-gate"]) as proxy:
+                           "--pipeline-prefill-min-tokens", "128", "--pipeline-gate",
+                           "--local-prefill-max-tokens", "0"]) as proxy:
         warmed_up(proxy)
-        assert post(proxy.url + "/v1/completions",  # probes P for its remote_control
+        # Disaggregated: probes P for its remote_control, and P's answer carries its shape.
+        assert post(proxy.url + "/v1/completions",
                     _body(tiny_model, prompt="warm up", max_tokens=1))[0] == 200
         body = _body(tiny_model, prompt="Pipelines overlap the two halves of a prefill. " * 30,
                      max_tokens=12)

@@ -29,7 +29,7 @@ def _prediction(**kw: float) -> Prediction:
     base = dict(p_prefill_s=0.01 + n * spt, handoff_s=0.02, d_prefill_s=0.01 + n * spt,
                 d_base_itl_s=0.01, d_running=0.0, d_seconds_per_token=spt, prompt_tokens=n,
                 pipeline_tokens=head, p_head_prefill_s=0.01 + head * spt,
-                d_tail_prefill_s=0.01 + (n - head) * spt, pipeline_overhead_s=0.02)
+                d_tail_prefill_s=0.01 + (n - head) * spt)
     base.update(kw)
     return Prediction(**base)  # type: ignore[arg-type]
 
