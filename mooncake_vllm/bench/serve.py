@@ -96,8 +96,9 @@ def derive_slos_on(url: str, model: str, args: argparse.Namespace,
     """The rule of `goodput.py`, on the single instance at `url` (already warmed up); with
     what others used of the machine meanwhile."""
     make = PromptMaker(args.vocab_size, PROBE_SEED)
-    probe = [Request(r.prompt, r.max_tokens, math.nan)
-             for r in sweep_requests(make, args, 1.0, PROBE_SEED)[:args.slo_probe_requests]]
+    one_at_a_time = [math.nan] * args.slo_probe_requests
+    probe = mixed_requests(make, one_at_a_time, (args.prompt_min, args.prompt_max),
+                           (args.output_min, args.output_max), PROBE_SEED)
     window = ForeignLoad(pgids).start()
     outcomes, _ = asyncio.run(run_scenario(url, model, probe, args.request_timeout))
     load = window.stop()
