@@ -6,10 +6,10 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "transfer": "engine throughput between two processes vs the machine's ceilings",
+    "transfer": "engine throughput on 1 and N connections vs iperf3 -P 1 and -P N",
     "layerwise": "exposed vs non-overlapped KV transfer time for one long prefill",
     "routing": "cache-aware vs round-robin routing on a multi-turn workload",
-    "serve": "P/D vs a single instance (and vLLM's built-in connectors) under load",
+    "serve": "goodput under TTFT and ITL SLOs: P/D vs one instance vs vLLM's MooncakeConnector",
 }
 
 
