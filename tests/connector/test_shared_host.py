@@ -87,7 +87,8 @@ def first_request_and_burst(p: VllmServer, d: VllmServer, round_no: int) -> str:
     with ThreadPoolExecutor(8) as pool:
         burst_got = list(pool.map(lambda pr: pd_completion(p, d, rc, pr, 8), burst))
     burst_s = time.monotonic() - t0
-    where = f"round {round_no}: logs {p.log_path}, {d.log_path}"
+    where = (f"round {round_no} (host load average {os.getloadavg()[0]:.1f}): logs "
+             f"{p.log_path}, {d.log_path}")
     assert first_s < FIRST_REQUEST_S, f"first request took {first_s:.1f}s; {where}"
     assert burst_s < BURST_S, f"burst of 8 took {burst_s:.1f}s; {where}"
     assert_same_greedy(completion(p, first, 8), got)
