@@ -7,8 +7,10 @@ their mean inter-token latencies. `--slo-ttft-s` / `--slo-itl-s` fix either by h
 
 A request meets the SLOs when it was answered without error, its TTFT is within the TTFT
 SLO, and its mean inter-token latency (time per output token after the first) is within the
-ITL SLO. Rejected (503) and failed requests miss. Goodput is the requests that met both SLOs
-per second of makespan (first send to last answer), the same schedule for every system.
+ITL SLO. Rejected (503) and failed requests miss. Goodput at a rate is the requests per second
+that met both SLOs out of those offered: the rate times the share that met them. (Counting
+per second of makespan instead would let the latency of a run's last request decide between
+two systems that both met every SLO.)
 """
 
 from __future__ import annotations
@@ -76,14 +78,16 @@ def meets_slos(outcome: Outcome, slos: Slos) -> bool:
     return outcome.output_tokens < 2 or outcome.mean_itl_s <= slos.itl_s
 
 
-def goodput(outcomes: Sequence[Outcome], makespan_s: float, slos: Slos) -> dict[str, Any]:
-    """SLO attainment and goodput of one sweep point; admitted requests' ITL p99 beside."""
+def goodput(outcomes: Sequence[Outcome], rate: float, slos: Slos) -> dict[str, Any]:
+    """SLO attainment and goodput of one sweep point offered at `rate` requests/s; admitted
+    requests' ITL p99 beside."""
     met = sum(meets_slos(o, slos) for o in outcomes)
     admitted = [o for o in outcomes if not o.rejected]
+    attainment = met / len(outcomes) if outcomes else math.nan
     return rounded({
         "met_slos": met,
-        "slo_attainment": met / len(outcomes) if outcomes else math.nan,
-        "goodput_rps": met / makespan_s if makespan_s > 0 else math.nan,
+        "slo_attainment": attainment,
+        "goodput_rps": rate * attainment,
         "rejected_fraction": (len(outcomes) - len(admitted)) / len(outcomes)
         if outcomes else math.nan,
         "admitted_itl_p99_s": percentile([x for o in admitted for x in o.itl_s], 99),

@@ -137,7 +137,7 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
         progress.say(f"{system} {name}: {_brief(result['scenarios'][name])}")
     for rate, reqs in zip(args.rates, sweep, strict=True):
         outcomes, span = asyncio.run(run_scenario(url, model, reqs, args.request_timeout))
-        point = {"rate": rate, **summarise(outcomes, span), **goodput(outcomes, span, slos)}
+        point = {"rate": rate, **summarise(outcomes, span), **goodput(outcomes, rate, slos)}
         result["sweep"].append(point)
         progress.say(f"{system} rate {rate:g}/s: goodput {point['goodput_rps']:.2f}/s, "
                      f"SLOs met {point['met_slos']}/{point['requests']}, {_brief(point)}")

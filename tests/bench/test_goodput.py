@@ -84,9 +84,9 @@ def test_goodput_counts_only_requests_meeting_both_slos() -> None:
         Outcome(status=0, error="TimeoutError: "),  # failed: a miss
     ]
     assert [meets_slos(o, slos) for o in outcomes] == [True, True, False, False, False, False]
-    point = goodput(outcomes, makespan_s=4.0, slos=slos)
+    point = goodput(outcomes, rate=3.0, slos=slos)
     assert point["met_slos"] == 2
-    assert point["goodput_rps"] == pytest.approx(0.5)
+    assert point["goodput_rps"] == pytest.approx(1.0, abs=1e-5)  # 3/s offered, a third met
     assert point["slo_attainment"] == pytest.approx(2 / 6, abs=1e-6)
     assert point["rejected_fraction"] == pytest.approx(1 / 6, abs=1e-6)
     assert point["admitted_itl_p99_s"] == pytest.approx(0.05)  # the ITL-missing request's gaps
