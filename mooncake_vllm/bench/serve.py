@@ -46,7 +46,6 @@ from mooncake_vllm.bench.serve_systems import (
     reset_prefix_caches,
     start_conductor,
     start_system,
-    unsupported_slo_flags,
 )
 from mooncake_vllm.bench.workload import (
     PromptMaker,
@@ -304,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         "noisy": sorted(n for n, d in systems.items() if d.get("host_load", {}).get("noisy"))
         + (["slo_probe"] if (record["slo_probe_host_load"] or {}).get("noisy") else []),
         "conductor_flags": conductor_flags(slos),
-        "conductor_lacks": unsupported_slo_flags(),
         "workload": {k: getattr(args, k) for k in (
             "rates", "sweep_requests", "prompt_min", "prompt_max", "output_min", "output_max",
             "output_len", "repeats", "slo_probe_requests", "seed", "scenarios")},

@@ -17,9 +17,6 @@ cores.
 from __future__ import annotations
 
 import contextlib
-import functools
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +25,11 @@ from pathlib import Path
 from mooncake_vllm.bench.goodput import Slos
 from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.launcher import Launched
+from mooncake_vllm.testing.ports import free_port
 from mooncake_vllm.testing.startup import Progress, wait_all_ready
-from mooncake_vllm.testing.vllm_server import VllmServer, free_port
+from mooncake_vllm.testing.vllm_server import VllmServer
 
 SYSTEMS = ("single", "single_1core", "mooncake_vllm", "vllm_mooncake")
-REPORTED = ("single", "single_1core", "mooncake_vllm", "mooncake_vllm_always_pd",
-            "vllm_mooncake")
 BOTH_CORES, PREFILL_CORES, DECODE_CORES = [0, 1], [0], [1]
 # The conductor's overrides that turn off every fast path, so every prompt goes whole to P.
 ALWAYS_PD_FLAGS = ("--local-prefill-max-tokens", "0", "--pipeline-prefill-min-tokens", "0",
@@ -43,25 +39,8 @@ ALWAYS_PD_FLAGS = ("--local-prefill-max-tokens", "0", "--pipeline-prefill-min-to
 DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 
 
-@functools.cache
-def conductor_help() -> str:
-    out = subprocess.run([sys.executable, "-m", "mooncake_vllm.cli", "proxy", "--help"],
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout
-
-
 def slo_flags(slos: Slos) -> list[str]:
-    """The SLO flags this conductor knows (`unsupported_slo_flags` names the others, and the
-    run's JSON records them)."""
-    flags = []
-    for flag, value in (("--slo-ttft-s", slos.ttft_s), ("--slo-itl-s", slos.itl_s)):
-        if flag in conductor_help():
-            flags += [flag, f"{value:g}"]
-    return flags
-
-
-def unsupported_slo_flags() -> list[str]:
-    return [f for f in ("--slo-ttft-s", "--slo-itl-s") if f not in conductor_help()]
+    return ["--slo-ttft-s", f"{slos.ttft_s:g}", "--slo-itl-s", f"{slos.itl_s:g}"]
 
 
 def conductor_flags(slos: Slos) -> dict[str, list[str]]:
