@@ -172,10 +172,10 @@ class RequestRun:
             self._chunks.append(time.monotonic())
 
     def _observe_pair(self) -> None:
-        """With both P's answer and D's first token seen: the pair's handoff (for a pipelined
-        request, D's first token after P's answer for the head)."""
+        """With both P's answer and D's first token seen: the pair's handoff. Not of a
+        pipelined request: D's first token then also waits for D's own tail."""
         route, ttft, done = self.route, self._ttft_seen, self._prefill_done
-        if route.decode is None or ttft is None or done is None:
+        if route.decode is None or route.pipeline_tokens or ttft is None or done is None:
             return
         self.c.observe_handoff(route.prefill.instance, route.decode, ttft - done)
 
