@@ -138,7 +138,9 @@ async def instances(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     return web.json_response({"policy": c.policy.name, "prefix_hashing": c.hasher.mode,
-                              "instances": [i.describe() for i in c.registry]})
+                              "instances": [i.describe() for i in c.registry],
+                              "handoff_s": {f"{p} -> {d}": s for (p, d), s in
+                                            c.handoff_s.items()}})
 
 
 async def admission(request: web.Request) -> web.Response:
