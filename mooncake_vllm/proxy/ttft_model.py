@@ -51,7 +51,9 @@ class TtftModel:
             slope = 1.0 / self.prior_tokens_per_s
         else:
             slope = (self._sxy / self._w - mean_x * mean_y) / var_x
-        slope = max(slope, 0.0)
+        # A few noisy timings (a loaded host) can fit a flat or falling line, which would make
+        # every prompt look free to prefill: the rate is held within 10x of the prior's.
+        slope = max(slope, 0.1 / self.prior_tokens_per_s)
         return max(mean_y - slope * mean_x, 0.0), slope
 
     def predict(self, tokens: float) -> float:

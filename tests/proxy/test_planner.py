@@ -201,3 +201,14 @@ def test_slow_decode_steps_alone_do_not_move_prefill_off_an_idle_decode() -> Non
     slow = _prediction(prompt_tokens=1, d_base_itl_s=0.3)
     plan = choose(options(slow), None, 0.1)
     assert plan.option is not None and plan.option.path == "local" and not plan.within_itl
+
+
+def test_noisy_timings_never_make_prefill_look_free() -> None:
+    """Timings that fall with prompt size (a loaded host) fit a falling line; the rate stays
+    within 10x of the warm-up's, so a long prompt is never predicted to cost nothing."""
+    m = TtftModel(prior_overhead_s=0.01, prior_tokens_per_s=4000.0)
+    for _ in range(20):
+        m.observe(100, 0.5)
+        m.observe(1900, 0.2)
+    assert m.coefficients()[1] == pytest.approx(0.1 / 4000.0)
+    assert m.predict(1900) > m.predict(1)
