@@ -46,7 +46,7 @@ def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
                       remote_control: dict[str, Any], rank0: Any, model: str) -> Any:
     """Publish this instance so a proxy can find it; returns the open store (close to leave)."""
     from mooncake_vllm.metadata import InstanceInfo
-    from mooncake_vllm.metadata.base import KVLayout
+    from mooncake_vllm.metadata.base import KVLayoutRecord
 
     lay = dict(rank0.layout)
     store = open_store(config)
@@ -54,7 +54,7 @@ def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
         instance_id=config.instance_id, role=role,  # type: ignore[arg-type]
         http_url=config.http_url(), control_endpoint=rank0.control, model=model,
         engine_id=str(remote_control.get("engine_id", "")), segment_name=rank0.segment_name,
-        kv_layout=KVLayout(num_layers=lay["num_layers"], block_size=lay["block_size"],
+        kv_layout=KVLayoutRecord(num_layers=lay["num_layers"], block_size=lay["block_size"],
                            dtype=lay["dtype"], num_kv_heads=lay["num_kv_heads"],
                            head_size=lay["head_size"], tp_rank=0, tp_size=lay["tp_size"]),
         remote_control=remote_control, model_shape=model_shape(vllm_config))

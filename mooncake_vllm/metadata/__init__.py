@@ -1,6 +1,6 @@
 """Metadata and discovery: segment descriptors and the instance registry of a cluster.
 
-    from mooncake_vllm.metadata import open_metadata, InstanceInfo, KVLayout
+    from mooncake_vllm.metadata import open_metadata, InstanceInfo, KVLayoutRecord
     md = open_metadata("etcd://10.0.0.5:2379,10.0.0.6:2379", namespace="prod", ttl_s=10)
     md.publish_segment(name, engine.descriptor())
     md.register_instance(InstanceInfo(...))
@@ -39,7 +39,7 @@ from .base import (
     SCHEMA_VERSION,
     InstanceCallback,
     InstanceInfo,
-    KVLayout,
+    KVLayoutRecord,
     MalformedValueError,
     MetadataConfigError,
     MetadataError,
@@ -52,7 +52,8 @@ from .url import MetadataUrl, parse_metadata_url
 
 __all__ = [
     "ROLES", "SCHEMA_VERSION", "EmbeddedMetadata", "InstanceCallback", "InstanceInfo",
-    "KVLayout", "MalformedValueError", "MetadataConfigError", "MetadataError", "MetadataStore",
+    "KVLayoutRecord", "MalformedValueError", "MetadataConfigError", "MetadataError",
+    "MetadataStore",
     "MetadataUnavailableError", "MetadataUrl", "ModelShape", "ENV_VARS", "open_metadata",
     "parse_metadata_url",
 ]

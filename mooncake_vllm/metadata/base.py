@@ -49,8 +49,9 @@ class MalformedValueError(ValueError):
 
 
 @dataclass(frozen=True)
-class KVLayout:
-    """How one instance lays out its paged KV cache; a peer needs it to address blocks."""
+class KVLayoutRecord:
+    """How one instance lays out its paged KV cache, as published in its record; a peer needs
+    it to address blocks. (`connector.layout.KVLayout` is the worker's own memory map.)"""
 
     num_layers: int
     block_size: int  # tokens per block
@@ -69,7 +70,7 @@ class KVLayout:
         _require_str("dtype", self.dtype)
 
     @classmethod
-    def from_dict(cls, d: Any) -> KVLayout:
+    def from_dict(cls, d: Any) -> KVLayoutRecord:
         if not isinstance(d, dict):
             raise MalformedValueError(f"kv_layout must be an object, got {type(d).__name__}")
         known = {k: d[k] for k in _KV_LAYOUT_FIELDS if k in d}
@@ -150,7 +151,7 @@ class InstanceInfo:
     model: str
     engine_id: str = ""
     segment_name: str = ""
-    kv_layout: KVLayout | None = None
+    kv_layout: KVLayoutRecord | None = None
     remote_control: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     model_shape: ModelShape | None = None
@@ -165,8 +166,8 @@ class InstanceInfo:
             _require_str(name, getattr(self, name), allow_empty=True)
         for name in ("engine_id", "segment_name"):
             _require_str(name, getattr(self, name), allow_empty=True)
-        if self.kv_layout is not None and not isinstance(self.kv_layout, KVLayout):
-            raise MalformedValueError("kv_layout must be a KVLayout or None")
+        if self.kv_layout is not None and not isinstance(self.kv_layout, KVLayoutRecord):
+            raise MalformedValueError("kv_layout must be a KVLayoutRecord or None")
         if self.model_shape is not None and not isinstance(self.model_shape, ModelShape):
             raise MalformedValueError("model_shape must be a ModelShape or None")
         for name in ("remote_control", "extra"):
@@ -192,7 +193,7 @@ class InstanceInfo:
         if missing:
             raise MalformedValueError(f"instance lacks {', '.join(missing)}")
         layout = kwargs.get("kv_layout")
-        kwargs["kv_layout"] = None if layout is None else KVLayout.from_dict(layout)
+        kwargs["kv_layout"] = None if layout is None else KVLayoutRecord.from_dict(layout)
         shape = kwargs.get("model_shape")
         kwargs["model_shape"] = None if shape is None else ModelShape.from_dict(shape)
         try:

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mooncake_vllm.metadata import InstanceInfo, KVLayout
+from mooncake_vllm.metadata import InstanceInfo, KVLayoutRecord
 
 
 def make_info(instance_id: str, role: str = "prefill", **kw: object) -> InstanceInfo:
@@ -16,7 +16,7 @@ def make_info(instance_id: str, role: str = "prefill", **kw: object) -> Instance
         model="tiny-llama",
         engine_id=f"engine-{instance_id}",
         segment_name=f"seg-{instance_id}",
-        kv_layout=KVLayout(num_layers=4, block_size=32, dtype="float32", num_kv_heads=2,
+        kv_layout=KVLayoutRecord(num_layers=4, block_size=32, dtype="float32", num_kv_heads=2,
                            head_size=64, tp_rank=0, tp_size=1),
         remote_control={"ranks": [f"tcp://127.0.0.1:9100/{instance_id}"]},
     )

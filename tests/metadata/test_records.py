@@ -8,7 +8,7 @@ import pytest
 
 from mooncake_vllm.metadata import (
     InstanceInfo,
-    KVLayout,
+    KVLayoutRecord,
     MalformedValueError,
     MetadataConfigError,
     parse_metadata_url,
@@ -76,7 +76,7 @@ def test_segment_round_trip_and_validation() -> None:
 
 def test_kv_layout_validates_on_construction() -> None:
     with pytest.raises(MalformedValueError, match="head_size"):
-        KVLayout(num_layers=2, block_size=16, dtype="float16", num_kv_heads=2, head_size=-1)
+        KVLayoutRecord(num_layers=2, block_size=16, dtype="float16", num_kv_heads=2, head_size=-1)
 
 
 def test_keys_encode_names_and_reject_foreign_paths() -> None:
