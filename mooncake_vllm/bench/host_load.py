@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mooncake_vllm.testing.procfs import PGRP, all_stats, cpu_jiffies
+
 # A window in which others used more than this share of the machine is called noisy.
 NOISY_SHARE = 0.10
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -31,18 +33,8 @@ def machine_jiffies() -> tuple[int, int]:
 def group_jiffies(pgids: Iterable[int]) -> int:
     """CPU time (user + system) of the live processes of these process groups."""
     wanted = set(pgids)
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        # utime stime ...: comm may hold spaces and parentheses.
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) in wanted and int(stat.parent.name) != os.getpid():
-            total += int(fields[11]) + int(fields[12])
-    return total
+    return sum(cpu_jiffies(fields) for pid, fields in all_stats()
+               if int(fields[PGRP]) in wanted and pid != os.getpid())
 
 
 def _own_jiffies(pgids: Iterable[int]) -> int:

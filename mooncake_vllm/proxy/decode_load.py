@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .online_fit import ForgettingLine
+
 
 @dataclass
 class ItlModel:
@@ -27,34 +29,23 @@ class ItlModel:
     prior_weight: float = 5.0
 
     def __post_init__(self) -> None:
-        self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._line = ForgettingLine(self.forget)
         self.observations = 0
         for batch in (1.0, 33.0):
-            self._add(batch, self.prior_base_s + (batch - 1) * self.prior_per_request_s,
-                      self.prior_weight)
-
-    def _add(self, x: float, y: float, w: float) -> None:
-        self._w += w
-        self._sx += w * x
-        self._sy += w * y
-        self._sxx += w * x * x
-        self._sxy += w * x * y
+            self._line.add(batch, self.prior_base_s + (batch - 1) * self.prior_per_request_s,
+                           self.prior_weight)
 
     def observe(self, batch: float, gap_s: float) -> None:
         """A gap between two chunks relayed from the instance while `batch` requests ran."""
         if batch < 1 or not 0 <= gap_s < 60:
             return
-        f = self.forget
-        self._w, self._sx, self._sy = self._w * f, self._sx * f, self._sy * f
-        self._sxx, self._sxy = self._sxx * f, self._sxy * f
-        self._add(float(batch), float(gap_s), 1.0)
+        self._line.observe(float(batch), float(gap_s))
         self.observations += 1
 
     def base(self, batch: float) -> float:
         """Predicted ITL with `batch` requests decoding and no prefill in their steps."""
-        mean_x, mean_y = self._sx / self._w, self._sy / self._w
-        var_x = self._sxx / self._w - mean_x * mean_x
-        slope = (self._sxy / self._w - mean_x * mean_y) / var_x if var_x > 1e-9 else 0.0
+        mean_x, mean_y, var_x, cov = self._line.moments()
+        slope = cov / var_x if var_x > 1e-9 else 0.0
         slope = max(slope, 0.0)
         return max(mean_y + slope * (max(batch, 1.0) - mean_x), 0.0)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .online_fit import ForgettingLine
+
 
 @dataclass
 class TtftModel:
@@ -20,37 +22,24 @@ class TtftModel:
     prior_weight: float = 2.0
 
     def __post_init__(self) -> None:
-        # Sufficient statistics of a weighted linear regression y = a + b x.
-        self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._line = ForgettingLine(self.forget)
         self.observations = 0
         # Prior: two pseudo-points on the prior line, at 0 and at 1000 tokens.
         for x in (0.0, 1000.0):
-            self._add(x, self.prior_overhead_s + x / self.prior_tokens_per_s, self.prior_weight)
-
-    def _add(self, x: float, y: float, w: float) -> None:
-        self._w += w
-        self._sx += w * x
-        self._sy += w * y
-        self._sxx += w * x * x
-        self._sxy += w * x * y
+            self._line.add(x, self.prior_overhead_s + x / self.prior_tokens_per_s,
+                           self.prior_weight)
 
     def observe(self, tokens: float, ttft_s: float) -> None:
         if tokens < 0 or not ttft_s >= 0:
             return
-        f = self.forget
-        self._w, self._sx, self._sy = self._w * f, self._sx * f, self._sy * f
-        self._sxx, self._sxy = self._sxx * f, self._sxy * f
-        self._add(float(tokens), float(ttft_s), 1.0)
+        self._line.observe(float(tokens), float(ttft_s))
         self.observations += 1
 
     def coefficients(self) -> tuple[float, float]:
         """(overhead_s, seconds_per_token), both kept non-negative."""
-        mean_x, mean_y = self._sx / self._w, self._sy / self._w
-        var_x = self._sxx / self._w - mean_x * mean_x
-        if var_x < 1.0:  # all observations of one size: the slope is unknown
-            slope = 1.0 / self.prior_tokens_per_s
-        else:
-            slope = (self._sxy / self._w - mean_x * mean_y) / var_x
+        mean_x, mean_y, var_x, cov = self._line.moments()
+        # All observations of one size: the slope is unknown, the prior's stands.
+        slope = 1.0 / self.prior_tokens_per_s if var_x < 1.0 else cov / var_x
         # A few noisy timings (a loaded host) can fit a flat or falling line, which would make
         # every prompt look free to prefill: the rate is held within 10x of the prior's.
         slope = max(slope, 0.1 / self.prior_tokens_per_s)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mooncake_vllm.testing.cpuset import Confinement, parse_cpu_list
+from mooncake_vllm.testing.procfs import PGRP, STATE, all_stats, cpu_jiffies, stat_fields
 
 
 class LaunchError(RuntimeError):
@@ -89,12 +90,9 @@ class Launched:
         tick = os.sysconf("SC_CLK_TCK")
         total = 0
         for pid in self.pids():
-            try:
-                text = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            fields = text[text.rindex(")") + 2:].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            fields = stat_fields(pid)
+            if fields is not None:  # else it exited meanwhile
+                total += cpu_jiffies(fields)
         return total / tick
 
     def thread_cores(self) -> dict[int, set[int]]:
@@ -240,15 +238,7 @@ class Launched:
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
-        fields = text[text.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+    """Live (not zombie) processes of a process group."""
+    return [pid for pid, fields in all_stats()
+            if fields[STATE] != "Z" and int(fields[PGRP]) == pgid]
+
