@@ -183,7 +183,9 @@ class RequestRun:
         """A chunk of D's stream: one gap of this request's ITL, and of D's decode load."""
         now = time.monotonic()
         d = self.route.decode or self.route.prefill.instance
-        if self._chunks and d.queued_prefill_tokens == 0:  # no prefill of ours in D's steps
+        # Only gaps with no prefill of ours in D's steps: one that spanned a prefill's end
+        # (that prefill's own first token may arrive just before this chunk) is left out too.
+        if self._chunks and d.prefill_free_since(self._chunks[-1]):
             d.itl.observe(d.decode_batch(), now - self._chunks[-1])
         self._chunks.append(now)
 

@@ -8,6 +8,7 @@ health loop). Routing reads both; neither blocks.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class Instance:
     inflight: int = 0
     inflight_decode: int = 0
     queued_prefill_tokens: int = 0
+    # When the last prefill of ours here ended (time.monotonic()): a decode gap that began
+    # before it may have waited for that prefill.
+    prefill_quiet_since: float = 0.0
     window: PrefillWindow = field(default_factory=PrefillWindow)
     # Scraped from the instance's /metrics.
     running: float = 0.0
@@ -60,6 +64,11 @@ class Instance:
         """Running requests (ours or reported, whichever is larger), waiting ones, and KV usage:
         a decode instance whose KV is nearly full will preempt, so usage weighs heavily."""
         return max(float(self.inflight_decode), self.running) + self.waiting + 8.0 * self.kv_usage
+
+    def prefill_free_since(self, t: float) -> bool:
+        """Whether no prefill of ours ran here since `t`: a decode gap begun at `t` and ending
+        now then measures decode steps alone."""
+        return self.queued_prefill_tokens == 0 and t >= self.prefill_quiet_since
 
     def decode_batch(self) -> float:
         """Requests decoding here now: ours, or as reported, whichever is larger."""
@@ -119,6 +128,8 @@ class PrefillTicket:
         if self._open:
             self._open = False
             self.inst.queued_prefill_tokens -= self.tokens
+            if self.tokens:
+                self.inst.prefill_quiet_since = time.monotonic()
             self.inst.inflight -= 1
             if self._in_window:
                 self.inst.window.release(self.tokens)

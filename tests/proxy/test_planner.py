@@ -4,6 +4,8 @@ classes and functions with real inputs, no vLLM."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from mooncake_vllm.metadata import InstanceInfo, MalformedValueError, ModelShape
@@ -96,6 +98,21 @@ def test_itl_model_learns_batch_cost_and_charges_prefill() -> None:
     m.observe(0, 5.0)  # nothing was decoding: not a decode gap
     m.observe(2, -1.0)
     assert m.observations == 600
+
+
+def test_decode_gaps_that_waited_for_a_prefill_are_not_decode_load() -> None:
+    """A gap of a running request that spanned a local prefill on D ends about when that
+    prefill's own first token arrives; taken as decode load it would inflate D's predicted ITL
+    and reject requests that D could serve."""
+    c = _pd()
+    d = c.registry.get("d")
+    assert d is not None
+    gap_start = time.monotonic()
+    ticket = PrefillTicket(d, 800)  # a local prefill starts on D
+    assert not d.prefill_free_since(gap_start)
+    ticket.close()  # its first token: the prefill is over
+    assert not d.prefill_free_since(gap_start)  # the gap that spanned it is left out
+    assert d.prefill_free_since(time.monotonic())  # later gaps are decode steps alone
 
 
 def _pd(**cfg: object) -> Conductor:
