@@ -41,6 +41,7 @@ class Route:
     predicted_ttft_s: float = 0.0
     predicted_itl_s: float | None = None  # None: no decode instance in the plan
     rejected_for: str = ""  # "ttft" | "itl": admission refuses the request
+    idle_ttft_s: float = 0.0  # the prompt's compute alone: TTFT on an idle instance
 
 
 class Conductor:
@@ -130,26 +131,30 @@ class Conductor:
                 await session.close()
 
     def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False,
-              one_sequence: bool = True) -> Route | None:
+              one_sequence: bool = True, policy: Policy | None = None) -> Route | None:
         """Disaggregated, local or pipelined by plan (planner.py) when prefill and decode
         instances are up; else a "both" instance alone. A request for several sequences (n > 1,
         best_of, several prompts) is served by a decode instance alone: one transfer id carries
-        the KV of one sequence."""
+        the KV of one sequence. `policy`: another than the conductor's (a preview, which
+        leaves the conductor's turn where it is)."""
+        policy = policy or self.policy
+
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
         prefill, decode = up("prefill"), up("decode")
         if prefill and decode:
-            return self._plan(self.policy.choose_decode(decode), prefill, key, pipelinable,
+            return self._plan(policy, policy.choose_decode(decode), prefill, key, pipelinable,
                               one_sequence)
         both = up("both")
         if both:
-            choice = self.policy.choose_prefill(both, key)
-            return Route(choice, None, predicted_ttft_s=choice.predicted_ttft_s)
+            choice = policy.choose_prefill(both, key)
+            return Route(choice, None, predicted_ttft_s=choice.predicted_ttft_s,
+                         idle_ttft_s=choice.instance.ttft.predict(choice.new_tokens))
         return None
 
-    def _plan(self, d: Instance, prefill: list[Instance], key: PromptKey, pipelinable: bool,
-              one_sequence: bool) -> Route:
+    def _plan(self, policy: Policy, d: Instance, prefill: list[Instance], key: PromptKey,
+              pipelinable: bool, one_sequence: bool) -> Route:
         cfg = self.config
         local = assess(d, key)
         base_itl = d.itl.base(d.decode_batch() + 1)
@@ -157,8 +162,9 @@ class Conductor:
                         and key.num_tokens <= cfg.local_prefill_max_tokens)
         if forced_local or not one_sequence:
             return Route(local, None, path="local", predicted_ttft_s=local.predicted_ttft_s,
-                         predicted_itl_s=base_itl)
-        p = self.policy.choose_prefill(prefill, key)
+                         predicted_itl_s=base_itl,
+                         idle_ttft_s=d.ttft.predict(local.new_tokens))
+        p = policy.choose_prefill(prefill, key)
         # D's prefill speed is taken to be P's (the same model on, as a rule, the same
         # hardware): D's own samples come from few prompts, mostly tiny local ones, and two
         # noisy overheads would decide between local and disaggregated instead of the handoff.
@@ -180,7 +186,8 @@ class Conductor:
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be
             opts = [o for o in opts if o.path == "pipelined"]
-        plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s)
+        idle_ttft = speed.predict(min(p.new_tokens, local.new_tokens))
+        plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s, idle_ttft, d.itl.base(1))
         log.debug("plan for %d tokens: %s -> %s", key.num_tokens, opts, plan)
         chosen = plan.option or min(opts, key=lambda o: o.predicted_ttft_s)
         route_of = {
@@ -190,7 +197,8 @@ class Conductor:
         }[chosen.path]()
         return Route(route_of.prefill, route_of.decode, route_of.pipeline_tokens,
                      path=chosen.path, predicted_ttft_s=chosen.predicted_ttft_s,
-                     predicted_itl_s=chosen.predicted_itl_s, rejected_for=plan.rejected_for)
+                     predicted_itl_s=chosen.predicted_itl_s, rejected_for=plan.rejected_for,
+                     idle_ttft_s=idle_ttft)
 
     def would_pipeline(self, key: PromptKey) -> bool:
         """Whether a text prompt of this estimated length would be pipelined if its token ids
@@ -199,7 +207,7 @@ class Conductor:
             return False
         estimate = PromptKey(key.block_hashes, key.num_tokens, self.config.block_tokens,
                              (0,) * key.num_tokens)
-        route = self.route(estimate, set(), pipelinable=True)
+        route = self.route(estimate, set(), pipelinable=True, policy=self.policy.preview())
         return route is not None and route.path == "pipelined"
 
     def attention_tokens(self, p: Instance) -> float:

@@ -15,7 +15,6 @@ policy, so that policies can be compared on equal terms.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +43,11 @@ def assess(inst: Instance, key: PromptKey, model: TtftModel | None = None) -> Pr
 class Policy:
     name = "base"
 
+    def preview(self) -> Policy:
+        """A policy that makes the choices this one would make next, without advancing this
+        one's state: planning "what would happen" must not move a request's turn."""
+        return self
+
     def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
         raise NotImplementedError
 
@@ -54,20 +58,24 @@ class Policy:
 class RoundRobin(Policy):
     name = "round_robin"
 
-    def __init__(self) -> None:
-        self._p = itertools.count()
-        self._d = itertools.count()
+    def __init__(self, next_p: int = 0, next_d: int = 0) -> None:
+        self._p, self._d = next_p, next_d
+
+    def preview(self) -> Policy:
+        return RoundRobin(self._p, self._d)
 
     @staticmethod
-    def _pick(candidates: Sequence[Instance], counter: itertools.count[int]) -> Instance:
+    def _pick(candidates: Sequence[Instance], turn: int) -> Instance:
         ordered = sorted(candidates, key=lambda i: i.instance_id)
-        return ordered[next(counter) % len(ordered)]
+        return ordered[turn % len(ordered)]
 
     def choose_prefill(self, candidates: Sequence[Instance], key: PromptKey) -> PrefillChoice:
-        return assess(self._pick(candidates, self._p), key)
+        self._p += 1
+        return assess(self._pick(candidates, self._p - 1), key)
 
     def choose_decode(self, candidates: Sequence[Instance]) -> Instance:
-        return self._pick(candidates, self._d)
+        self._d += 1
+        return self._pick(candidates, self._d - 1)
 
 
 class LeastLoaded(Policy):

@@ -79,6 +79,23 @@ def test_round_robin_alternates() -> None:
     assert picks == ["p0", "p1", "p2", "p0", "p1", "p2"]
 
 
+@pytest.mark.parametrize("roles", [("both", "both"), ("prefill", "decode", "prefill", "decode")])
+def test_asking_whether_to_pipeline_does_not_move_the_round_robin_turn(roles: tuple) -> None:
+    """A text prompt makes the conductor plan once to see if its token ids are worth fetching:
+    that plan must not take a turn, or two "both" instances get every request on one of them."""
+    c = Conductor(ProxyConfig(both_urls=("http://127.0.0.1:8999",), policy="round_robin"))
+    for i, role in enumerate(roles):
+        c.registry.upsert(f"{role}{i}", f"http://127.0.0.1:{9000 + i}", role, "static")
+    key = PromptHasher(None).key(False, {"prompt": "word " * 1900})
+    picks = []
+    for _ in range(4):
+        c.would_pipeline(key)
+        route = c.route(key, set())
+        assert route is not None
+        picks.append(route.prefill.instance.instance_id)
+    assert len(set(picks)) == 2 and picks[:2] == picks[2:], picks
+
+
 def test_least_loaded_prefers_short_queue() -> None:
     reg = _registry(2)
     p0 = reg.get("p0")
