@@ -2,7 +2,9 @@
 
 The plan (planner.py) predicts each request's TTFT and ITL on the path it takes; with a TTFT
 SLO (admission on) a request predicted to miss it, or whose every path misses the ITL SLO, is
-refused at once with 503 and Retry-After. Every admitted request's observed TTFT, and for a
+refused at once with 503 and Retry-After, when load is the cause: one that would miss on idle
+instances too is admitted and counted (`mooncake_proxy_slo_unattainable`), since no retry
+would meet the SLO. Every admitted request's observed TTFT, and for a
 stream its observed ITL (the mean gap between relayed chunks), is paired with its prediction:
 the pairs go to Prometheus (`mooncake_proxy_{ttft,itl}_prediction_error_seconds`,
 `mooncake_proxy_slo_outcomes`, `mooncake_proxy_itl_slo_outcomes`) and the most recent ones to
@@ -54,9 +56,11 @@ class Admission:
         self.recent: deque[Outcome] = deque(maxlen=keep)
 
     def judge(self, instance: str, path: str, predicted_ttft_s: float,
-              predicted_itl_s: float | None = None, planned_rejection: str = "") -> Verdict:
+              predicted_itl_s: float | None = None, planned_rejection: str = "",
+              idle_ttft_s: float = 0.0) -> Verdict:
         """Admit or refuse; `planned_rejection` is the plan's ("itl": no path met the ITL
-        SLO). Counts the choice and its predictions."""
+        SLO); `idle_ttft_s` the TTFT predicted on an idle instance. Counts the choice and its
+        predictions."""
         m = self.metrics
         m.predicted_ttft.observe(predicted_ttft_s)
         if predicted_itl_s is not None:
@@ -64,10 +68,15 @@ class Admission:
         reason = planned_rejection
         if self.slo_ttft_s is None:
             reason = ""
-        elif predicted_ttft_s > self.slo_ttft_s:
+        elif predicted_ttft_s > self.slo_ttft_s >= idle_ttft_s:
             reason = "ttft"
         if not reason:
             m.paths.labels(path).inc()
+            if self.slo_ttft_s is not None and predicted_ttft_s > self.slo_ttft_s:
+                m.slo_unattainable.labels("ttft").inc()
+            if (self.slo_itl_s is not None and predicted_itl_s is not None
+                    and predicted_itl_s > self.slo_itl_s):
+                m.slo_unattainable.labels("itl").inc()
             return Verdict(True, predicted_ttft_s)
         m.paths.labels("rejected").inc()
         # The queue ahead drains in roughly the excess over the SLO: come back then.

@@ -373,7 +373,7 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
         if attempt == 0:
             verdict = c.admission.judge(choice.instance.instance_id, route.path,
                                         route.predicted_ttft_s, route.predicted_itl_s,
-                                        route.rejected_for)
+                                        route.rejected_for, route.idle_ttft_s)
             if not verdict.admit:
                 return _refusal(c, verdict)
         m = c.metrics

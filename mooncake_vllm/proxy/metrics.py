@@ -40,6 +40,10 @@ class ProxyMetrics:
             registry=r)
         self.slo = Counter(p + "slo_outcomes", "Admitted requests that met or missed the TTFT "
                            "SLO", ["met"], registry=r)
+        self.slo_unattainable = Counter(
+            p + "slo_unattainable", "Admitted requests predicted to miss an SLO (ttft, itl) "
+            "that they would miss on idle instances too, so that refusing them helps no one",
+            ["slo"], registry=r)
         self.paths = Counter(p + "path_decisions", "Requests by the path planned for them "
                              "(disaggregated, local, pipelined, alone, rejected)", ["path"],
                              registry=r)

@@ -14,7 +14,10 @@ smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. t
 spends least of D). When no path meets the ITL SLO (D is too loaded already) only the paths
 that cost D least remain: disaggregated, or a prefill on a D with nothing else running. With
 admission on (a TTFT SLO), a request whose chosen path is predicted to miss either SLO is
-rejected instead.
+rejected instead, but only when load is what makes it miss: a request predicted to miss
+even on idle instances (a prompt longer than the TTFT SLO allows, decode steps slower than the
+ITL SLO with nothing else running) is served as well as it can be, and counted as
+unattainable; refusing it would lose it, and a retry would fare no better.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ class Plan:
     within_itl: bool = True  # False: no path met the ITL SLO (disaggregated as the least harm)
 
 
-def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None) -> Plan:
-    """The path to take, or a rejection (only with a TTFT SLO: admission is on)."""
+def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None,
+           idle_ttft_s: float = 0.0, idle_itl_s: float = 0.0) -> Plan:
+    """The path to take, or a rejection (only with a TTFT SLO: admission is on). `idle_*`:
+    the request's TTFT and ITL on idle instances; a miss they already predict is no reason
+    to refuse."""
     if not opts:
         raise ValueError("choose: no path to choose from")
     # A path may cost D's running decodes ITL up to the SLO; when even the least costly path
@@ -89,8 +95,8 @@ def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None
     pool = [o for o in opts if slo_itl_s is None or o.predicted_itl_s <= limit]
     best = min(pool, key=lambda o: (o.predicted_ttft_s, PATHS.index(o.path)))
     if slo_ttft_s is not None:
-        if best.predicted_ttft_s > slo_ttft_s:
+        if best.predicted_ttft_s > slo_ttft_s >= idle_ttft_s:
             return Plan(None, "ttft", within_itl)
-        if not within_itl:
+        if not within_itl and slo_itl_s is not None and idle_itl_s <= slo_itl_s:
             return Plan(None, "itl", False)
     return Plan(best, "", within_itl)

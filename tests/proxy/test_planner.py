@@ -87,6 +87,36 @@ def test_rejections_only_with_a_ttft_slo() -> None:
     assert not plan.within_itl
 
 
+def test_only_load_is_a_reason_to_refuse() -> None:
+    """A request that would miss an SLO on idle instances too is served (and counted): a retry
+    would miss it just the same, so refusing it would only lose it."""
+    long_ = _prediction(prompt_tokens=8000)  # 2 s of compute on an idle pair
+    plan = choose(options(long_), 1.0, 0.1, idle_ttft_s=2.0)
+    assert plan.option is not None and plan.option.predicted_ttft_s > 1.0
+    slow_steps = _prediction(prompt_tokens=10, d_base_itl_s=0.3)  # D alone steps in 0.3 s
+    plan = choose(options(slow_steps), 1.0, 0.1, idle_ttft_s=0.01, idle_itl_s=0.3)
+    assert plan.option is not None and not plan.within_itl
+    # Through the conductor: a prompt too long for the SLO on idle instances is admitted;
+    # the same-sized prompt behind a queue that makes it miss is refused.
+    c = _pd(slo_ttft_s=0.5)
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    ids = PromptHasher(None, tokens_per_block=32)
+    route = c.route(ids.key(False, {"prompt": list(range(10, 4010))}), set())  # ~1 s alone
+    assert route is not None and not route.rejected_for and route.idle_ttft_s > 0.5
+    verdict = c.admission.judge("p", route.path, route.predicted_ttft_s, route.predicted_itl_s,
+                                route.rejected_for, route.idle_ttft_s)
+    assert verdict.admit
+    assert 'slo_unattainable_total{slo="ttft"} 1.0' in c.metrics.render().decode()
+    tickets = [PrefillTicket(p, 4000), PrefillTicket(d, 4000)]  # a second of work queued each
+    route = c.route(ids.key(False, {"prompt": list(range(10, 1010))}), set())  # 0.26 s alone
+    assert route is not None and route.rejected_for == "ttft"
+    assert not c.admission.judge("p", route.path, route.predicted_ttft_s, route.predicted_itl_s,
+                                 route.rejected_for, route.idle_ttft_s).admit
+    for t in tickets:
+        t.close()
+
+
 def test_itl_model_learns_batch_cost_and_charges_prefill() -> None:
     m = ItlModel()
     for _ in range(200):
