@@ -2,13 +2,16 @@
 
 Starts etcd, a prefill and a decode `vllm serve` with MooncakeVllmConnector, each confined to
 a core of its own (a cpuset, as a user would lay them out), a plain vLLM instance on both cores
-for reference, and the conductor with its defaults (no tuning flag). Sends a handful of prompts
-to the reference alone, then the same prompts through the conductor (streaming, greedy), prints
-the answers, checks them token for token against the reference, and prints per request the
-conductor's path, TTFT, decode speed and KV write time, the KV bytes moved, the exposed transfer
-time, and what these numbers mean. Exits 0 when every answer matches, 1 on a mismatch, 2 when
-the stack could not be started, 130 on Ctrl-C. Everything it started is stopped on every path
-out, Ctrl-C and SIGTERM included.
+for reference, and two conductors: one with its defaults (no tuning flag), one told to
+disaggregate every prompt. Sends a handful of prompts to the reference alone, then the same
+prompts through the plain conductor, then (each with a prefix of its own, so that no prefix
+cache answers them) through the one that always disaggregates: on an idle decode instance the
+defaults serve short prompts locally, and the second pass is what shows KV moving between the
+instances. Streaming, greedy; prints the answers, checks them token for token against the
+reference, and prints per request the conductor's path, TTFT, decode speed and KV write time,
+the KV bytes moved, the exposed transfer time, and what these numbers mean. Exits 0 when
+every answer matches, 1 on a mismatch, 2 when the stack could not be started, 130 on Ctrl-C.
+Everything it started is stopped on every path out, Ctrl-C and SIGTERM included.
 
 The only forgiven difference is a first divergence at an exact tie between the reference's
 top-1 and top-2 logprobs: there the pick depends on floating-point summation order, which
@@ -64,6 +67,10 @@ WARMUP_PROMPTS = ("Warm-up: the first request of an engine",
                   "Warming up, " + " ".join(f"round {i} of the engine's first requests."
                                             for i in range(80)))
 CONNECTOR = "MooncakeVllmConnector"
+# The second pass: every prompt prefilled on P and its KV moved to D (the conductor's two
+# overrides), each prompt after a prefix of its own so that neither instance holds its KV yet.
+ALWAYS_PD_FLAGS = ("--local-prefill-max-tokens", "0", "--pipeline-prefill-min-tokens", "0")
+ALWAYS_PD_PREFIX = "Once more, through prefill and decode: "
 EXIT_OK, EXIT_MISMATCH, EXIT_STARTUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -134,40 +141,51 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             proxy_args = ["--metadata-server", connector_extra["metadata_server"]]
         else:
             proxy_args = ["--prefill", prefill.url, "--decode", decode.url]
-        conductor = ConductorProcess(proxy_args, log_path=workdir / "conductor.log")
-        stack.callback(conductor.stop)
-        conductor.start(timeout_s=60).wait_healthy(timeout_s=60)
-        progress.say(f"conductor ready at {conductor.url} (mooncake-vllm proxy "
-                     f"{' '.join(proxy_args)})")
+        passes = {"defaults": proxy_args, "always P/D": [*proxy_args, *ALWAYS_PD_FLAGS]}
+        conductors = {}
+        for name, args in passes.items():
+            log_name = "conductor.log" if name == "defaults" else "conductor-always-pd.log"
+            conductors[name] = conductor = ConductorProcess(args, log_path=workdir / log_name)
+            stack.callback(conductor.stop)
+            conductor.start(timeout_s=60).wait_healthy(timeout_s=60)
+            progress.say(f"conductor ready at {conductor.url} (mooncake-vllm proxy "
+                         f"{' '.join(args)})")
+        prompts_of = {"defaults": list(prompts),
+                      "always P/D": [ALWAYS_PD_PREFIX + p for p in prompts]}
 
         # The first requests of an engine pay one-off costs (kernel selection, allocator
         # growth, the first connection between the engines) worth seconds on a CPU: pay them
-        # outside the table. The conductor may also need a moment to discover the instances.
-        progress.say("warm-up requests through the conductor and to the single instance")
+        # outside the table. A conductor may also need a moment to discover the instances.
+        progress.say("warm-up requests through the conductors and to the single instance")
         for prompt in WARMUP_PROMPTS:
-            _through_conductor(conductor.url, model, prompt, 4, request_timeout_s, 60.0)
+            for conductor in conductors.values():
+                _through_conductor(conductor.url, model, prompt, 4, request_timeout_s, 60.0)
             stream_completion(single.url, model, prompt, 4, request_timeout_s)
         received_before = _bytes_received(decode)
         transfer_log = TransferLog(prefill.log_path)
 
         progress.say("the single instance answers every prompt (prefill and decode idle)")
         pd_cpu, started = _cpu_seconds(prefill, decode), time.monotonic()
-        refs = [stream_completion(single.url, model, prompt, max_tokens, request_timeout_s)
-                for prompt in prompts]
+        refs = {name: [stream_completion(single.url, model, prompt, max_tokens,
+                                         request_timeout_s) for prompt in texts]
+                for name, texts in prompts_of.items()}
         pd_cpu, reference_run_s = _cpu_seconds(prefill, decode) - pd_cpu, time.monotonic() - started
         time.sleep(0.5)  # its compute threads may spin a moment after the last request
 
         rows = []
         reference_cpu, started = _cpu_seconds(single), time.monotonic()
-        for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True), 1):
-            progress.say(f"prompt {i}/{len(prompts)} through the conductor: "
-                         f"{ref.prompt_tokens} tokens")
-            before = path_counts(conductor.url)
-            got = stream_completion(conductor.url, model, prompt, max_tokens, request_timeout_s)
-            path = chosen_path(before, path_counts(conductor.url))
-            # P logs a transfer before D can emit its first token; read it for this row.
-            moved = transfer_log.wait_new(1, timeout_s=2.0 if path != "local" else 0.0)
-            rows.append(Row(prompt, got, ref, path, moved))
+        for name, conductor in conductors.items():
+            texts = prompts_of[name]
+            for i, (prompt, ref) in enumerate(zip(texts, refs[name], strict=True), 1):
+                progress.say(f"prompt {i}/{len(texts)} through the conductor ({name}): "
+                             f"{ref.prompt_tokens} tokens")
+                before = path_counts(conductor.url)
+                got = stream_completion(conductor.url, model, prompt, max_tokens,
+                                        request_timeout_s)
+                path = chosen_path(before, path_counts(conductor.url))
+                # P logs a transfer before D can emit its first token; read it for this row.
+                moved = transfer_log.wait_new(1, timeout_s=2.0 if path != "local" else 0.0)
+                rows.append(Row(prompt, got, ref, path, moved, conductor=name))
         reference_cpu, pd_run_s = _cpu_seconds(single) - reference_cpu, time.monotonic() - started
         strays = _threads_off_their_cores(servers)  # while the connector's threads still run
         sent = sum(t.bytes for row in rows for t in row.transfers)

@@ -196,6 +196,7 @@ class Row:
     ref: Completion
     path: str
     transfers: list[Transfer]
+    conductor: str = "defaults"  # which conductor served it: "defaults" or "always P/D"
 
     @property
     def match(self) -> tuple[bool, str]:
@@ -223,6 +224,14 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}ms"
 
 
+CONDUCTOR_TITLES = {
+    "defaults": "The conductor with its defaults (no tuning flag) chose a path per prompt:",
+    "always P/D": "The same prompts (each after a prefix of its own) through a conductor that "
+                  "disaggregates every one (--local-prefill-max-tokens 0 "
+                  "--pipeline-prefill-min-tokens 0):",
+}
+
+
 def print_report(result: DemoResult, stream: Any = sys.stdout) -> None:
     p = lambda s="": print(s, file=stream)  # noqa: E731
     p()
@@ -234,18 +243,24 @@ def print_report(result: DemoResult, stream: Any = sys.stdout) -> None:
         if row.got.token_ids != row.ref.token_ids:
             p(f"    single: {row.ref.text!r}")
         p(f"    {'MATCH' if ok else 'MISMATCH'} ({note})")
-    p()
     header = (f"{'#':>2}  {'prompt tok':>10}  {'path':<14}  {'TTFT P/D':>9}  {'TTFT single':>11}"
               f"  {'tok/s P/D':>9}  {'tok/s single':>12}  {'KV exposed':>10}  match")
-    p(header)
-    p("-" * len(header))
-    for i, row in enumerate(result.rows, 1):
-        got, ref = row.got, row.ref
-        exposed = _ms(sum(t.exposed_s for t in row.transfers)) if row.transfers else "-"
-        p(f"{i:>2}  {got.prompt_tokens:>10}  {row.path:<14}  {_ms(got.ttft_s):>9}  "
-          f"{_ms(ref.ttft_s):>11}  {got.decode_tokens_per_s:>9.1f}  "
-          f"{ref.decode_tokens_per_s:>12.1f}  {exposed:>10}  {'yes' if row.match[0] else 'NO'}")
-    p("-" * len(header))
+    for name, title in CONDUCTOR_TITLES.items():
+        numbered = [(i, row) for i, row in enumerate(result.rows, 1) if row.conductor == name]
+        if not numbered:
+            continue
+        p()
+        p(title)
+        p(header)
+        p("-" * len(header))
+        for i, row in numbered:
+            got, ref = row.got, row.ref
+            exposed = _ms(sum(t.exposed_s for t in row.transfers)) if row.transfers else "-"
+            p(f"{i:>2}  {got.prompt_tokens:>10}  {row.path:<14}  {_ms(got.ttft_s):>9}  "
+              f"{_ms(ref.ttft_s):>11}  {got.decode_tokens_per_s:>9.1f}  "
+              f"{ref.decode_tokens_per_s:>12.1f}  {exposed:>10}  "
+              f"{'yes' if row.match[0] else 'NO'}")
+        p("-" * len(header))
     transfers = [t for row in result.rows for t in row.transfers]
     sent = sum(t.bytes for t in transfers)
     p(f"KV moved prefill -> decode: {sent / 2**20:.2f} MiB sent, "
@@ -287,8 +302,13 @@ def explain(result: DemoResult) -> list[str]:
         "- path: what the conductor, started with no tuning flag, chose for each request: "
         "disaggregated (P prefills, the KV moves, D decodes), local (D alone: for a short "
         "prompt, prefilling costs less than a hand-off), pipelined (P and D prefill one long "
-        "prompt together, layer by layer). TTFT through the conductor also pays its HTTP "
-        "hop.",
+        "prompt together, layer by layer). It predicts each path's time to first token and "
+        "the inter-token latency D's running requests would see; with D idle, as here, "
+        "a prefill on D costs nobody anything, so prompts too short to gain from splitting "
+        "stay local. Disaggregation pays off when D is busy decoding others, whose tokens "
+        "would otherwise wait behind the prefill: the second table forces it, to show the "
+        "KV moving and the answers staying equal. TTFT through the conductor also pays its "
+        "HTTP hop.",
         "- KV exposed: from the end of the prefill's forward pass until its last write to "
         "the decode instance has landed, i.e. transfer time that computing did not hide. "
         "Layers are written while later layers compute, so for a long prompt whose decode "
@@ -306,6 +326,6 @@ def explain(result: DemoResult) -> list[str]:
             "the threads that post, receive and acknowledge the writes to get their turn on "
             "the one core (and the Python interpreter) that each instance's engine uses too.")
     if not any(row.transfers for row in result.rows):
-        lines.append("  No request moved KV here: the conductor served every prompt on the "
-                     "decode instance alone.")
+        lines.append("  No request moved KV here: every prompt was served on the decode "
+                     "instance alone.")
     return lines

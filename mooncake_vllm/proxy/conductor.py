@@ -186,7 +186,12 @@ class Conductor:
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be
             opts = [o for o in opts if o.path == "pipelined"]
-        idle_ttft = speed.predict(min(p.new_tokens, local.new_tokens))
+        # Each allowed path with no queue ahead: what this request costs on an idle pair.
+        idle_of = {"disaggregated": speed.predict(p.new_tokens) + prediction.handoff_s,
+                   "local": speed.predict(local.new_tokens),
+                   "pipelined": speed.predict(max(head, key.num_tokens - head))
+                   + prediction.handoff_s}
+        idle_ttft = min(idle_of[o.path] for o in opts)
         plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s, idle_ttft, d.itl.base(1))
         log.debug("plan for %d tokens: %s -> %s", key.num_tokens, opts, plan)
         chosen = plan.option or min(opts, key=lambda o: o.predicted_ttft_s)

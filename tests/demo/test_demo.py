@@ -66,6 +66,10 @@ def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> N
     assert len(rows) == n_prompts, out[-3000:]
     paths = [r[2] for r in rows]
     assert all(p in ("disaggregated", "local", "pipelined") for p in paths), paths
+    # Two passes over the same prompts: the defaults' choice, then every one through P and D
+    # (whatever the defaults chose on this host, the KV path is exercised and checked).
+    assert n_prompts % 2 == 0 and "disaggregates every one" in stdout, out[-3000:]
+    assert paths[n_prompts // 2:] == ["disaggregated"] * (n_prompts // 2), paths
     assert all((r[5] != "-") == (r[2] in MOVES_KV) for r in rows), rows
     moved = re.search(r"KV moved prefill -> decode: ([\d.]+) MiB sent, ([\d.]+) MiB received, "
                       r"(\d+) transfers", stdout)
@@ -90,7 +94,7 @@ def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> N
     # Clean shutdown: every server it announced is gone, no process uses its work dir, and
     # its cpusets are removed.
     urls = re.findall(r"(?:prefill|decode|single|conductor) ready at (http://[\d.:]+)", out)
-    assert len(urls) == 4, out[-3000:]
+    assert len(urls) == 5, out[-3000:]  # three vLLM instances, two conductors
     assert [u for u in urls if _listening(u)] == []
     assert _processes_mentioning(str(workdir)) == []
     assert list(cpuset.CPUSET_ROOT.glob(f"mooncake-vllm-{proc.pid}-*")) == []
