@@ -38,15 +38,13 @@ from mooncake_vllm.demo_report import (
     DemoResult,
     Row,
     TransferLog,
-    chosen_path,
-    path_counts,
     print_report,
-    scrape,
     stream_completion,
 )
 from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.launcher import LaunchError
 from mooncake_vllm.testing.ports import free_port
+from mooncake_vllm.testing.prometheus import chosen_path, path_counts, scrape
 from mooncake_vllm.testing.startup import Progress, stop_in_parallel, wait_all_ready
 from mooncake_vllm.testing.vllm_server import VllmServer
 

@@ -4,7 +4,6 @@ transfer from the prefill instance's log, and the report with what its numbers m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
@@ -100,37 +99,6 @@ def compare(got: Completion, ref: Completion) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------- what happened
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus text from `url`/metrics: each sample (name with its labels) and its value."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            sample, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[sample] = float(value)
-    return out
-
-
-PATH_SAMPLE = re.compile(r'^mooncake_proxy_path_decisions_total\{path="([^"]+)"\}$')
-
-
-def path_counts(conductor_url: str) -> dict[str, float]:
-    """The conductor's requests so far by the path it chose (disaggregated, local, ...)."""
-    counts = {}
-    for sample, value in scrape(conductor_url).items():
-        m = PATH_SAMPLE.match(sample)
-        if m:
-            counts[m[1]] = value
-    return counts
-
-
-def chosen_path(before: dict[str, float], after: dict[str, float]) -> str:
-    grown = [p for p, v in after.items() if v > before.get(p, 0.0)]
-    return "+".join(sorted(grown)) or "?"
-
-
 @dataclass(frozen=True)
 class Transfer:
     """One request's KV transfer, as the prefill instance logged it."""

@@ -56,6 +56,7 @@ from mooncake_vllm.bench.workload import (
     run_scenario,
     summarise,
 )
+from mooncake_vllm.testing.prometheus import path_counts, paths_between
 from mooncake_vllm.testing.startup import Progress
 
 SCENARIOS = ("prompt_1900", "prompt_1", "concurrent8_500")
@@ -127,22 +128,32 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
     for name, rounds in scenarios.items():
         if name not in args.scenarios:
             continue
-        outcomes, span = [], 0.0
+        outcomes, span, before = [], 0.0, path_counts(url)
         for batch in rounds:
             o, s = asyncio.run(run_scenario(url, model, batch, args.request_timeout))
             outcomes += o
             span += s
         result["scenarios"][name] = summarise(outcomes, span)
+        _add_paths(result["scenarios"][name], before, url)
         progress.say(f"{system} {name}: {_brief(result['scenarios'][name])}")
     for rate, reqs in zip(args.rates, sweep, strict=True):
+        before = path_counts(url)
         outcomes, span = asyncio.run(run_scenario(url, model, reqs, args.request_timeout))
         point = {"rate": rate, **summarise(outcomes, span), **goodput(outcomes, rate, slos)}
+        _add_paths(point, before, url)
         result["sweep"].append(point)
         progress.say(f"{system} rate {rate:g}/s: goodput {point['goodput_rps']:.2f}/s, "
                      f"SLOs met {point['met_slos']}/{point['requests']}, {_brief(point)}")
     result["load_average_after"] = list(os.getloadavg())
     result["host_load"] = window.stop()
     return result
+
+
+def _add_paths(summary: dict[str, Any], before: dict[str, float], url: str) -> None:
+    """Our conductor's planned paths for these requests (a system without one has none)."""
+    paths = paths_between(before, path_counts(url))
+    if paths:
+        summary["paths"] = paths
 
 
 def _brief(s: dict[str, Any]) -> str:
@@ -152,7 +163,8 @@ def _brief(s: dict[str, Any]) -> str:
 
     return (f"TTFT p50 {ms('ttft_p50_s')} p99 {ms('ttft_p99_s')}, ITL p50 {ms('itl_p50_s')} "
             f"p99 {ms('itl_p99_s')}, rejected {s['rejected']}, failed "
-            f"{s['failed']}/{s['requests']}")
+            f"{s['failed']}/{s['requests']}"
+            + (f", paths {s['paths']}" if s.get("paths") else ""))
 
 
 # ---------------------------------------------------------------------------- main

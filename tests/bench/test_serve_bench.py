@@ -44,6 +44,13 @@ def test_serve_bench_keeps_json_and_plot(tmp_path: Path) -> None:
         for scen, s in data["scenarios"].items():
             assert s["failed"] == 0 and s["requests"] > 0, (name, scen, s)
             assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"], (name, scen, s)
+            # Our conductors say what they planned for every request; vLLM alone has no plan.
+            if name == "single":
+                assert "paths" not in s
+            else:
+                assert sum(s["paths"].values()) == s["requests"], (name, scen, s)
+            if name == "mooncake_vllm_always_pd":
+                assert set(s["paths"]) <= {"disaggregated", "rejected"}, s
         (point,) = data["sweep"]
         assert point["rate"] == 4 and point["failed"] == 0 and point["requests"] == 6, point
         assert 0 <= point["met_slos"] <= 6 and point["goodput_rps"] >= 0, point
