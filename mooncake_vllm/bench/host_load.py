@@ -68,3 +68,13 @@ class ForeignLoad:
 def shares(foreign: float, steal: float, wall_s: float) -> dict[str, Any]:
     return {"foreign_cpu_share": round(foreign, 4), "steal_share": round(steal, 4),
             "window_s": round(wall_s, 3), "noisy": foreign + steal > NOISY_SHARE}
+
+
+def combined(windows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Several measuring windows of one system as one: shares weighted by their lengths."""
+    ws = list(windows)
+    wall = sum(w["window_s"] for w in ws)
+    if not wall:
+        return shares(0.0, 0.0, 0.0)
+    return shares(sum(w["foreign_cpu_share"] * w["window_s"] for w in ws) / wall,
+                  sum(w["steal_share"] * w["window_s"] for w in ws) / wall, wall)

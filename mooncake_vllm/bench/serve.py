@@ -35,7 +35,7 @@ from typing import Any
 
 from mooncake_vllm.bench import results, verdicts
 from mooncake_vllm.bench.goodput import Slos, derive_slos, goodput
-from mooncake_vllm.bench.host_load import ForeignLoad
+from mooncake_vllm.bench.host_load import ForeignLoad, combined
 from mooncake_vllm.bench.serve_report import plot, text_report
 from mooncake_vllm.bench.serve_systems import (
     BOTH_CORES,
@@ -56,10 +56,16 @@ from mooncake_vllm.bench.workload import (
     run_scenario,
     summarise,
 )
-from mooncake_vllm.testing.prometheus import path_counts, paths_between
+from mooncake_vllm.testing.prometheus import (
+    learned_speeds,
+    path_counts,
+    paths_between,
+    prediction_accuracy,
+)
 from mooncake_vllm.testing.startup import Progress
 
 SCENARIOS = ("prompt_1900", "prompt_1", "concurrent8_500")
+PARTS = ("scenarios", "sweep")  # what a system is measured on: the fixed scenarios, the sweep
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"rates": [2.0, 4.0, 6.0, 8.0, 12.0, 16.0], "sweep_requests": 48, "repeats": 8,
              "slo_probe_requests": 16},
@@ -107,8 +113,9 @@ def derive_slos_on(url: str, model: str, args: argparse.Namespace,
 
 
 def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progress: Progress,
-              system: str, pgids: set[int]) -> dict[str, Any]:
-    """Every scenario and the sweep through `url`; every system gets the same prompts."""
+              system: str, pgids: set[int], parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Every scenario and the sweep (`parts`: either alone) through `url`; every system gets
+    the same prompts."""
     make = PromptMaker(args.vocab_size, args.seed)
     scenarios: dict[str, list[list[Request]]] = {  # rounds, one after the other
         "prompt_1900": [fixed_scenario(make, 1900, args.repeats, args.output_len, False)],
@@ -126,34 +133,55 @@ def bench_url(url: str, model: str, args: argparse.Namespace, slos: Slos, progre
     result: dict[str, Any] = {"load_average_before": list(os.getloadavg()), "scenarios": {},
                               "sweep": []}
     for name, rounds in scenarios.items():
-        if name not in args.scenarios:
+        if name not in args.scenarios or "scenarios" not in parts:
             continue
-        outcomes, span, before = [], 0.0, path_counts(url)
+        outcomes, span, before, started = [], 0.0, path_counts(url), time.time()
         for batch in rounds:
             o, s = asyncio.run(run_scenario(url, model, batch, args.request_timeout))
             outcomes += o
             span += s
         result["scenarios"][name] = summarise(outcomes, span)
-        _add_paths(result["scenarios"][name], before, url)
+        _add_paths(result["scenarios"][name], before, url, started)
         progress.say(f"{system} {name}: {_brief(result['scenarios'][name])}")
-    for rate, reqs in zip(args.rates, sweep, strict=True):
-        before = path_counts(url)
+    for rate, reqs in zip(args.rates, sweep, strict=True) if "sweep" in parts else ():
+        before, started = path_counts(url), time.time()
         outcomes, span = asyncio.run(run_scenario(url, model, reqs, args.request_timeout))
         point = {"rate": rate, **summarise(outcomes, span), **goodput(outcomes, rate, slos)}
-        _add_paths(point, before, url)
+        _add_paths(point, before, url, started)
         result["sweep"].append(point)
         progress.say(f"{system} rate {rate:g}/s: goodput {point['goodput_rps']:.2f}/s, "
                      f"SLOs met {point['met_slos']}/{point['requests']}, {_brief(point)}")
     result["load_average_after"] = list(os.getloadavg())
     result["host_load"] = window.stop()
+    learned = learned_speeds(url)
+    if learned:  # what our conductor's predictions were made of, by the end
+        result["learned"] = {"+".join(parts): learned}
     return result
 
 
-def _add_paths(summary: dict[str, Any], before: dict[str, float], url: str) -> None:
-    """Our conductor's planned paths for these requests (a system without one has none)."""
+def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's results measured through several conductors, as one."""
+    out: dict[str, Any] = {"load_average_before": parts[0]["load_average_before"],
+                           "scenarios": {}, "sweep": [],
+                           "load_average_after": parts[-1]["load_average_after"],
+                           "host_load": combined(p["host_load"] for p in parts)}
+    for p in parts:
+        out["scenarios"].update(p["scenarios"])
+        out["sweep"] += p["sweep"]
+        out.setdefault("learned", {}).update(p.get("learned", {}))
+    return out
+
+
+def _add_paths(summary: dict[str, Any], before: dict[str, float], url: str,
+               started: float) -> None:
+    """Our conductor's planned paths for these requests, and how its TTFT predictions for
+    them compared with what they saw (a system without a conductor of ours has neither)."""
     paths = paths_between(before, path_counts(url))
     if paths:
         summary["paths"] = paths
+    accuracy = prediction_accuracy(url, started)
+    if accuracy:
+        summary["predictions"] = accuracy
 
 
 def _brief(s: dict[str, Any]) -> str:
@@ -272,13 +300,18 @@ def _run_systems(args: argparse.Namespace, model: str, out_dir: Path,
                                               running.pgids)
                     continue
                 assert slos is not None
-                for i, (reported, flags) in enumerate(conductor_flags(slos).items()):
-                    if i:
-                        reset_prefix_caches([s.url for s in running.servers])
-                    log = workdir / f"{reported}-conductor.log"
-                    with start_conductor(running, flags, log) as url:
-                        systems[reported] = bench_url(url, model, args, slos, progress,
-                                                      reported, running.pgids)
+                first = True
+                for reported, flags_of in conductor_flags(slos).items():
+                    parts = []
+                    for part, flags in flags_of.items():
+                        if not first:
+                            reset_prefix_caches([s.url for s in running.servers])
+                        first = False
+                        log = workdir / f"{reported}-{part}-conductor.log"
+                        with start_conductor(running, flags, log) as url:
+                            parts.append(bench_url(url, model, args, slos, progress,
+                                                   reported, running.pgids, (part,)))
+                    systems[reported] = _merged(parts)
         except (RuntimeError, ImportError, TimeoutError, OSError,
                 ValueError) as e:
             # Reported, never hidden; without the single instance there are no SLOs.

@@ -4,10 +4,10 @@
 - `single_1core`: one `vllm serve` on core 0 alone, a reference and not a bar: the compute each
   of P and D has;
 - `mooncake_vllm`: P on core 0 and D on core 1 with MooncakeVllmConnector (p2p metadata, the
-  default) and the conductor as a new user starts it: `proxy --prefill P --decode D` with only
-  the SLO flags;
-- `mooncake_vllm_always_pd`: the same servers behind a second conductor with the override
-  flags that disaggregate every whole prompt (what the connector alone achieves);
+  default) and the conductor as a new user starts it: `proxy --prefill P --decode D`, with
+  only the SLO flags for the goodput sweep (`conductor_flags`);
+- `mooncake_vllm_always_pd`: the same servers behind conductors with the override flags that
+  disaggregate every whole prompt (what the connector alone achieves);
 - `vllm_mooncake`: the same pair with vLLM's built-in MooncakeConnector
   (`builtin_mooncake.py`).
 A front door (our conductor, the built-in connector's relay) runs on both of its system's
@@ -43,11 +43,14 @@ def slo_flags(slos: Slos) -> list[str]:
     return ["--slo-ttft-s", f"{slos.ttft_s:g}", "--slo-itl-s", f"{slos.itl_s:g}"]
 
 
-def conductor_flags(slos: Slos) -> dict[str, list[str]]:
+def conductor_flags(slos: Slos) -> dict[str, dict[str, list[str]]]:
     """What each of our two reported systems passes to `mooncake-vllm proxy` besides the
-    instances."""
-    return {"mooncake_vllm": slo_flags(slos),
-            "mooncake_vllm_always_pd": [*slo_flags(slos), *ALWAYS_PD_FLAGS]}
+    instances, for the fixed scenarios and for the goodput sweep. The fixed scenarios measure
+    TTFT as every other system serves it: no SLO, so no admission (ours exactly as a new user
+    starts it); the sweep measures goodput under the SLOs, and our conductor is told them."""
+    return {"mooncake_vllm": {"scenarios": [], "sweep": slo_flags(slos)},
+            "mooncake_vllm_always_pd": {"scenarios": [*ALWAYS_PD_FLAGS],
+                                        "sweep": [*slo_flags(slos), *ALWAYS_PD_FLAGS]}}
 
 
 def reset_prefix_caches(urls: Sequence[str]) -> None:

@@ -4,10 +4,11 @@ out.
 
 Fixed scenarios, ours (defaults) against the single two-core instance's TTFT p50:
 1900-token prompts within 1.1x, 1-token prompts within +10 ms, 8 x 500 concurrent within 1.5x,
-and below vLLM's built-in MooncakeConnector on each. Goodput sweep: ours at least the single
-instance's goodput at every rate; at least 1.5x the built-in connector's at the highest rate
-that either sustains (SLO attainment of at least `SUSTAINED_ATTAINMENT`); ours' ITL p99 within
-the ITL SLO at every rate at which it admitted a request.
+and below vLLM's built-in MooncakeConnector on each; a fixed scenario in which ours refused a
+request misses both (its TTFT p50 would be of the admitted requests only). Goodput sweep: ours
+at least the single instance's goodput at every rate; at least 1.5x the built-in connector's
+at the highest rate that either sustains (SLO attainment of at least `SUSTAINED_ATTAINMENT`);
+ours' ITL p99 within the ITL SLO at every rate at which it admitted a request.
 """
 
 from __future__ import annotations
@@ -57,19 +58,25 @@ def fixed_ratios(systems: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def _refused(systems: dict[str, Any], scenario: str) -> int:
+    return int(systems.get(OURS, {}).get("scenarios", {}).get(scenario, {}).get("rejected", 0))
+
+
 def fixed_verdicts(systems: dict[str, Any]) -> list[dict[str, Any]]:
     ratios = fixed_ratios(systems).get(OURS, {})
     out = []
     for scen, (kind, bar) in FIXED_BARS.items():
-        value = ratios.get(scen)
+        value, refused = ratios.get(scen), _refused(systems, scen)
         text = (f"{scen}: TTFT p50 of ours <= {bar:g}x the single instance's" if kind == "ratio"
                 else f"{scen}: TTFT p50 of ours <= the single instance's + {bar * 1e3:g} ms")
-        out.append(_verdict(text, value, None if value is None else value <= bar))
+        out.append(_verdict(text, value, None if value is None else value <= bar and not refused,
+                            rejected=refused))
     for scen in FIXED_BARS:
         mine, peer = _ttft(systems, OURS, scen), _ttft(systems, BUILTIN, scen)
-        ok = None if mine is None or peer is None else mine < peer
+        refused = _refused(systems, scen)
+        ok = None if mine is None or peer is None else mine < peer and not refused
         out.append(_verdict(f"{scen}: TTFT p50 of ours below the built-in connector's",
-                            [mine, peer], ok))
+                            [mine, peer], ok, rejected=refused))
     return out
 
 

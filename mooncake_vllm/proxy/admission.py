@@ -4,11 +4,21 @@ The plan (planner.py) predicts each request's TTFT and ITL on the path it takes;
 SLO (admission on) a request predicted to miss it, or whose every path misses the ITL SLO, is
 refused at once with 503 and Retry-After, when load is the cause: one that would miss on idle
 instances too is admitted and counted (`mooncake_proxy_slo_unattainable`), since no retry
-would meet the SLO. Every admitted request's observed TTFT, and for a
-stream its observed ITL (the mean gap between relayed chunks), is paired with its prediction:
-the pairs go to Prometheus (`mooncake_proxy_{ttft,itl}_prediction_error_seconds`,
-`mooncake_proxy_slo_outcomes`, `mooncake_proxy_itl_slo_outcomes`) and the most recent ones to
-`GET /admission` as JSON.
+would meet the SLO.
+
+A predicted miss is trusted only while the SLO is being missed. Refusals need evidence: more
+than one in ten of the last `EVIDENCE` admitted requests seen within `EVIDENCE_SLOS` TTFT SLOs
+of now missed that SLO (TTFT; or a stream's ITL); for TTFT, counting those that met a queue
+and could meet the SLO on idle instances. While the instances keep up, a predicted miss is a
+burst they absorb or an error of the prediction, and serving it costs the requests behind it
+little, where a refusal would lose it for certain. Under sustained overload the misses come,
+and from then on what is predicted to miss is refused, until the admitted requests meet the
+SLO again.
+
+Every admitted request's observed TTFT, and for a stream its observed ITL (the mean gap
+between relayed chunks), is paired with its prediction: the pairs go to Prometheus
+(`mooncake_proxy_{ttft,itl}_prediction_error_seconds`, `mooncake_proxy_slo_outcomes`,
+`mooncake_proxy_itl_slo_outcomes`) and the most recent ones to `GET /admission` as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +30,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .metrics import ProxyMetrics
+
+EVIDENCE = 20  # recent admitted requests whose outcomes say whether the SLO is being missed
+EVIDENCE_SLOS = 10.0  # ... seen within this many TTFT SLOs (at least a second) of now
+MISSING = 0.1  # the share of misses among them from which predicted misses are refused
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,18 @@ class Admission:
         self.slo_itl_s = slo_itl_s
         self.metrics = metrics
         self.recent: deque[Outcome] = deque(maxlen=keep)
+        # Of the last EVIDENCE admitted requests: when each one's TTFT (and stream ITL) was
+        # seen (monotonic) and whether it met the SLO.
+        self._ttft_met: deque[tuple[float, bool]] = deque(maxlen=EVIDENCE)
+        self._itl_met: deque[tuple[float, bool]] = deque(maxlen=EVIDENCE)
+        self.evidence_s = max(1.0, EVIDENCE_SLOS * (slo_ttft_s or 0.0))
+
+    def missing(self, slo: str) -> bool:
+        """Whether recent admitted requests miss the `slo` ("ttft" or "itl") often enough
+        that a predicted miss is believed."""
+        since = time.monotonic() - self.evidence_s
+        met = [m for at, m in (self._ttft_met if slo == "ttft" else self._itl_met) if at >= since]
+        return bool(met) and met.count(False) > MISSING * len(met)
 
     def judge(self, instance: str, path: str, predicted_ttft_s: float,
               predicted_itl_s: float | None = None, planned_rejection: str = "",
@@ -70,6 +96,11 @@ class Admission:
             reason = ""
         elif predicted_ttft_s > self.slo_ttft_s >= idle_ttft_s:
             reason = "ttft"
+        if reason and not self.missing(reason):
+            # Load predicts a miss, but the admitted requests are meeting this SLO: served.
+            m.paths.labels(path).inc()
+            m.unproven_misses.labels(reason).inc()
+            return Verdict(True, predicted_ttft_s)
         if not reason:
             m.paths.labels(path).inc()
             if self.slo_ttft_s is not None and predicted_ttft_s > self.slo_ttft_s:
@@ -88,11 +119,18 @@ class Admission:
         return Verdict(False, predicted_ttft_s, retry, reason)
 
     def record(self, instance: str, predicted_ttft_s: float, observed_ttft_s: float,
-               path: str = "", predicted_itl_s: float | None = None) -> Outcome:
-        """An admitted request's first token; returns its outcome (record_itl completes it)."""
+               path: str = "", predicted_itl_s: float | None = None,
+               idle_ttft_s: float = 0.0) -> Outcome:
+        """An admitted request's first token; returns its outcome (record_itl completes it).
+        `idle_ttft_s`: its TTFT predicted on idle instances. Evidence of whether load makes
+        requests miss comes only from requests that met a queue (predicted above idle) and
+        could meet the SLO on idle instances."""
         self.metrics.prediction_error.observe(observed_ttft_s - predicted_ttft_s)
         if self.slo_ttft_s is not None:
-            self.metrics.slo.labels(str(observed_ttft_s <= self.slo_ttft_s).lower()).inc()
+            met = observed_ttft_s <= self.slo_ttft_s
+            if idle_ttft_s <= self.slo_ttft_s and predicted_ttft_s > idle_ttft_s + 1e-3:
+                self._ttft_met.append((time.monotonic(), met))
+            self.metrics.slo.labels(str(met).lower()).inc()
         outcome = Outcome(time.time(), instance, path, predicted_ttft_s, observed_ttft_s, True,
                           predicted_itl_s)
         self.recent.append(outcome)
@@ -105,7 +143,9 @@ class Admission:
         if outcome.predicted_itl_s is not None:
             m.itl_prediction_error.observe(observed_itl_s - outcome.predicted_itl_s)
         if self.slo_itl_s is not None:
-            m.itl_slo.labels(str(observed_itl_s <= self.slo_itl_s).lower()).inc()
+            met = observed_itl_s <= self.slo_itl_s
+            self._itl_met.append((time.monotonic(), met))
+            m.itl_slo.labels(str(met).lower()).inc()
 
     def report(self) -> dict[str, Any]:
         recent = list(self.recent)
@@ -118,6 +158,7 @@ class Admission:
             "slo_itl_s": self.slo_itl_s,
             "admitted": sum(o.admitted for o in recent),
             "rejected": sum(not o.admitted for o in recent),
+            "refusing_for": [slo for slo in ("ttft", "itl") if self.missing(slo)],
             "paths": paths,
             "mean_abs_error_s": _mean_abs([(o.predicted_ttft_s, o.observed_ttft_s)
                                            for o in recent]),

@@ -173,15 +173,25 @@ class Conductor:
         head = self.pipeline_head(key, p.instance) if pipelinable else 0
         head_choice = assess(p.instance, key.head(head)) if head else None
         pair = (p.instance.instance_id, d.instance_id)
-        spt_d = speed.coefficients()[1]
+        # What a prefill on D costs its running decodes per token: the slower of the two
+        # speeds (D's own, from few samples, may be the truer one there: D also receives KV).
+        spt_d = max(speed.coefficients()[1], d.ttft.coefficients()[1])
+        p_head_s = head_choice.predicted_ttft_s if head_choice else 0.0
+        # Decodes D runs now, and those on their way: requests waiting for a prefill window
+        # decode next (on a D of their own where there are several: the count errs towards
+        # keeping prefill off D).
+        coming = sum(i.window.waiting for i in prefill)
         prediction = Prediction(
             p_prefill_s=p.predicted_ttft_s,
             handoff_s=self.handoff_s.get(pair, cfg.prior_handoff_s),
             d_prefill_s=local.predicted_ttft_s, d_base_itl_s=base_itl,
-            d_running=d.decode_batch(), d_seconds_per_token=spt_d,
+            d_running=d.decode_batch() + coming, d_seconds_per_token=spt_d,
             prompt_tokens=key.num_tokens, pipeline_tokens=head,
-            p_head_prefill_s=head_choice.predicted_ttft_s if head_choice else 0.0,
-            d_tail_prefill_s=speed.predict(d.queued_prefill_tokens + key.num_tokens - head))
+            p_head_prefill_s=p_head_s,
+            d_tail_prefill_s=speed.predict(d.queued_prefill_tokens + key.num_tokens - head),
+            # Ungated, D's step waits for the head from its start; gated, D starts its part
+            # once P is computing the head's last chunk.
+            pipeline_hold_s=0.0 if cfg.pipeline_gate else p_head_s)
         opts = options(prediction, local=cfg.local_prefill_max_tokens is None
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be

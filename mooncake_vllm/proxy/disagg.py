@@ -166,16 +166,20 @@ class RequestRun:
             self._observe_pair()
         self._outcome = self.c.admission.record(
             choice.instance.instance_id, route.predicted_ttft_s, ttft, route.path,
-            route.predicted_itl_s if self.stream else None)
+            route.predicted_itl_s if self.stream else None, route.idle_ttft_s)
         if self.stream:
             self.c.metrics.ttft.observe(ttft)
             self._chunks.append(time.monotonic())
 
     def _observe_pair(self) -> None:
         """With both P's answer and D's first token seen: the pair's handoff. Not of a
-        pipelined request: D's first token then also waits for D's own tail."""
+        pipelined request (D's first token then also waits for D's own tail), nor while D
+        computed a prefill of ours (its first token waited for that: D's queue, which the
+        plan counts apart, not the handoff)."""
         route, ttft, done = self.route, self._ttft_seen, self._prefill_done
         if route.decode is None or route.pipeline_tokens or ttft is None or done is None:
+            return
+        if not route.decode.prefill_free_since(self.started + done):
             return
         self.c.observe_handoff(route.prefill.instance, route.decode, ttft - done)
 

@@ -44,6 +44,10 @@ class ProxyMetrics:
             p + "slo_unattainable", "Admitted requests predicted to miss an SLO (ttft, itl) "
             "that they would miss on idle instances too, so that refusing them helps no one",
             ["slo"], registry=r)
+        self.unproven_misses = Counter(
+            p + "unproven_misses", "Admitted requests that load predicted to miss an SLO (ttft, "
+            "itl) while the recent admitted requests met it (see admission.py)", ["slo"],
+            registry=r)
         self.paths = Counter(p + "path_decisions", "Requests by the path planned for them "
                              "(disaggregated, local, pipelined, alone, rejected)", ["path"],
                              registry=r)

@@ -7,7 +7,9 @@ Paths (with prefill and decode instances up):
 - "local": D prefills the prompt itself. TTFT: D's own queue and compute, no handoff. ITL: D's
   running decodes also wait for this prefill's tokens in their steps.
 - "pipelined": P prefills the head while D prefills the tail, one layer apart. TTFT: the later
-  of the two halves, plus the handoff. ITL: D's running decodes wait for the tail.
+  of the two halves, plus the handoff. ITL: D's running decodes wait for the tail, and the step
+  that computes it waits, layer by layer, for the head's KV: for P's queue and the head too,
+  unless D is gated on P's start (`pipeline_hold_s`).
 
 The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
 smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
@@ -50,6 +52,8 @@ class Prediction:
     pipeline_tokens: int = 0
     p_head_prefill_s: float = 0.0
     d_tail_prefill_s: float = 0.0
+    # How long the D step that computes the tail lasts: what D's running decodes wait.
+    pipeline_hold_s: float = 0.0
 
 
 def options(pr: Prediction, local: bool = True, pipelined: bool = True,
@@ -57,19 +61,20 @@ def options(pr: Prediction, local: bool = True, pipelined: bool = True,
     """Every allowed path with its predicted TTFT and ITL."""
     out: list[Option] = []
 
-    def itl_with_prefill(tokens: int) -> float:
-        charged = tokens * pr.d_seconds_per_token if pr.d_running > 0 else 0.0
-        return pr.d_base_itl_s + charged
+    def itl_with_prefill(held_s: float) -> float:
+        return pr.d_base_itl_s + (held_s if pr.d_running > 0 else 0.0)
 
     if disaggregated:
         out.append(Option("disaggregated", pr.p_prefill_s + pr.handoff_s, pr.d_base_itl_s))
     if local:
-        out.append(Option("local", pr.d_prefill_s, itl_with_prefill(pr.prompt_tokens)))
+        out.append(Option("local", pr.d_prefill_s,
+                          itl_with_prefill(pr.prompt_tokens * pr.d_seconds_per_token)))
     if pipelined and pr.pipeline_tokens > 0:
         tail = pr.prompt_tokens - pr.pipeline_tokens
+        held = max(pr.pipeline_hold_s, tail * pr.d_seconds_per_token)
         out.append(Option("pipelined",
                           max(pr.p_head_prefill_s, pr.d_tail_prefill_s) + pr.handoff_s,
-                          itl_with_prefill(tail), pr.pipeline_tokens))
+                          itl_with_prefill(held), pr.pipeline_tokens))
     return out
 
 

@@ -120,6 +120,12 @@ def test_fixed_verdicts_are_the_issue_bars() -> None:
                                         "concurrent8_500": 0.5})
     below = [v for v in verdicts.fixed_verdicts(systems) if "built-in" in v["bar"]]
     assert [v["verdict"] for v in below] == ["pass", "miss", "pass"]
+    # A p50 of the admitted requests alone is no pass: a scenario with a refusal misses.
+    systems["mooncake_vllm"]["scenarios"]["prompt_1900"]["rejected"] = 1
+    by_bar = {v["bar"]: v for v in verdicts.fixed_verdicts(systems)}
+    for bar in ("prompt_1900: TTFT p50 of ours <= 1.1x the single instance's",
+                "prompt_1900: TTFT p50 of ours below the built-in connector's"):
+        assert by_bar[bar]["verdict"] == "miss" and by_bar[bar]["rejected"] == 1
 
 
 def _point(rate: float, good: float, attain: float, itl_p99: float = 0.01,

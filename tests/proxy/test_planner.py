@@ -9,9 +9,11 @@ import time
 import pytest
 
 from mooncake_vllm.metadata import InstanceInfo, MalformedValueError, ModelShape
+from mooncake_vllm.proxy.admission import Admission
 from mooncake_vllm.proxy.conductor import Conductor
 from mooncake_vllm.proxy.config import ProxyConfig
 from mooncake_vllm.proxy.decode_load import ItlModel
+from mooncake_vllm.proxy.metrics import ProxyMetrics
 from mooncake_vllm.proxy.model_shape import attention_tokens, shape_in_answer
 from mooncake_vllm.proxy.planner import Prediction, choose, options
 from mooncake_vllm.proxy.prompt import PromptHasher
@@ -72,6 +74,41 @@ def test_itl_slo_keeps_prefill_off_a_busy_decode() -> None:
     assert plan.option is not None and plan.option.path == "pipelined"
 
 
+def test_a_pipelined_tail_holds_a_busy_decode_for_the_head() -> None:
+    """D's step that computes a pipelined tail waits, layer by layer, for the head's KV: its
+    running decodes wait for P's queue and the head too, not only for the tail's compute. A
+    small tail behind a queued P is thus kept off a busy D; on an idle D, or gated on P's
+    start, the tail alone counts."""
+    busy = {"d_running": 2.0, "d_base_itl_s": 0.01}
+    # 800 tokens, 640 of them on P: the tail is 40 ms of compute, within a 0.1 s ITL SLO...
+    quick = _prediction(prompt_tokens=800, pipeline_tokens=640, pipeline_hold_s=0.17, **busy)
+    pipelined = [o for o in options(quick) if o.path == "pipelined"][0]
+    assert pipelined.predicted_itl_s == pytest.approx(0.01 + 0.17)
+    # ... but P has 0.3 s of work queued ahead of the head: held that long, so not on D.
+    queued = _prediction(prompt_tokens=800, pipeline_tokens=640, pipeline_hold_s=0.33,
+                         p_prefill_s=0.51, p_head_prefill_s=0.33, **busy)
+    plan = choose(options(queued), None, 0.1)
+    assert plan.option is not None and plan.option.path == "disaggregated"
+    gated = _prediction(prompt_tokens=800, pipeline_tokens=640, pipeline_hold_s=0.0, **busy)
+    pipelined = [o for o in options(gated) if o.path == "pipelined"][0]
+    assert pipelined.predicted_itl_s == pytest.approx(0.01 + 160 / 4000)
+
+
+def test_decodes_waiting_for_a_prefill_window_count_as_coming_to_d(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    c = _pd(slo_ttft_s=None)
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    ids = PromptHasher(None, tokens_per_block=32)
+    key = ids.key(False, {"prompt": list(range(10, 90))})
+    route = c.route(key, set())
+    assert route is not None and route.path == "local"  # D idle: no one's ITL to cost
+    # three requests wait for P's window, then decode on D
+    monkeypatch.setattr(type(p.window), "waiting", property(lambda _: 3))
+    route = c.route(key, set())
+    assert route is not None and route.predicted_itl_s > d.itl.base(1)
+
+
 def test_rejections_only_with_a_ttft_slo() -> None:
     queued = _prediction(prompt_tokens=500, p_prefill_s=3.0, d_prefill_s=3.0)
     assert choose(options(queued), None, 0.1).option is not None  # admission off
@@ -108,6 +145,7 @@ def test_only_load_is_a_reason_to_refuse() -> None:
                                 route.rejected_for, route.idle_ttft_s)
     assert verdict.admit
     assert 'slo_unattainable_total{slo="ttft"} 1.0' in c.metrics.render().decode()
+    c.admission.record("p", 0.3, 0.9)  # the SLO is being missed: predicted misses are believed
     tickets = [PrefillTicket(p, 4000), PrefillTicket(d, 4000)]  # a second of work queued each
     route = c.route(ids.key(False, {"prompt": list(range(10, 1010))}), set())  # 0.26 s alone
     assert route is not None and route.rejected_for == "ttft"
@@ -115,6 +153,47 @@ def test_only_load_is_a_reason_to_refuse() -> None:
                                  route.rejected_for, route.idle_ttft_s).admit
     for t in tickets:
         t.close()
+
+
+def test_a_predicted_miss_is_refused_only_while_the_slo_is_being_missed() -> None:
+    """Refusals need evidence: while the admitted requests meet the SLO, a request that load
+    predicts to miss is served (a burst they absorb, or a prediction error); once more than
+    one in ten of the last twenty miss it, such a request is refused; when they meet it again,
+    served again."""
+    adm = Admission(slo_ttft_s=0.2, metrics=ProxyMetrics(), slo_itl_s=0.05)
+
+    def verdict() -> bool:  # 0.3 s predicted, 0.1 s on idle instances: load is the cause
+        return adm.judge("p", "disaggregated", 0.3, 0.01, "", idle_ttft_s=0.1).admit
+
+    assert verdict()  # no outcome yet: no evidence of a miss
+    for _ in range(19):
+        adm.record("p", 0.1, 0.15)
+    adm.record("p", 0.1, 0.4)  # 1 miss in 20: within what a healthy cluster shows
+    assert verdict() and adm.report()["refusing_for"] == []
+    adm.record("p", 0.1, 0.4)
+    adm.record("p", 0.1, 0.4)  # 3 in the last 20
+    assert not verdict() and adm.report()["refusing_for"] == ["ttft"]
+    for _ in range(18):
+        adm.record("p", 0.1, 0.15)  # the last 20 hold 2 misses: no longer more than 1 in 10
+    assert verdict()
+    for _ in range(3):
+        adm.record("p", 0.1, 0.4)
+    assert not verdict()
+    adm.evidence_s = 0.05  # evidence grows old: a past overload is no reason to refuse now
+    time.sleep(0.1)
+    assert verdict()
+    for _ in range(20):  # requests that miss on idle instances too are no evidence of load,
+        adm.record("p", 0.3, 0.4, idle_ttft_s=0.25)
+        adm.record("p", 0.1, 0.4, idle_ttft_s=0.1)  # nor those that met no queue
+    assert verdict()
+    # ITL: a plan with no path within the ITL SLO is refused only while streams miss it.
+    assert adm.judge("p", "disaggregated", 0.1, 0.08, "itl", idle_ttft_s=0.1).admit
+    for _ in range(3):
+        adm.record_itl(adm.record("p", 0.1, 0.1, "disaggregated", 0.01), 0.09)
+    assert not adm.judge("p", "disaggregated", 0.1, 0.08, "itl", idle_ttft_s=0.1).admit
+    text = adm.metrics.render().decode()
+    assert 'mooncake_proxy_unproven_misses_total{slo="ttft"} 5.0' in text
+    assert 'mooncake_proxy_unproven_misses_total{slo="itl"} 1.0' in text
 
 
 def test_itl_model_learns_batch_cost_and_charges_prefill() -> None:
@@ -259,3 +338,35 @@ def test_noisy_timings_never_make_prefill_look_free() -> None:
         m.observe(1900, 0.2)
     assert m.coefficients()[1] == pytest.approx(0.1 / 4000.0)
     assert m.predict(1900) > m.predict(1)
+
+
+def test_a_handoff_that_waited_for_a_prefill_on_d_is_not_learned() -> None:
+    """D's first token after P's answer measures the handoff only while D computes no prefill
+    of ours: behind a local prefill it also waits for D's queue (which the plan counts apart),
+    and learned as the handoff it would make every later disaggregation look slow."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from mooncake_vllm.proxy.conductor import Route
+    from mooncake_vllm.proxy.disagg import RequestRun
+    from mooncake_vllm.proxy.routing import assess
+
+    c = _pd()
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    key = PromptHasher(None, tokens_per_block=32).key(False, {"prompt": list(range(10, 500))})
+    route = Route(assess(p, key), d, path="disaggregated")
+
+    def handoff(local_prefill_on_d: bool) -> float | None:
+        c.handoff_s.clear()
+        run = RequestRun(c, make_mocked_request("POST", "/v1/completions"), route, key,
+                         "/v1/completions", {}, True, time.monotonic() - 0.3)
+        run._prefill_done = 0.1  # P answered 0.1 s in; D's first token now, 0.2 s later
+        local = PrefillTicket(d, 400) if local_prefill_on_d else None
+        run.first_output()
+        run.close_tickets()
+        if local is not None:
+            local.close()
+        return c.handoff_s.get((p.instance_id, d.instance_id))
+
+    assert handoff(False) == pytest.approx(0.2, abs=0.05)
+    assert handoff(True) is None

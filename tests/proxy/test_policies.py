@@ -150,14 +150,15 @@ def test_admission_rejects_over_slo_with_retry_after_and_exports() -> None:
     metrics = ProxyMetrics()
     adm = Admission(slo_ttft_s=1.0, metrics=metrics, slo_itl_s=0.1)
     ok = adm.judge("p0", "disaggregated", 0.4, 0.02)
-    no = adm.judge("p0", "disaggregated", 3.6, 0.02)
-    assert ok.admit and not no.admit and no.retry_after_s == 3 and no.reason == "ttft"
     outcome = adm.record("p0", 0.4, 0.5, "disaggregated", 0.02)
     adm.record_itl(outcome, 0.05)
+    adm.record("p0", 0.4, 1.5, "disaggregated")  # a miss: predicted misses are now believed
+    no = adm.judge("p0", "disaggregated", 3.6, 0.02)
+    assert ok.admit and not no.admit and no.retry_after_s == 3 and no.reason == "ttft"
     rep = adm.report()
-    assert rep["admitted"] == 1 and rep["rejected"] == 1
-    assert rep["paths"] == {"disaggregated": 1, "rejected": 1}
-    assert rep["mean_abs_error_s"] == pytest.approx(0.1)
+    assert rep["admitted"] == 2 and rep["rejected"] == 1
+    assert rep["paths"] == {"disaggregated": 2, "rejected": 1}
+    assert rep["mean_abs_error_s"] == pytest.approx(0.6)
     assert rep["itl_mean_abs_error_s"] == pytest.approx(0.03)
     text = metrics.render().decode()
     assert 'mooncake_proxy_rejections_total{reason="slo"} 1.0' in text
