@@ -9,7 +9,8 @@ would meet the SLO.
 A predicted miss is trusted only while the SLO is being missed. Refusals need evidence: more
 than one in ten of the last `EVIDENCE` admitted requests seen within `EVIDENCE_SLOS` TTFT SLOs
 of now missed that SLO (TTFT; or a stream's ITL); for TTFT, counting those that met a queue
-and could meet the SLO on idle instances. While the instances keep up, a predicted miss is a
+and could meet the SLO on idle instances, for ITL, streams during which no prefill of ours
+ran on their decode instance. While the instances keep up, a predicted miss is a
 burst they absorb or an error of the prediction, and serving it costs the requests behind it
 little, where a refusal would lose it for certain. Under sustained overload the misses come,
 and from then on what is predicted to miss is refused, until the admitted requests meet the
@@ -136,7 +137,11 @@ class Admission:
         self.recent.append(outcome)
         return outcome
 
-    def record_itl(self, outcome: Outcome, observed_itl_s: float) -> None:
+    def record_itl(self, outcome: Outcome, observed_itl_s: float,
+                   decode_only: bool = True) -> None:
+        """A stream's mean ITL. `decode_only`: no prefill of ours ran on its decode instance
+        while it streamed; only such streams are evidence that decode load misses the ITL
+        SLO (a refusal does not relieve what prefills on D cost, the plan does)."""
         outcome.observed_itl_s = observed_itl_s
         m = self.metrics
         m.itl.observe(observed_itl_s)
@@ -144,7 +149,8 @@ class Admission:
             m.itl_prediction_error.observe(observed_itl_s - outcome.predicted_itl_s)
         if self.slo_itl_s is not None:
             met = observed_itl_s <= self.slo_itl_s
-            self._itl_met.append((time.monotonic(), met))
+            if decode_only:
+                self._itl_met.append((time.monotonic(), met))
             m.itl_slo.labels(str(met).lower()).inc()
 
     def report(self) -> dict[str, Any]:

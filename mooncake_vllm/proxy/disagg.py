@@ -152,6 +152,7 @@ class RequestRun:
         self._prefill_done: float | None = None  # seconds after start P's half answered
         self._outcome: Outcome | None = None
         self._chunks: list[float] = []
+        self._gap_spanned_prefill = False  # a gap of this stream spanned a prefill on D
 
     def first_output(self) -> None:
         """The first answer byte is on its way to the client (or the prefill is done)."""
@@ -189,15 +190,19 @@ class RequestRun:
         d = self.route.decode or self.route.prefill.instance
         # Only gaps with no prefill of ours in D's steps: one that spanned a prefill's end
         # (that prefill's own first token may arrive just before this chunk) is left out too.
-        if self._chunks and d.prefill_free_since(self._chunks[-1]):
-            d.itl.observe(d.decode_batch(), now - self._chunks[-1])
+        if self._chunks:
+            if d.prefill_free_since(self._chunks[-1]):
+                d.itl.observe(d.decode_batch(), now - self._chunks[-1])
+            else:
+                self._gap_spanned_prefill = True
         self._chunks.append(now)
 
     def stream_ended(self) -> None:
         if self._outcome is not None and len(self._chunks) >= 2:
             gaps = len(self._chunks) - 1
             self.c.admission.record_itl(self._outcome,
-                                        (self._chunks[-1] - self._chunks[0]) / gaps)
+                                        (self._chunks[-1] - self._chunks[0]) / gaps,
+                                        decode_only=not self._gap_spanned_prefill)
 
     async def _relay(self, inst: Instance, opened: Opened) -> web.StreamResponse:
         try:

@@ -186,14 +186,19 @@ def test_a_predicted_miss_is_refused_only_while_the_slo_is_being_missed() -> Non
         adm.record("p", 0.3, 0.4, idle_ttft_s=0.25)
         adm.record("p", 0.1, 0.4, idle_ttft_s=0.1)  # nor those that met no queue
     assert verdict()
-    # ITL: a plan with no path within the ITL SLO is refused only while streams miss it.
+    # ITL: a plan with no path within the ITL SLO is refused only while streams miss it, and
+    # only streams with no prefill of ours on D while they ran say so (those were held by
+    # the prefill, which a refusal does not relieve).
+    assert adm.judge("p", "disaggregated", 0.1, 0.08, "itl", idle_ttft_s=0.1).admit
+    for _ in range(3):
+        adm.record_itl(adm.record("p", 0.1, 0.1, "local", 0.01), 0.09, decode_only=False)
     assert adm.judge("p", "disaggregated", 0.1, 0.08, "itl", idle_ttft_s=0.1).admit
     for _ in range(3):
         adm.record_itl(adm.record("p", 0.1, 0.1, "disaggregated", 0.01), 0.09)
     assert not adm.judge("p", "disaggregated", 0.1, 0.08, "itl", idle_ttft_s=0.1).admit
     text = adm.metrics.render().decode()
     assert 'mooncake_proxy_unproven_misses_total{slo="ttft"} 5.0' in text
-    assert 'mooncake_proxy_unproven_misses_total{slo="itl"} 1.0' in text
+    assert 'mooncake_proxy_unproven_misses_total{slo="itl"} 2.0' in text
 
 
 def test_itl_model_learns_batch_cost_and_charges_prefill() -> None:
