@@ -204,7 +204,9 @@ class Conductor:
         idle_ttft = min(idle_of[o.path] for o in opts)
         plan = choose(opts, cfg.slo_ttft_s, cfg.slo_itl_s, idle_ttft, d.itl.base(1))
         log.debug("plan for %d tokens: %s -> %s", key.num_tokens, opts, plan)
-        chosen = plan.option or min(opts, key=lambda o: o.predicted_ttft_s)
+        # Refused: the route admission sees (and serves, if the evidence does not bear the
+        # refusal out) is the path the plan judged, within the ITL SLO where one is.
+        chosen = plan.option or plan.judged or min(opts, key=lambda o: o.predicted_ttft_s)
         route_of = {
             "disaggregated": lambda: Route(p, d),
             "local": lambda: Route(local, None),

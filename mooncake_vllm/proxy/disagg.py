@@ -77,6 +77,12 @@ def pipelinable(path: str, body: dict[str, Any]) -> bool:
             and body.get("prompt_logprobs") is None)
 
 
+def token_events(chunk: bytes) -> int:
+    """Server-sent events in a read of a completion stream that carry output: every `data:`
+    event but the end marker (a usage-only event counts too: it comes once, at the end)."""
+    return max(chunk.count(b"data:") - chunk.count(b"data: [DONE]"), 0)
+
+
 def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> dict[str, Any]:
     p = dict(body)
     p["max_tokens"] = 1
@@ -151,7 +157,8 @@ class RequestRun:
         self._ttft_seen: float | None = None
         self._prefill_done: float | None = None  # seconds after start P's half answered
         self._outcome: Outcome | None = None
-        self._chunks: list[float] = []
+        self._chunks: list[float] = []  # when each read of the stream came (first: TTFT)
+        self._tokens = 0  # token events in the reads after the first
         self._gap_spanned_prefill = False  # a gap of this stream spanned a prefill on D
 
     def first_output(self) -> None:
@@ -184,24 +191,31 @@ class RequestRun:
             return
         self.c.observe_handoff(route.prefill.instance, route.decode, ttft - done)
 
-    def on_chunk(self) -> None:
-        """A chunk of D's stream: one gap of this request's ITL, and of D's decode load."""
+    def on_chunk(self, chunk: bytes) -> None:
+        """A read of D's stream: the gap since the last read, spread over the token events it
+        holds (a read that waited, on a busy host, holds several), is this request's ITL and
+        D's decode step."""
+        tokens = token_events(chunk)
+        if not tokens:  # the end marker, or part of an event
+            return
         now = time.monotonic()
         d = self.route.decode or self.route.prefill.instance
         # Only gaps with no prefill of ours in D's steps: one that spanned a prefill's end
         # (that prefill's own first token may arrive just before this chunk) is left out too.
         if self._chunks:
             if d.prefill_free_since(self._chunks[-1]):
-                d.itl.observe(d.decode_batch(), now - self._chunks[-1])
+                gap = (now - self._chunks[-1]) / tokens
+                for _ in range(tokens):
+                    d.itl.observe(d.decode_batch(), gap)
             else:
                 self._gap_spanned_prefill = True
+            self._tokens += tokens
         self._chunks.append(now)
 
     def stream_ended(self) -> None:
-        if self._outcome is not None and len(self._chunks) >= 2:
-            gaps = len(self._chunks) - 1
+        if self._outcome is not None and self._tokens:
             self.c.admission.record_itl(self._outcome,
-                                        (self._chunks[-1] - self._chunks[0]) / gaps,
+                                        (self._chunks[-1] - self._chunks[0]) / self._tokens,
                                         decode_only=not self._gap_spanned_prefill)
 
     async def _relay(self, inst: Instance, opened: Opened) -> web.StreamResponse:

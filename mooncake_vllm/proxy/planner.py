@@ -83,6 +83,7 @@ class Plan:
     option: Option | None  # None: rejected
     rejected_for: str = ""  # "ttft" | "itl" when rejected
     within_itl: bool = True  # False: no path met the ITL SLO (disaggregated as the least harm)
+    judged: Option | None = None  # rejected: the path whose prediction was judged
 
 
 def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None,
@@ -101,7 +102,7 @@ def choose(opts: list[Option], slo_ttft_s: float | None, slo_itl_s: float | None
     best = min(pool, key=lambda o: (o.predicted_ttft_s, PATHS.index(o.path)))
     if slo_ttft_s is not None:
         if best.predicted_ttft_s > slo_ttft_s >= idle_ttft_s:
-            return Plan(None, "ttft", within_itl)
+            return Plan(None, "ttft", within_itl, best)
         if not within_itl and slo_itl_s is not None and idle_itl_s <= slo_itl_s:
-            return Plan(None, "itl", False)
+            return Plan(None, "itl", False, best)
     return Plan(best, "", within_itl)

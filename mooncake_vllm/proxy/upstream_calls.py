@@ -129,9 +129,9 @@ def _sse_error(message: str) -> bytes:
 
 async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
                        opened: Opened,
-                       on_chunk: Callable[[], None] | None = None) -> web.StreamResponse:
+                       on_chunk: Callable[[bytes], None] | None = None) -> web.StreamResponse:
     """Past the commit point: relay chunks as they come; never buffer the stream. `on_chunk`
-    is called as each chunk after the first arrives (the ITL observer)."""
+    is given each chunk after the first as it arrives (the ITL observer)."""
     out = web.StreamResponse(status=opened.resp.status, headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no"})
@@ -151,7 +151,7 @@ async def relay_stream(c: Conductor, request: web.Request, inst: Instance,
             else:
                 if chunk:
                     if on_chunk is not None:
-                        on_chunk()
+                        on_chunk(chunk)
                     await out.write(chunk)
                     tail = (tail + chunk)[-32:]
                     continue

@@ -375,3 +375,55 @@ def test_a_handoff_that_waited_for_a_prefill_on_d_is_not_learned() -> None:
 
     assert handoff(False) == pytest.approx(0.2, abs=0.05)
     assert handoff(True) is None
+
+
+def test_itl_is_per_token_event_when_reads_merge_them() -> None:
+    """On a busy host the conductor's reads of D's stream merge several token events: the gap
+    is spread over them, or a merged read would count as one long step, and streams that met
+    the ITL SLO would count as missing it (the evidence that turns refusals on)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from mooncake_vllm.proxy.conductor import Route
+    from mooncake_vllm.proxy.disagg import RequestRun, token_events
+    from mooncake_vllm.proxy.routing import assess
+
+    assert token_events(b'data: {"a": 1}\n\ndata: {"a": 2}\n\n') == 2
+    assert token_events(b"data: [DONE]\n\n") == 0
+    c = _pd(slo_ttft_s=1.0, slo_itl_s=0.05)
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    key = PromptHasher(None, tokens_per_block=32).key(False, {"prompt": list(range(10, 50))})
+    run = RequestRun(c, make_mocked_request("POST", "/v1/completions"),
+                     Route(assess(p, key), d, path="disaggregated"), key, "/v1/completions",
+                     {}, True, time.monotonic())
+    run.first_output()
+    time.sleep(0.08)
+    run.on_chunk(b'data: {"t": 1}\n\ndata: {"t": 2}\n\ndata: {"t": 3}\n\ndata: {"t": 4}\n\n')
+    run.on_chunk(b"data: [DONE]\n\n")
+    run.stream_ended()
+    run.close_tickets()
+    (outcome,) = c.admission.recent
+    assert outcome.observed_itl_s is not None and 0.015 < outcome.observed_itl_s < 0.05
+
+
+def test_a_refused_plan_names_the_path_it_judged() -> None:
+    """When the only paths within the ITL SLO miss the TTFT SLO the plan refuses, and the route
+    admission sees is that path: served anyway (no evidence yet of misses), the request must
+    not take a faster path that the ITL SLO ruled out (a prefill on a busy D)."""
+    busy = {"d_running": 3.0, "d_base_itl_s": 0.02}
+    queued = _prediction(prompt_tokens=1000, p_prefill_s=0.6, d_prefill_s=0.26, **busy)
+    plan = choose(options(queued), 0.3, 0.05, idle_ttft_s=0.28)
+    assert plan.option is None and plan.rejected_for == "ttft"
+    assert plan.judged is not None and plan.judged.path == "disaggregated"
+    c = _pd(slo_ttft_s=0.3, slo_itl_s=0.05)
+    p, d = c.registry.get("p"), c.registry.get("d")
+    assert p is not None and d is not None
+    ticket = PrefillTicket(p, 2000)  # half a second of work queued on P
+    d.inflight_decode = 3  # and D decoding
+    route = c.route(PromptHasher(None, tokens_per_block=32).key(
+        False, {"prompt": list(range(10, 1010))}), set())
+    ticket.close()
+    assert route is not None and route.rejected_for == "ttft"
+    assert route.path == "disaggregated" and route.decode is d
+    assert c.admission.judge("p", route.path, route.predicted_ttft_s, route.predicted_itl_s,
+                             route.rejected_for, route.idle_ttft_s).admit  # unproven
