@@ -17,7 +17,7 @@ and from then on what is predicted to miss is refused, until the admitted reques
 SLO again.
 
 Every admitted request's observed TTFT, and for a stream its observed ITL (the mean gap
-between relayed chunks), is paired with its prediction: the pairs go to Prometheus
+between relayed token events), is paired with its prediction: the pairs go to Prometheus
 (`mooncake_proxy_{ttft,itl}_prediction_error_seconds`, `mooncake_proxy_slo_outcomes`,
 `mooncake_proxy_itl_slo_outcomes`) and the most recent ones to `GET /admission` as JSON.
 """

@@ -35,12 +35,13 @@ class ItlModel:
             self._line.add(batch, self.prior_base_s + (batch - 1) * self.prior_per_request_s,
                            self.prior_weight)
 
-    def observe(self, batch: float, gap_s: float) -> None:
-        """A gap between two chunks relayed from the instance while `batch` requests ran."""
-        if batch < 1 or not 0 <= gap_s < 60:
+    def observe(self, batch: float, gap_s: float, count: int = 1) -> None:
+        """`count` gaps of `gap_s` between token events relayed from the instance while
+        `batch` requests ran."""
+        if batch < 1 or not 0 <= gap_s < 60 or count < 1:
             return
-        self._line.observe(float(batch), float(gap_s))
-        self.observations += 1
+        self._line.observe(float(batch), float(gap_s), count)
+        self.observations += count
 
     def base(self, batch: float) -> float:
         """Predicted ITL with `batch` requests decoding and no prefill in their steps."""

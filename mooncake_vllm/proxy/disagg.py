@@ -79,8 +79,13 @@ def pipelinable(path: str, body: dict[str, Any]) -> bool:
 
 def token_events(chunk: bytes) -> int:
     """Server-sent events in a read of a completion stream that carry output: every `data:`
-    event but the end marker (a usage-only event counts too: it comes once, at the end)."""
-    return max(chunk.count(b"data:") - chunk.count(b"data: [DONE]"), 0)
+    event but the end marker (a usage-only event counts too: it comes once, at the end).
+    Events are counted where a line starts: the generated text is JSON inside an event and
+    holds no raw newline, so a "data:" in the text is no event."""
+    def at_line_start(field: bytes) -> int:
+        return chunk.count(b"\n" + field) + chunk.startswith(field)
+
+    return max(at_line_start(b"data:") - at_line_start(b"data: [DONE]"), 0)
 
 
 def prefill_body(body: dict[str, Any], tid: str, token: str | None = None) -> dict[str, Any]:
@@ -204,9 +209,7 @@ class RequestRun:
         # (that prefill's own first token may arrive just before this chunk) is left out too.
         if self._chunks:
             if d.prefill_free_since(self._chunks[-1]):
-                gap = (now - self._chunks[-1]) / tokens
-                for _ in range(tokens):
-                    d.itl.observe(d.decode_batch(), gap)
+                d.itl.observe(d.decode_batch(), (now - self._chunks[-1]) / tokens, tokens)
             else:
                 self._gap_spanned_prefill = True
             self._tokens += tokens

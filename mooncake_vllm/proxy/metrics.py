@@ -54,8 +54,8 @@ class ProxyMetrics:
         self.predicted_itl = Histogram(p + "predicted_itl_seconds", "Inter-token latency "
                                        "predicted at admission on the decode instance",
                                        buckets=ITL_BUCKETS, registry=r)
-        self.itl = Histogram(p + "itl_seconds", "Mean gap between streamed chunks, per request",
-                             buckets=ITL_BUCKETS, registry=r)
+        self.itl = Histogram(p + "itl_seconds", "Mean gap between streamed token events, per "
+                             "request", buckets=ITL_BUCKETS, registry=r)
         self.itl_prediction_error = Histogram(
             p + "itl_prediction_error_seconds", "Observed minus predicted ITL of admitted "
             "streamed requests", buckets=ERROR_BUCKETS, registry=r)

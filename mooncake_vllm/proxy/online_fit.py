@@ -22,12 +22,14 @@ class ForgettingLine:
         self._sxx += weight * x * x
         self._sxy += weight * x * y
 
-    def observe(self, x: float, y: float) -> None:
-        """One observation of weight 1, after the old ones have faded by `forget`."""
+    def observe(self, x: float, y: float, count: int = 1) -> None:
+        """`count` observations of the same point, each of weight 1 after the older ones have
+        faded by `forget`: exactly as many calls would leave it, in O(1)."""
         f = self.forget
-        self._w, self._sx, self._sy = self._w * f, self._sx * f, self._sy * f
-        self._sxx, self._sxy = self._sxx * f, self._sxy * f
-        self.add(x, y, 1.0)
+        fade = f ** count
+        self._w, self._sx, self._sy = self._w * fade, self._sx * fade, self._sy * fade
+        self._sxx, self._sxy = self._sxx * fade, self._sxy * fade
+        self.add(x, y, float(count) if f == 1.0 else (1.0 - fade) / (1.0 - f))
 
     def moments(self) -> tuple[float, float, float, float]:
         """(mean x, mean y, variance of x, covariance of x and y); needs a point first."""

@@ -389,6 +389,8 @@ def test_itl_is_per_token_event_when_reads_merge_them() -> None:
 
     assert token_events(b'data: {"a": 1}\n\ndata: {"a": 2}\n\n') == 2
     assert token_events(b"data: [DONE]\n\n") == 0
+    # "data:" in the generated text (JSON, no raw newline) is no event
+    assert token_events(b'data: {"text": "data: x data: [DONE]"}\n\n') == 1
     c = _pd(slo_ttft_s=1.0, slo_itl_s=0.05)
     p, d = c.registry.get("p"), c.registry.get("d")
     assert p is not None and d is not None
@@ -427,3 +429,18 @@ def test_a_refused_plan_names_the_path_it_judged() -> None:
     assert route.path == "disaggregated" and route.decode is d
     assert c.admission.judge("p", route.path, route.predicted_ttft_s, route.predicted_itl_s,
                              route.rejected_for, route.idle_ttft_s).admit  # unproven
+
+
+def test_a_point_observed_n_times_at_once_fits_as_n_observations() -> None:
+    """ITL gaps come several to a read: one weighted observation must leave the line exactly
+    where that many observations would (the relay does it in O(1), not in a loop)."""
+    from mooncake_vllm.proxy.online_fit import ForgettingLine
+
+    one_by_one, at_once = ForgettingLine(0.9), ForgettingLine(0.9)
+    for line in (one_by_one, at_once):
+        line.add(1.0, 0.02, 5.0)
+        line.observe(2.0, 0.03)
+    for _ in range(7):
+        one_by_one.observe(4.0, 0.05)
+    at_once.observe(4.0, 0.05, 7)
+    assert at_once.moments() == pytest.approx(one_by_one.moments(), rel=1e-9, abs=1e-12)
