@@ -83,6 +83,10 @@ def test_eight_concurrent_requests(pair: tuple) -> None:
 
 
 def _blocks_sent(p: VllmServer) -> float:
+    """P's blocks sent so far. Connector counters reach /metrics with an engine step, and an
+    idle P may not step again after a transfer's last one: a one-token request (which sends
+    nothing) makes it step first."""
+    completion(p, [7], 1)
     return metrics(p).get("vllm:mooncake_blocks_sent_total", 0.0)
 
 
@@ -141,14 +145,8 @@ def test_pipelined_prefill_equals_single_instance(pair: tuple, n: int, head: int
     before = _blocks_sent(p)
     failures = metrics(d).get("vllm:mooncake_failures_total", 0.0)
     got = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
-
-    def counted() -> bool:
-        # Connector counters reach /metrics with an engine step; an idle P may not step
-        # again after the transfer's last one: a one-token request makes it step.
-        completion(p, [7], 1)
-        return _blocks_sent(p) - before == head // BLOCK * LAYERS
-
-    wait_for(counted, 30, "the head's blocks sent, layer by layer")
+    wait_for(lambda: _blocks_sent(p) - before == head // BLOCK * LAYERS, 30,
+             "the head's blocks sent, layer by layer")
     assert_same_greedy(completion(p, prompt, 10), got)
     again = pd_completion(p, d, rc, prompt, 10, pipeline_tokens=head)
     assert_same_greedy(got, again)
