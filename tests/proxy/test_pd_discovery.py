@@ -281,6 +281,16 @@ def test_prefill_window_holds_a_burst_back_first_come_first_served(
         assert last["window_in_flight_tokens"] == 0 and last["window_waiting"] == 0
 
 
+def _failure(raw: bytes, *procs: ConductorProcess | VllmServer) -> str:
+    """A failed answer, with what each process logged last (its metrics polls left out)."""
+    tails = []
+    for proc in procs:
+        lines = [ln for ln in proc.log_tail(400).splitlines() if "GET /metrics" not in ln]
+        name = proc.name if isinstance(proc, VllmServer) else "conductor"
+        tails.append(f"--- {name}:\n" + "\n".join(lines[-40:]))
+    return raw.decode(errors="replace") + "\n" + "\n".join(tails)
+
+
 def _prefill_record(url: str) -> dict:
     return next(i for i in get_json(url + "/instances")[1]["instances"] if i["role"] == "prefill")
 
@@ -313,7 +323,7 @@ def test_plain_conductor_plans_each_request(cluster: Cluster, tiny_model: Path) 
             before = (metric(p.url, "vllm:prompt_tokens_total"),
                       metric(d.url, "vllm:prompt_tokens_total"))
             status, _, raw = post(url + "/v1/completions", body)
-            assert status == 200, raw
+            assert status == 200, _failure(raw, proxy, p, d)
             counted = (metric(p.url, "vllm:prompt_tokens_total") - before[0],
                        metric(d.url, "vllm:prompt_tokens_total") - before[1])
             assert json.loads(raw)["choices"][0]["text"] == _reference(
