@@ -276,32 +276,55 @@ class ControlChannel:
             logger.exception("control: handler failed")
 
 
-def probe_health(endpoint: str, token: str | None, timeout_s: float = 2.0) -> str | None:
-    """Ask the worker behind `endpoint` whether it can serve transfers (Ping/Pong): None when
-    it says so, else why not (its own reason, or that it did not answer in time). Blocking:
-    the conductor calls it from a thread."""
+class NoAnswer(Exception):
+    """A blocking question on the control channel got no usable answer; says why."""
+
+
+def ask(endpoint: str, token: str | None, question: m.Ping | m.Check,
+        timeout_s: float) -> m.Message:
+    """Send `question` to the worker behind `endpoint` on a socket of its own and return the
+    reply that echoes its id. Blocking (a caller's thread, never the channel's). Raises
+    NoAnswer naming the endpoint: refused endpoint, no answer in time (a worker drops a frame
+    without this cluster's MAC, so a token mismatch reads the same), or a malformed reply."""
     why = endpoint_refusal(endpoint)
     if why is not None:
-        return why
+        raise NoAnswer(why)
     auth = FrameAuth(token)
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
+    s = zmq.Context.instance().socket(zmq.DEALER)
     try:
         _bound(s)
         s.connect(endpoint)
-        probe_id = uuid.uuid4().hex
-        s.send(auth.seal(m.encode(m.Ping(m.PROTOCOL_VERSION, probe_id))))
+        s.send(auth.seal(m.encode(question)))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not s.poll(int(left * 1000) + 1):
                 break
             try:
-                msg = m.decode(auth.open(s.recv()))
+                reply = m.decode(auth.open(s.recv()))
             except ValueError as e:
-                return f"worker {endpoint} answered something else than a Pong: {e}"
-            if isinstance(msg, m.Pong) and msg.transfer_id == probe_id:
-                return None if msg.healthy else f"worker {endpoint} (tp{msg.tp_rank}): " \
-                    f"{msg.reason}"
-        return f"worker {endpoint} did not answer a health probe within {timeout_s:.1f}s"
+                raise NoAnswer(f"worker {endpoint} answered something unreadable: {e}") from e
+            if reply.transfer_id == question.transfer_id:
+                return reply
+        raise NoAnswer(f"worker {endpoint} did not answer a {type(question).__name__} within "
+                       f"{timeout_s:.1f}s")
     finally:
         s.close(linger=0)
+
+
+def ping(endpoint: str, token: str | None, timeout_s: float = 2.0) -> m.Pong:
+    """The worker's Pong (its health, segment and scratch region); raises NoAnswer."""
+    reply = ask(endpoint, token, m.Ping(m.PROTOCOL_VERSION, uuid.uuid4().hex), timeout_s)
+    if not isinstance(reply, m.Pong):
+        raise NoAnswer(f"worker {endpoint} answered a Ping with a {type(reply).__name__}")
+    return reply
+
+
+def probe_health(endpoint: str, token: str | None, timeout_s: float = 2.0) -> str | None:
+    """Ask the worker behind `endpoint` whether it can serve transfers (Ping/Pong): None when
+    it says so, else why not (its own reason, or that it did not answer in time). Blocking:
+    the conductor calls it from a thread."""
+    try:
+        pong = ping(endpoint, token, timeout_s)
+    except NoAnswer as e:
+        return str(e)
+    return None if pong.healthy else f"worker {endpoint} (tp{pong.tp_rank}): {pong.reason}"

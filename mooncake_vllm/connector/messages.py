@@ -12,7 +12,10 @@ from the network is trusted further than its type.
   P -> D  Layers    "layers [0, n) are written" (only when the registration asked for it)
   P -> D  Done      "every layer is written" (ok) or why not (refused, failed, aborted)
   P -> D  Released  "no write of mine will touch your blocks any more"
-  any -> worker Ping / Pong  health probe: the engine self-check and the threads are fine
+  any -> worker Ping / Pong  health probe: the engine self-check and the threads are fine;
+                    the Pong also says where the worker's scratch region is (doctor writes)
+  doctor -> worker Check / Checked  "from your side: ping this peer's control endpoint and,
+                    if asked, write into its scratch region" (never KV memory), and the result
 """
 
 from __future__ import annotations
@@ -133,9 +136,34 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
     healthy: bool
     reason: Text = ""  # why not, when not
     tp_rank: int = 0
+    # The worker's engine segment and a scratch region in it that a doctor's test write may
+    # overwrite (never KV memory): [address, bytes].
+    segment: dict | None = None
+    scratch: tuple[Address, Count] | None = None
 
 
-Message = Watch | Started | Register | Release | Layers | Done | Released | Ping | Pong
+class Check(msgspec.Struct, tag="check", frozen=True):
+    """The doctor -> a worker: check `peer` (a worker's control endpoint) from your side."""
+
+    v: int
+    transfer_id: Id  # the check's own id, echoed
+    peer: Text
+    write: bool = False  # also write into the peer's scratch region through the engine
+
+
+class Checked(msgspec.Struct, tag="checked", frozen=True):
+    v: int
+    transfer_id: Id
+    ok: bool
+    reason: Text = ""  # what failed, when not ok
+    protocol: Annotated[str, msgspec.Meta(max_length=16)] = ""  # the engine's, for writes
+    latency_s: Seconds = 0.0  # the fastest of a few one-page writes
+    bytes: Count = 0  # written in `seconds` by the bandwidth writes
+    seconds: Seconds = 0.0
+
+
+Message = (Watch | Started | Register | Release | Layers | Done | Released | Ping | Pong
+           | Check | Checked)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

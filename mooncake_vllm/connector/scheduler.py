@@ -284,12 +284,18 @@ class MooncakeScheduler:
             # A request aborted while WAITING_FOR_REMOTE_KVS keeps its blocks in vLLM until
             # the workers report it received; the workers see it in finished_req_ids.
             return False, None
+        if p.get("probe") and p.get("do_remote_decode"):
+            # A conductor or the doctor asks where this instance's workers listen (any role:
+            # the doctor checks decode instances from their control endpoints too).
+            self._p_reqs.pop(rid, None)
+            return False, {"remote_control": self.remote_control, "transfer_id": None,
+                           "model_shape": self.model_shape}
         if not (self.is_producer and p.get("do_remote_decode")):
             return False, None
         answer = {"remote_control": self.remote_control, "transfer_id": p.get("transfer_id"),
                   "model_shape": self.model_shape}
         req = self._p_reqs.pop(rid, None)
-        if p.get("probe") or req is None or not block_ids:
+        if req is None or not block_ids:
             return False, answer
         logger.debug("prefill request %s finished: transfer %s, scheduled %s, %d blocks",
                      rid, p.get("transfer_id"), req is not None, len(block_ids))

@@ -29,6 +29,7 @@ from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.control import ControlChannel, unpin_current_thread, widened_affinity
 from mooncake_vllm.connector.core_sharing import CoreRegistry
 from mooncake_vllm.connector.decode_side import DecodeSide
+from mooncake_vllm.connector.doctor_probe import DoctorProbe
 from mooncake_vllm.connector.layout import KVLayout, memory_regions
 from mooncake_vllm.connector.pipeline_gate import GateReport
 from mooncake_vllm.connector.prefill_side import PrefillSide
@@ -97,6 +98,7 @@ class MooncakeWorker:
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.unhealthy = ""  # why this worker cannot serve transfers; "" when it can
         self.cores: CoreRegistry | None = None  # CPU platform: our record of cores in use
+        self.doctor: DoctorProbe | None = None
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ setup
@@ -151,6 +153,7 @@ class MooncakeWorker:
             descriptor=None if c.uses_etcd else self.engine.descriptor(), stats=self.stats,
             lock=self.lock, news=self.news)
         self.prefill.start()
+        self.doctor = DoctorProbe(self.engine, c.cluster_token, self._send)
         port = c.control_port + self.tp_rank if c.control_port else 0
         # zmq's I/O thread, started with the channel, inherits this thread's affinity: the
         # model's core, where it would wait for the model (and, on a host whose instances
@@ -334,8 +337,12 @@ class MooncakeWorker:
 
     def _on_message(self, sender: bytes | str, msg: m.Message) -> None:
         if isinstance(msg, m.Ping) and isinstance(sender, bytes):
+            extra = self.doctor.pong_fields() if self.doctor is not None else {}
             self._send(sender, m.Pong(m.PROTOCOL_VERSION, msg.transfer_id, not self.unhealthy,
-                                      self.unhealthy[:4000], self.tp_rank))
+                                      self.unhealthy[:4000], self.tp_rank, **extra))
+        elif isinstance(msg, m.Check) and isinstance(sender, bytes):
+            if self.doctor is not None:
+                self.doctor.on_check(sender, msg)
         elif isinstance(sender, bytes):  # a peer called our ROUTER: it asks us, as prefill
             if self.prefill is not None:
                 self.prefill.on_message(sender, msg)

@@ -3,7 +3,9 @@
 One module, one pair (two vLLM processes at a time): etcd and a discovery proxy start first,
 the prefill and decode instances after it, so the discovery proxy must pick them up without a
 restart; a static proxy (`--prefill URL --decode URL`, remote_control by probe) serves the
-relay tests; the last test kills the decode instance and watches discovery drop it.
+relay tests; `mooncake-vllm doctor` checks the pair (healthy, wrong token, and, after the last
+test kills the decode instance, a closed control port); the last test kills the decode
+instance and watches discovery drop it.
 
 Every instance and conductor here shares a cluster token, from the environment as deployed:
 the conductor signs the kv_transfer_params it writes and the connectors refuse unsigned ones,
@@ -12,7 +14,11 @@ so each P/D answer below is also one that passed the connectors' signature check
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +29,8 @@ from pathlib import Path
 import pytest
 from proxy_http import get_json, metric, open_stream, post, sse_events, stream_text, wait_for
 
+from mooncake_vllm.doctor import cluster_findings
+from mooncake_vllm.doctor import main as doctor_main
 from mooncake_vllm.proxy.conductor import pipeline_cut
 from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.etcd_server import EtcdServer
@@ -374,6 +382,40 @@ def test_plain_conductor_plans_each_request(cluster: Cluster, tiny_model: Path) 
         assert metric(url, "mooncake_proxy_warmups_total", {"outcome": "ok"}) == 2
 
 
+def _doctor(*args: str, token: str = CLUSTER_TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MOONCAKE_VLLM_CLUSTER_TOKEN": token}
+    return subprocess.run([sys.executable, "-m", "mooncake_vllm.cli", "doctor", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_doctor_checks_the_pair_from_both_sides(cluster: Cluster) -> None:
+    """Through etcd and p2p: every instance answers, the layouts agree, D reaches P's control
+    endpoint from its side and P writes into D's scratch region over TCP, timed."""
+    for args in (["--metadata-server", cluster.etcd.url],
+                 ["--prefill", cluster.prefill.url, "--decode", cluster.decode.url]):
+        run = _doctor(*args)
+        assert run.returncode == 0, run.stdout + run.stderr
+        lines = run.stdout.splitlines()
+        assert any(ln.startswith("ok  prefill->decode") and "tcp:" in ln and "MB/s" in ln
+                   for ln in lines), run.stdout
+        assert any(ln.startswith("ok  decode->prefill") for ln in lines), run.stdout
+        assert any(ln.startswith("ok  layout") for ln in lines), run.stdout
+        assert "FAIL" not in run.stdout
+
+
+def test_doctor_names_a_token_mismatch(cluster: Cluster) -> None:
+    """A doctor with another cluster's token: every worker drops its Pings (their port is
+    open), and the fix says to use one token; p2p, the instances refuse its signed probe."""
+    run = _doctor("--metadata-server", cluster.etcd.url, token="another-cluster-token-0123456")
+    assert run.returncode == 1, run.stdout
+    fails = [ln for ln in run.stdout.splitlines() if ln.startswith("FAIL control")]
+    assert len(fails) == 2 and all("another cluster token" in ln for ln in fails), run.stdout
+    assert "fix: give the doctor and every instance the same cluster token" in run.stdout
+    run = _doctor("--prefill", cluster.prefill.url, "--decode", cluster.decode.url,
+                  token="another-cluster-token-0123456")
+    assert run.returncode == 1 and "FAIL connector" in run.stdout, run.stdout
+
+
 def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
     p, d = cluster.prefill, cluster.decode
     body = _body(tiny_model, prompt="Keep talking: " * 40, max_tokens=3500, stream=True,
@@ -393,6 +435,14 @@ def test_killed_decode_instance_leaves_discovery(cluster: Cluster) -> None:
     """Last: kills the decode instance. Its lease expires and discovery drops it."""
     url = cluster.discovery_proxy.url
     cluster.decode.kill()
+    # At once, while its record is still in etcd: the doctor finds its ports closed.
+    args = argparse.Namespace(metadata_server=cluster.etcd.url, namespace=None, token_file=None,
+                              prefill=[], decode=[])
+    found = cluster_findings(args)
+    closed = [f for f in found if f.check == "control" and not f.ok]
+    assert closed and "nothing accepts connections" in closed[0].detail, found
+    assert "lease expires" in closed[0].fix
+    assert doctor_main(["--metadata-server", cluster.etcd.url]) == 1
 
     def decode_known() -> bool:
         return any(i["role"] == "decode" for i in get_json(url + "/instances")[1]["instances"])

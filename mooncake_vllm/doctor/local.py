@@ -1,4 +1,4 @@
-"""`mooncake-vllm doctor`: what this installation can move bytes with.
+"""`mooncake-vllm doctor` with no cluster named: what this installation can move bytes with.
 
 Prints the engine build (transports compiled in), the RDMA devices libibverbs lists, and, when
 pyverbs is importable (Debian's python3-pyverbs, matched to the system rdma-core), each device's
@@ -7,9 +7,7 @@ ports, link state and GIDs. Says plainly when there is no RDMA device (the engin
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import sys
 from types import ModuleType
 from typing import Any
@@ -131,19 +129,3 @@ def print_report(report: dict[str, Any]) -> None:
             )
             for gid in port["gids"] or [{"index": "-", "gid": "no GID configured"}]:
                 print(f"    gid[{gid['index']}] {gid['gid']}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mooncake-vllm doctor", description=__doc__)
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args(argv)
-    report = collect()
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
-    return 0 if report["engine"]["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
