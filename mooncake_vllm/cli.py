@@ -7,7 +7,7 @@ import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS = {
-    "doctor": ("mooncake_vllm.doctor", "engine build, transports, RDMA devices and links"),
+    "doctor": ("mooncake_vllm.doctor", "this host's engine and RDMA, or a P/D cluster"),
     "proxy": ("mooncake_vllm.proxy.__main__", "the conductor: OpenAI-compatible P/D proxy"),
     "demo": ("mooncake_vllm.demo", "run the whole stack on loopback and check its answers"),
     "bench": ("mooncake_vllm.bench.__main__", "benchmarks: transfer, layerwise, routing, serve"),
