@@ -239,6 +239,8 @@ class DecodeSide:
         ok = isinstance(msg, m.Done) and msg.ok
         if ok:
             tr.layers_written = self.num_layers
+            logger.info("KV of request %s arrived: transfer %s, %d blocks, %d bytes in %.3fs",
+                        tr.req_id, tr.transfer_id, msg.blocks, msg.bytes, msg.transfer_s)
             self.stats.add(bytes_received=msg.bytes, blocks_received=msg.blocks,
                            transfers_received=1)
             self.stats.observe("transfer_s", msg.transfer_s)

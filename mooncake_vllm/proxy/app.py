@@ -20,6 +20,7 @@ from .disagg import serve
 from .errors import error_response
 from .limits import BodyRefused, ConcurrencyLimit, read_body, run_sized
 from .prompt import BadRequest, PromptKey
+from .request_id import HEADER as REQUEST_ID_HEADER
 from .upstream_calls import CLIENT_GONE
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,12 @@ def _generation(path: str, chat: bool):  # type: ignore[no-untyped-def]
                 503, f"the conductor is serving its limit of {slots.limit} concurrent "
                 "requests (--max-concurrent-requests); retry later", "overloaded",
                 headers={"Retry-After": "1"})
+        rid = request["request_id"] = c.request_ids.claim(request.headers.get(REQUEST_ID_HEADER))
         try:
             return await admitted(c, request)
         finally:
             slots.leave()
+            c.request_ids.release(rid)
 
     async def admitted(c: Conductor, request: web.Request) -> web.StreamResponse:
         try:
@@ -170,6 +173,12 @@ def make_app(config: ProxyConfig, conductor: Conductor | None = None) -> web.App
         yield
         await c.stop()
 
+    async def answer_request_id(request: web.Request, response: web.StreamResponse) -> None:
+        rid = request.get("request_id")
+        if rid is not None:
+            response.headers[REQUEST_ID_HEADER] = rid
+
+    app.on_response_prepare.append(answer_request_id)
     app.cleanup_ctx.append(lifecycle)
     return app
 

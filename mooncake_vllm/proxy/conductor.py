@@ -23,6 +23,7 @@ from .metrics import ProxyMetrics
 from .model_shape import attention_tokens
 from .planner import Prediction, choose, options
 from .prompt import PromptHasher, PromptKey
+from .request_id import RequestIds
 from .routing import Policy, PrefillChoice, assess, make_policy
 from .ttft_model import TtftModel
 from .upstreams import Instance, Registry
@@ -48,6 +49,7 @@ class Conductor:
     def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config.validate()
         self.metrics = ProxyMetrics()
+        self.request_ids = RequestIds()
         self.registry = Registry(
             config.prefix_capacity_blocks,
             ttft_factory=lambda: TtftModel(config.prior_overhead_s, config.prior_tokens_per_s),

@@ -44,6 +44,7 @@ from .health import mark_down
 from .limits import encode_json, run_sized
 from .model_shape import shape_in_answer
 from .prompt import PromptKey
+from .request_id import HEADER as REQUEST_ID_HEADER
 from .tokenize import TokenizeFailed, tokenize
 from .upstream_calls import (
     Opened,
@@ -153,7 +154,11 @@ class RequestRun:
         self.c, self.request, self.route, self.key = c, request, route, key
         self.path, self.body, self.stream, self.started = path, body, stream, started
         self.size = size  # bytes of the client's body: large ones are encoded off the loop
-        self.auth = client_auth(request)
+        self.rid = str(request.get("request_id", ""))
+        # Upstream headers: the client's credentials, and the request id for P's and D's logs.
+        self.auth = {**client_auth(request), REQUEST_ID_HEADER: self.rid} if self.rid \
+            else client_auth(request)
+        self.transfer_id = ""
         self.ticket = PrefillTicket(route.prefill.instance, route.prefill.new_tokens)
         # A pipelined tail is prefill work queued on D too.
         tail = key.num_tokens - route.pipeline_tokens
@@ -283,7 +288,7 @@ class RequestRun:
         try:
             rc = await remote_control(self.c, p, self.body.get("model"), self.auth)
             await self._enter_window(p)
-            tid = uuid.uuid4().hex
+            tid = self.transfer_id = uuid.uuid4().hex
             head = self.route.pipeline_tokens
             dbody = dict(self.body)
             dbody[transfer_params.KEY] = transfer_params.for_decode(
@@ -416,13 +421,21 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
         run = RequestRun(c, request, route, key, path, body, stream, started, size)
         try:
             if route.decode is None:
-                return await run.alone()
-            return await run.disaggregated()
+                resp = await run.alone()
+            else:
+                resp = await run.disaggregated()
+            log.info("request %s: %s, %s on %s%s%s, answered %d in %.3fs", run.rid, path,
+                     route.path, choice.instance.instance_id,
+                     f" then {route.decode.instance_id}" if route.decode is not None else "",
+                     f" (transfer {run.transfer_id})" if run.transfer_id else "", resp.status,
+                     time.monotonic() - started)
+            return resp
         except UpstreamRefused as e:
+            log.info("request %s: refused by %s", run.rid, e)
             return e.response
         except UpstreamFailure as e:
             last = e
-            log.warning("attempt %d failed: %s", attempt + 1, e)
+            log.warning("request %s: attempt %d failed: %s", run.rid, attempt + 1, e)
             m.upstream_errors.labels(e.inst.instance_id, e.role, e.kind).inc()
             if e.instance_down:
                 mark_down(e.inst, str(e), m)

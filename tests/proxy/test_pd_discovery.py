@@ -181,6 +181,39 @@ def test_pd_streams_completions_and_chat(cluster: Cluster, tiny_model: Path) -> 
     assert stream_text(events, chat=True) == ref
 
 
+def test_a_request_id_follows_each_request_and_its_path_is_counted(
+        cluster: Cluster, tiny_model: Path) -> None:
+    """A token-id completion, a chat request and a streamed completion, each with the client's
+    X-Request-Id: answered with it, counted under their path, and named in the logs of the
+    conductor, P and D."""
+    proxy = cluster.static_proxy
+    requests = {
+        "/v1/completions": _body(tiny_model, prompt=[5, 6, 7, 8] * 20, max_tokens=3),
+        "/v1/chat/completions": _body(tiny_model, messages=[{"role": "user", "content": "Hi"}],
+                                      max_tokens=3),
+        "stream": _body(tiny_model, prompt="Follow me " * 20, max_tokens=3, stream=True),
+    }
+    sent = []
+    for kind, body in requests.items():
+        path = "/v1/completions" if kind == "stream" else kind
+        before = metric(proxy.url, "mooncake_proxy_path_decisions_total",
+                        {"path": "disaggregated"})
+        rid = f"trace-{len(sent)}-{os.urandom(4).hex()}"
+        status, headers, raw = post(proxy.url + path, body, headers={"X-Request-Id": rid})
+        assert status == 200, raw
+        assert headers.get("X-Request-Id") == rid, headers
+        assert metric(proxy.url, "mooncake_proxy_path_decisions_total",
+                      {"path": "disaggregated"}) == before + 1, kind
+        sent.append(rid)
+
+    def logged(where: VllmServer | ConductorProcess, rid: str) -> bool:
+        return rid in where.log_path.read_text(errors="replace")
+
+    for rid in sent:
+        for where in (proxy, cluster.prefill, cluster.decode):
+            wait_for(lambda w=where, r=rid: logged(w, r), 10, f"{rid} in {where.log_path}")
+
+
 def test_short_prompts_prefilled_on_decode(cluster: Cluster, tiny_model: Path) -> None:
     """--local-prefill-max-tokens: a short prompt goes to D alone (P sees nothing), a longer
     one is still disaggregated; both answer as a single instance would."""
