@@ -45,8 +45,11 @@ class DecodeSide:
     def __init__(self, *, engine: Any, send: Send, config: ConnectorConfig, layout: KVLayout,
                  block_size: int, tp_rank: int, engine_id: str, segment_name: str,
                  descriptor: dict | None, stats: MooncakeStats,
-                 lock: threading.RLock, news: threading.Condition | None = None) -> None:
+                 lock: threading.RLock, news: threading.Condition | None = None,
+                 recompute_failed_loads: bool = False) -> None:
         self.engine, self._send, self.config, self.layout = engine, send, config, layout
+        # vLLM's kv_load_failure_policy is "recompute": a failed load is counted as such.
+        self.recompute_failed_loads = recompute_failed_loads
         self.block_size, self.tp_rank, self.stats, self.lock = block_size, tp_rank, stats, lock
         self.engine_id, self.segment_name, self.descriptor = engine_id, segment_name, descriptor
         self.num_layers = len(layout.layer_names)
@@ -108,6 +111,7 @@ class DecodeSide:
                        f"{self.inc[r.transfer_id].req_id}")
             if why is not None:
                 logger.error("transfer %s: %s", r.transfer_id, why)
+                self._count_failed_load()
                 self.load_errors.update(blocks)
                 if r.sync:  # nothing was lent: its blocks may go as soon as it finishes
                     self._settled_sync.add(r.req_id)
@@ -116,6 +120,7 @@ class DecodeSide:
                 self.stats.add(failures=1)
                 return
             ep = controls[self.tp_rank]
+            self.stats.add(**{"pipelined_prefills" if r.sync else "remote_prefills": 1})
             wait = self.config.transfer_timeout_s
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, ep, blocks, deadline=now + wait,
@@ -282,8 +287,13 @@ class DecodeSide:
         logger.error("KV load for request %s (transfer %s) failed: %s; %d blocks affected",
                      tr.req_id, tr.transfer_id, why, len(tr.block_ids))
         self.stats.add(failures=1)
+        self._count_failed_load()
         self.load_errors.update(tr.block_ids)
         self.news.notify_all()
+
+    def _count_failed_load(self) -> None:
+        self.stats.add(**{"failed_loads_recomputed" if self.recompute_failed_loads
+                          else "failed_loads_failed": 1})
 
     def tick(self, now: float) -> None:
         with self.lock:

@@ -18,10 +18,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-COUNTERS = ("bytes_sent", "blocks_sent", "bytes_received", "blocks_received",
-            "transfers_sent", "transfers_received", "failures", "pipeline_gate_waits",
-            "health_failures")
-SERIES = ("transfer_s", "exposed_s", "non_overlapped_s")
+from mooncake_vllm.connector.metric_names import (
+    COUNTERS,
+    SERIES,
+    counter_name,
+    histogram_name,
+)
+
 # Benchmark hook, not a setting (bench/layerwise.py sets it in a prefill instance's
 # environment): after each overlapped transfer, P sends the same bytes again, all posted
 # after the forward pass and before telling D "done" (so D's blocks are not in use yet), and
@@ -99,7 +102,7 @@ class MooncakePromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self.counters = {
             k: self._per_engine(self._counter_cls(
-                name=f"vllm:mooncake_{k}", documentation=f"MooncakeVllmConnector: {k}",
+                name=counter_name(k), documentation=f"MooncakeVllmConnector: {k}",
                 labelnames=labelnames))
             for k in COUNTERS
         }
@@ -110,7 +113,7 @@ class MooncakePromMetrics(KVConnectorPromMetrics):
         }
         self.histograms = {
             k: self._per_engine(self._histogram_cls(
-                name=f"vllm:mooncake_{k.removesuffix('_s')}_seconds",
+                name=histogram_name(k),
                 documentation=f"MooncakeVllmConnector: {docs[k]}",
                 buckets=_TIME_BUCKETS, labelnames=labelnames))
             for k in SERIES

@@ -151,7 +151,9 @@ class MooncakeWorker:
             block_size=self.block_size, tp_rank=self.tp_rank, engine_id=self.engine_id,
             segment_name=self.segment_name,
             descriptor=None if c.uses_etcd else self.engine.descriptor(), stats=self.stats,
-            lock=self.lock, news=self.news)
+            lock=self.lock, news=self.news,
+            recompute_failed_loads=str(getattr(self.vllm_config.kv_transfer_config,
+                                               "kv_load_failure_policy", "")) == "recompute")
         self.prefill.start()
         self.doctor = DoctorProbe(self.engine, c.cluster_token, self._send)
         port = c.control_port + self.tp_rank if c.control_port else 0

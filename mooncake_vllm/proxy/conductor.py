@@ -21,6 +21,7 @@ from .discovery import Discovery, add_static
 from .health import HealthChecker
 from .metrics import ProxyMetrics
 from .model_shape import attention_tokens
+from .path_shares import LOG_INTERVAL_S, PathShares
 from .planner import Prediction, choose, options
 from .prompt import PromptHasher, PromptKey
 from .request_id import RequestIds
@@ -50,6 +51,8 @@ class Conductor:
         self.config = config.validate()
         self.metrics = ProxyMetrics()
         self.request_ids = RequestIds()
+        self.path_shares = PathShares(self.metrics)
+        self._shares_log: asyncio.Task[None] | None = None
         self.registry = Registry(
             config.prefix_capacity_blocks,
             ttft_factory=lambda: TtftModel(config.prior_overhead_s, config.prior_tokens_per_s),
@@ -111,6 +114,7 @@ class Conductor:
         self.warmups = Warmups(self.registry, self.checks, cfg.warmup_tokens,
                                cfg.health_interval_s, cfg.prefill_timeout_s, self.metrics)
         self.warmups.start()
+        self._shares_log = asyncio.create_task(self._log_path_shares())
         log.info("conductor: policy %s, prefix hashing by %s, SLOs TTFT %s ITL %s, transfer "
                  "parameters %s, operator views %s", self.policy.name, self.hasher.mode,
                  cfg.slo_ttft_s, cfg.slo_itl_s,
@@ -121,7 +125,16 @@ class Conductor:
                         "parameters it writes are unsigned, and instances with a token will "
                         "refuse them", cfg.host)
 
+    async def _log_path_shares(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_INTERVAL_S)
+            line = self.path_shares.summary_if_changed()
+            if line is not None:
+                log.info("%s", line)
+
     async def stop(self) -> None:
+        if self._shares_log is not None:
+            self._shares_log.cancel()
         if self.warmups is not None:
             await self.warmups.stop()
         if self.health is not None:

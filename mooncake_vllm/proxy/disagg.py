@@ -406,6 +406,7 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
                                         route.predicted_ttft_s, route.predicted_itl_s,
                                         route.rejected_for, route.idle_ttft_s)
             if not verdict.admit:
+                c.path_shares.count("rejected")
                 return _refusal(c, verdict)
         m = c.metrics
         m.routing.labels(c.policy.name, choice.instance.role, choice.instance.instance_id).inc()
@@ -429,6 +430,7 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
                      f" then {route.decode.instance_id}" if route.decode is not None else "",
                      f" (transfer {run.transfer_id})" if run.transfer_id else "", resp.status,
                      time.monotonic() - started)
+            c.path_shares.count(route.path)
             return resp
         except UpstreamRefused as e:
             log.info("request %s: refused by %s", run.rid, e)
@@ -442,9 +444,11 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
             exclude.add(e.inst.instance_id)
             m.failovers.labels(e.role).inc()
     if last is not None:
+        c.path_shares.count("failed")
         return error_response(502, f"upstream failed on every attempt; last: the {last.role} "
                               f"instance {last.public}", "upstream_error")
     c.metrics.rejections.labels("no_instance").inc()
+    c.path_shares.count("unavailable")
     return error_response(503, "no healthy instance can serve this request "
                           "(need a prefill and a decode instance, or a 'both' instance)",
                           "unavailable", headers={"Retry-After": "1"})

@@ -51,6 +51,9 @@ class ProxyMetrics:
         self.paths = Counter(p + "path_decisions", "Requests by the path planned for them "
                              "(disaggregated, local, pipelined, alone, rejected)", ["path"],
                              registry=r)
+        self.path_share = Gauge(p + "path_share", "Share of the requests of the last 5 minutes "
+                                "by how they ended: the path that served them, or rejected, "
+                                "failed, unavailable (path_shares.py)", ["path"], registry=r)
         self.predicted_itl = Histogram(p + "predicted_itl_seconds", "Inter-token latency "
                                        "predicted at admission on the decode instance",
                                        buckets=ITL_BUCKETS, registry=r)

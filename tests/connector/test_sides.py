@@ -404,3 +404,23 @@ def test_parameters_checked_once_per_request() -> None:
     assert sched._params(req)["transfer_id"] == "t"  # type: ignore[arg-type]
     late = SimpleNamespace(request_id="r2", kv_transfer_params=params)
     assert sched._params(late) == {}  # type: ignore[arg-type]
+
+
+def test_decode_counts_each_load_by_path_and_each_failure_by_policy(pair: Pair) -> None:
+    """No silent fallback: a disaggregated and a pipelined load are counted by path, and a
+    load that fails is counted by what vLLM's kv_load_failure_policy does with it."""
+    stats = pair.d.stats.data
+    reg = pair.register("c1", "r1", [5], BS)
+    pair.p.on_message(D_ID, reg)
+    pair.prefill("c1", "p1", [1], BS)
+    [(_, done)] = pair.p_replies()
+    pair.d.on_message(P_EP, done)
+    pair.register("c2", "r2", [6], BS, sync=True)
+    assert (stats["remote_prefills"], stats["pipelined_prefills"]) == (1, 1)
+    pair.d.tick(pair.d.inc["c2"].horizon)  # P never answered the pipelined load: it failed
+    assert (stats["failed_loads_failed"], stats["failed_loads_recomputed"]) == (1, 0)
+    pair.d.recompute_failed_loads = True
+    pair.register("c3", "r3", [7], BS)
+    pair.d.tick(pair.d.inc["c3"].horizon)
+    assert (stats["failed_loads_failed"], stats["failed_loads_recomputed"]) == (1, 1)
+    assert stats["remote_prefills"] == 2 and stats["failures"] == 2

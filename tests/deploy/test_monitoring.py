@@ -1,6 +1,7 @@
 """`deploy/monitoring/`: the Grafana dashboard and the Prometheus alert rules use only metrics
-that the code exports (issue 15): the conductor's, read from its own registry, and vLLM's, read
-from the installed vLLM's metric definitions, so that a renamed metric on either side fails
+that the code exports (issue 15): the conductor's, read from its own registry, the
+connector's (`vllm:mooncake_*`, connector/metric_names.py), and vLLM's, read from the installed
+vLLM's metric definitions, so that a renamed metric on either side fails
 here instead of leaving a panel or an alert silently empty."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mooncake_vllm.connector.metric_names import exported_series as connector_series
 from mooncake_vllm.proxy.metrics import ProxyMetrics
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -49,7 +51,7 @@ def _alert_rules() -> list[dict]:
 
 
 def test_every_metric_used_is_exported() -> None:
-    exported = _conductor_series() | _vllm_series()
+    exported = _conductor_series() | _vllm_series() | connector_series()
     exprs = _dashboard_exprs() + [r["expr"] for r in _alert_rules()]
     used = {m for e in exprs for m in METRIC.findall(e)}
     assert used, "no metric found in the dashboard or the alerts"
@@ -59,7 +61,9 @@ def test_every_metric_used_is_exported() -> None:
     joined = "\n".join(exprs)
     for needed in ("mooncake_proxy_ttft_seconds_bucket", "mooncake_proxy_itl_seconds_bucket",
                    "mooncake_proxy_path_decisions_total", "mooncake_proxy_rejections_total",
-                   "mooncake_proxy_upstream_errors_total"):
+                   "mooncake_proxy_upstream_errors_total", "mooncake_proxy_path_share",
+                   "vllm:mooncake_transfer_seconds_bucket", "vllm:mooncake_bytes_received_total",
+                   "vllm:mooncake_failed_loads_failed_total"):
         assert needed in joined, needed
 
 

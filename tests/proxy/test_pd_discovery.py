@@ -212,6 +212,12 @@ def test_a_request_id_follows_each_request_and_its_path_is_counted(
     for rid in sent:
         for where in (proxy, cluster.prefill, cluster.decode):
             wait_for(lambda w=where, r=rid: logged(w, r), 10, f"{rid} in {where.log_path}")
+    # This conductor always disaggregates: so did every request of the last minutes, and D
+    # counted each load as a remote prefill, none failed.
+    assert metric(proxy.url, "mooncake_proxy_path_share", {"path": "disaggregated"}) == 1.0
+    wait_for(lambda: metric(cluster.decode.url, "vllm:mooncake_remote_prefills_total") >= 3,
+             15, "D's path counters")
+    assert metric(cluster.decode.url, "vllm:mooncake_failed_loads_failed_total") == 0
 
 
 def test_short_prompts_prefilled_on_decode(cluster: Cluster, tiny_model: Path) -> None:
