@@ -170,14 +170,60 @@ class ConnectorConfig:
             raise bad("advertise_url", "expected an http:// or https:// URL")
         if not self.hostname:
             raise bad("hostname", "must not be empty")
+        why = self.reachability_refusal()
+        if why is not None:
+            raise ConfigError(why)
         if self.cluster_token is not None and len(self.cluster_token) < MIN_TOKEN_CHARS:
             raise ConfigError(f"cluster_token: too short (at least {MIN_TOKEN_CHARS} "
                               "characters; use e.g. "
                               "`openssl rand -hex 32`)")
 
+    def reachability_refusal(self) -> str | None:
+        """Why peers, or the conductor, could not use the addresses this instance publishes
+        (its engine and control channel at `hostname`, its HTTP server at `advertise_url`);
+        None when they can. Refused at start rather than found by users as a silent
+        fallback."""
+        from urllib.parse import urlsplit
+
+        from mooncake_vllm.security import is_loopback_host
+
+        url_host = urlsplit(self.advertise_url).hostname or "" if self.advertise_url else ""
+        for key, host in (("hostname", self.hostname), ("advertise_url", url_host)):
+            if host and _is_wildcard(host):
+                return (f"{key}={getattr(self, key)!r}: a wildcard address is what a server "
+                        "binds to, not an address anyone can connect to; set it to the "
+                        "address peers reach this host at (hostname also from VLLM_HOST_IP)")
+        if not self.uses_etcd:
+            return None
+        if not self.advertise_url:
+            return (f"advertise_url is not set, with metadata_server={self.metadata_server!r}: "
+                    "the conductor finds this instance by the URL it publishes, and the port "
+                    "vLLM serves on is not known here; set advertise_url=http://HOST:PORT")
+        from mooncake_vllm.metadata.url import parse_metadata_url
+
+        etcd_hosts = [e.host for e in parse_metadata_url(self.metadata_server).endpoints]
+        if all(is_loopback_host(h) for h in etcd_hosts):
+            return None  # one host: loopback addresses are reachable by all
+        for key, host in (("hostname", self.hostname), ("advertise_url", url_host)):
+            if is_loopback_host(host):
+                return (f"{key}={getattr(self, key)!r} is a loopback address, but etcd "
+                        f"({self.metadata_server}) is not on this host: instances and "
+                        "conductors elsewhere would find this address there and could not "
+                        "reach it; set it to an address they reach")
+        return None
+
     def http_url(self, default_port: int = 8000) -> str:
         """The URL the proxy should use for this instance."""
         return self.advertise_url or f"http://{self.hostname}:{default_port}"
+
+
+def _is_wildcard(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,

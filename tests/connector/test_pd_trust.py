@@ -56,15 +56,20 @@ def servers(tiny_model: Path, logs_dir: Path) -> Iterator[dict[str, VllmServer |
         exposed = VllmServer(tiny_model, name="exposed", log_path=logs_dir / "t-exposed.log",
                              kv_transfer_config=kv_config("kv_consumer", hostname=ip))
         exposed.start()
+    # Advertises a wildcard address (peers would be told to connect to 0.0.0.0): must refuse.
+    wildcard = VllmServer(tiny_model, name="wildcard", log_path=logs_dir / "t-wildcard.log",
+                          kv_transfer_config=kv_config("kv_consumer", hostname="0.0.0.0",
+                                                       cluster_token=TOKEN))
+    wildcard.start()
     p = VllmServer(tiny_model, name="prefill", log_path=logs_dir / "t-prefill.log",
                    kv_transfer_config=kv_config("kv_producer", cluster_token=TOKEN))
     d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "t-decode.log",
                    kv_transfer_config=kv_config("kv_consumer", cluster_token=TOKEN))
     try:
         start_all(p, d)
-        yield {"prefill": p, "decode": d, "exposed": exposed}
+        yield {"prefill": p, "decode": d, "exposed": exposed, "wildcard": wildcard}
     finally:
-        for s in (p, d, exposed):
+        for s in (p, d, exposed, wildcard):
             if s is not None:
                 s.stop()
 
@@ -129,16 +134,26 @@ def test_strangers_on_the_control_port_change_nothing(servers: dict) -> None:
     assert "junk-1" not in log_text(p)  # no registration was ever looked at
 
 
+def _refused_to_start(server: VllmServer) -> str:
+    """Its log, once it has exited without ever serving."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.proc is not None \
+            and server.proc.poll() is None:
+        time.sleep(1)
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.1", server.port)) != 0, "it serves anyway"
+    return log_text(server)
+
+
 def test_routable_address_without_a_token_refuses_to_start(servers: dict) -> None:
     exposed = servers["exposed"]
     if exposed is None:
         pytest.skip("this machine has no non-loopback IPv4 address to listen on")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and exposed.proc is not None \
-            and exposed.proc.poll() is None:
-        time.sleep(1)
-    with socket.socket() as probe:
-        probe.settimeout(2)
-        assert probe.connect_ex(("127.0.0.1", exposed.port)) != 0, "it serves anyway"
-    text = log_text(exposed)
+    text = _refused_to_start(exposed)
     assert "is not a loopback address and no cluster_token is set" in text
+
+
+def test_an_address_peers_cannot_use_refuses_to_start(servers: dict) -> None:
+    text = _refused_to_start(servers["wildcard"])
+    assert "hostname='0.0.0.0': a wildcard address is what a server binds to" in text

@@ -137,3 +137,28 @@ def test_pipeline_gate_opens_on_started_and_on_silence() -> None:
 def test_watch_and_started_records_round_trip() -> None:
     for msg in (m.Watch(m.PROTOCOL_VERSION, "t"), m.Started(m.PROTOCOL_VERSION, "t", False)):
         assert m.decode(m.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"hostname": "0.0.0.0"}, "hostname='0.0.0.0': a wildcard address"),
+    ({"hostname": "::", "insecure": True}, "hostname='::': a wildcard address"),
+    ({"advertise_url": "http://0.0.0.0:8000"}, "advertise_url='http://0.0.0.0:8000': a wildcard"),
+    ({"metadata_server": "etcd://127.0.0.1:2379"}, "advertise_url is not set"),
+    ({"metadata_server": "etcd://10.0.0.5:2379", "advertise_url": "http://10.0.0.7:8000"},
+     "hostname='127.0.0.1' is a loopback address, but etcd (etcd://10.0.0.5:2379) is not"),
+    ({"metadata_server": "etcd://etcd:2379", "hostname": "10.0.0.7", "insecure": True,
+      "advertise_url": "http://localhost:8000"}, "advertise_url='http://localhost:8000' is a "
+     "loopback address"),
+])
+def test_addresses_peers_cannot_use_are_refused_at_start(extra: dict, named: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        ConnectorConfig.from_sources(extra, env={})
+    assert named in str(refused.value)
+
+
+def test_addresses_peers_can_use_are_accepted() -> None:
+    for extra in ({}, {"metadata_server": "etcd://127.0.0.1:2379",
+                       "advertise_url": "http://127.0.0.1:8100"},
+                  {"metadata_server": "etcds://etcd:2379", "hostname": "10.0.0.7",
+                   "advertise_url": "http://10.0.0.7:8000", "insecure": True}):
+        assert ConnectorConfig.from_sources(extra, env={}).reachability_refusal() is None

@@ -136,8 +136,15 @@ def test_role_configs_are_accepted_by_the_connector() -> None:
         extra = cfg["kv_connector_extra_config"]
         assert extra["metadata_server"] == "etcds://etcd:2379", "etcd is reached over TLS"
         # The connector must accept exactly this (mooncake_vllm/config.py: metadata_server
-        # "etcds://..." is etcd over TLS, as mooncake_vllm.metadata.parse_metadata_url reads it).
-        parsed = ConnectorConfig.from_sources(extra, env={})
+        # "etcds://..." is etcd over TLS, as mooncake_vllm.metadata.parse_metadata_url reads it),
+        # with the literal MOONCAKE_VLLM_* values the pod sets (its own addresses from its IP).
+        (container,) = _containers(_vllm_deployments()[f"vllm-{role}"])
+        pod_env = {k: e["value"].replace("$(POD_IP)", "10.1.2.3")
+                   for k, e in _env(container).items()
+                   if k.startswith(ENV_PREFIX) and "value" in e}
+        assert "MOONCAKE_VLLM_ADVERTISE_URL" in pod_env and "MOONCAKE_VLLM_HOSTNAME" in pod_env
+        pod_env["MOONCAKE_VLLM_CLUSTER_TOKEN"] = "a-token-from-the-secret-0123456789"
+        parsed = ConnectorConfig.from_sources(extra, env=pod_env)
         assert parsed.metadata_server == "etcds://etcd:2379"
         assert parsed.uses_etcd
 
