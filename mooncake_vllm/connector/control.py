@@ -10,6 +10,12 @@ What a peer can do to the channel is bounded: frames over `messages.MAX_FRAME_BY
 dropped by zmq itself, with a cluster token every frame must carry its MAC (security.py) or is
 dropped with a logged reason, at most MAX_DEALERS outgoing sockets exist (the least recently
 used is closed), and an error in one handler or one send is logged and the loop goes on.
+A frame refused on the ROUTER (no valid MAC, or not a record of this protocol) is answered
+with a short unsealed notice naming one of a fixed set of reasons (REFUSED_*; at most one per
+peer a second), so that a peer with another cluster token fails its transfer at first contact,
+naming the cause, instead of waiting out its deadline. A notice only ever fails transfers
+registered with the endpoint it came from: a peer without this cluster's token cannot open an
+engine connection either, so no write of its can be landing.
 Connections are heartbeated: one whose peer stops answering is dropped within
 CONTROL_DELIVERY_S with the messages queued on it, and zmq queues nothing for a peer that is
 not connected (ZMQ_IMMEDIATE): the channel keeps such messages itself and drops those it could
@@ -42,6 +48,12 @@ logger = logging.getLogger("vllm.mooncake_vllm.connector")
 # (reply_to, message): reply_to is a ROUTER identity (bytes) or a DEALER endpoint (str).
 Handler = Callable[[bytes | str, m.Message], None]
 MAX_DEALERS = 256
+# The unsealed notice a ROUTER sends back for a refused frame, and its reasons.
+NOTICE_PREFIX = b"\x00mooncake-vllm refused: "
+REFUSED_TOKEN = "cluster-token"  # no MAC, or a MAC made with another token
+REFUSED_MALFORMED = "malformed"  # not a record of this protocol version (or no token here)
+_NOTICE_EVERY_S = 1.0
+_MAX_NOTICED = 4096
 MAX_PENDING = 10000  # messages waiting for one peer to connect
 _HEARTBEAT_MS = 1000
 
@@ -96,8 +108,12 @@ def _bound(s: zmq.Socket) -> None:
 class ControlChannel:
     def __init__(self, host: str, port: int, on_message: Handler,
                  on_tick: Callable[[], None], tick_s: float = 0.05,
-                 token: str | None = None) -> None:
+                 token: str | None = None,
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
         self._auth = FrameAuth(token)
+        # (endpoint, reason): a peer we sent to refused our frame (see the module docstring).
+        self._on_refused = on_refused
+        self._noticed: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         _bound(self._router)
@@ -212,7 +228,15 @@ class ControlChannel:
         for endpoint, s in list(self._dealers.items()):
             if s in ready:
                 while s.poll(0):
-                    self._dispatch(endpoint, s.recv())
+                    frame = s.recv()
+                    if frame.startswith(NOTICE_PREFIX):
+                        reason = frame[len(NOTICE_PREFIX):len(NOTICE_PREFIX) + 32].decode(
+                            "ascii", "replace")
+                        logger.error("control: %s refused our frame (%s)", endpoint, reason)
+                        if self._on_refused is not None:
+                            self._call(self._on_refused, endpoint, reason)
+                        continue
+                    self._dispatch(endpoint, frame)
 
     def _flush_out(self, poller: zmq.Poller) -> None:
         while True:
@@ -263,11 +287,34 @@ class ControlChannel:
     def _dispatch(self, sender: bytes | str, sealed: bytes) -> None:
         logger.debug("control: got %d bytes from %r", len(sealed), sender)
         try:
-            msg = m.decode(self._auth.open(sealed))
-        except ValueError as e:  # BadMessage, or a frame without this cluster's MAC
+            frame = self._auth.open(sealed)
+        except ValueError as e:  # a frame without this cluster's MAC
+            logger.warning("control: refused a message from %r: %s (its cluster_token is "
+                           "not this instance's?)", sender, e)
+            self._notice(sender, REFUSED_TOKEN)
+            return
+        try:
+            msg = m.decode(frame)
+        except ValueError as e:  # BadMessage
             logger.warning("control: refused a message from %r: %s", sender, e)
+            self._notice(sender, REFUSED_MALFORMED)
             return
         self._call(self._on_message, sender, msg)
+
+    def _notice(self, sender: bytes | str, reason: str) -> None:
+        """Tell a peer that called us that its frame was refused, at most once a second."""
+        if not isinstance(sender, bytes):
+            return  # a reply on our DEALER: the peer asked nothing of us
+        now = time.monotonic()
+        if now - self._noticed.get(sender, -_NOTICE_EVERY_S) < _NOTICE_EVERY_S:
+            return
+        self._noticed[sender] = now
+        self._noticed.move_to_end(sender)
+        while len(self._noticed) > _MAX_NOTICED:
+            self._noticed.popitem(last=False)
+        with contextlib.suppress(zmq.ZMQError):
+            self._router.send_multipart([sender, NOTICE_PREFIX + reason.encode()],
+                                        zmq.NOBLOCK)
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -280,12 +327,23 @@ class NoAnswer(Exception):
     """A blocking question on the control channel got no usable answer; says why."""
 
 
+class Refused(NoAnswer):
+    """The worker refused the question's frame (a REFUSED_* reason): another cluster token,
+    or another protocol version."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        why = ("its cluster token is not this one" if reason == REFUSED_TOKEN
+               else "it cannot read this protocol version, or has no cluster token")
+        super().__init__(f"worker {endpoint} refused the frame ({reason}): {why}")
+        self.reason = reason
+
+
 def ask(endpoint: str, token: str | None, question: m.Ping | m.Check,
         timeout_s: float) -> m.Message:
     """Send `question` to the worker behind `endpoint` on a socket of its own and return the
     reply that echoes its id. Blocking (a caller's thread, never the channel's). Raises
-    NoAnswer naming the endpoint: refused endpoint, no answer in time (a worker drops a frame
-    without this cluster's MAC, so a token mismatch reads the same), or a malformed reply."""
+    NoAnswer naming the endpoint: refused endpoint, no answer in time, or a malformed reply;
+    Refused when the worker refused the frame (another cluster token)."""
     why = endpoint_refusal(endpoint)
     if why is not None:
         raise NoAnswer(why)
@@ -299,8 +357,12 @@ def ask(endpoint: str, token: str | None, question: m.Ping | m.Check,
         while (left := deadline - time.monotonic()) > 0:
             if not s.poll(int(left * 1000) + 1):
                 break
+            frame = s.recv()
+            if frame.startswith(NOTICE_PREFIX):
+                raise Refused(endpoint, frame[len(NOTICE_PREFIX):][:32].decode("ascii",
+                                                                               "replace"))
             try:
-                reply = m.decode(auth.open(s.recv()))
+                reply = m.decode(auth.open(frame))
             except ValueError as e:
                 raise NoAnswer(f"worker {endpoint} answered something unreadable: {e}") from e
             if reply.transfer_id == question.transfer_id:

@@ -19,6 +19,8 @@ Failure rules (the only place they are stated for D):
   reports the load as failed to vLLM, whose `kv_load_failure_policy` applies.
 - Replies are accepted only from the endpoint the registration went to; anything else about
   a transfer is refused and logged. An error in handling one message fails that transfer.
+- A prefill worker that refuses our frames for want of our cluster token (control.py's
+  notice) fails every transfer registered with it at once: it cannot write into our blocks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import endpoint_refusal
+from mooncake_vllm.connector.control import REFUSED_TOKEN, endpoint_refusal
 from mooncake_vllm.connector.layout import KVLayout
 from mooncake_vllm.connector.pipeline_gate import GateReport
 from mooncake_vllm.connector.stats import MooncakeStats
@@ -233,6 +235,25 @@ class DecodeSide:
             else:
                 logger.warning("control: refused %s from %r (wrong direction)",
                                type(msg).__name__, sender)
+
+    def peer_refused(self, endpoint: str, reason: str) -> None:
+        """The prefill worker at `endpoint` refused a frame of ours (control.py's notice).
+        With another cluster token it refuses every frame of ours and holds no engine
+        connection to us (the engine demands the same token), so no write of its can land:
+        every transfer registered with it fails now, naming the cause, instead of at its
+        deadline. Any other reason may concern one frame only: logged (by the channel)."""
+        if reason != REFUSED_TOKEN:
+            return
+        why = (f"prefill {endpoint} refused this instance's control frames: the two "
+               "instances' cluster_token differ; set the same cluster_token on both (and on "
+               "the conductor)")
+        with self.lock:
+            for tr in [t for t in self.inc.values() if t.endpoint == endpoint]:
+                if not tr.error:
+                    tr.error = why
+                self._settle(tr, False)
+            for tid in [t for t, (ep, _) in self.watching.items() if ep == endpoint]:
+                del self.watching[tid]
 
     def _refuse(self, msg: m.Message, sender: str) -> None:
         logger.warning("control: refused %s for transfer %s from %r: not the prefill worker "

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import NoAnswer, ping
+from mooncake_vllm.connector.control import NoAnswer, Refused, ping
 
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
@@ -75,9 +75,10 @@ class DoctorProbe:
 
         try:
             pong = ping(check.peer, self.token, PING_TIMEOUT_S)
+        except Refused as e:
+            return failed(f"{e} (from this worker)")
         except NoAnswer as e:
-            return failed(f"{e} (from this worker: is the port open to it, and does the peer "
-                          "have the same cluster token?)")
+            return failed(f"{e} (from this worker: is the port open to it?)")
         if not pong.healthy:
             return failed(f"the peer is not healthy: {pong.reason}")
         if not check.write:

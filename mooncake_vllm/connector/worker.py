@@ -162,7 +162,7 @@ class MooncakeWorker:
         # share cores, for the other instance's compute) to move every control message.
         with widened_affinity():
             self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick,
-                                          token=c.cluster_token)
+                                          token=c.cluster_token, on_refused=self._on_refused)
         threading.Thread(target=self._health_loop, name="mooncake-health", daemon=True).start()
         info = self.layout.info()
         self.handshake = WorkerHandshake(
@@ -350,6 +350,10 @@ class MooncakeWorker:
                 self.prefill.on_message(sender, msg)
         elif self.decode is not None:  # a reply on one of our DEALERs: we are its decode
             self.decode.on_message(sender, msg)
+
+    def _on_refused(self, endpoint: str, reason: str) -> None:
+        if self.decode is not None:
+            self.decode.peer_refused(endpoint, reason)
 
     def _on_tick(self) -> None:
         now = time.monotonic()

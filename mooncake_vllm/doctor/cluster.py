@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import NoAnswer, ask, endpoint_refusal, ping
+from mooncake_vllm.connector.control import NoAnswer, Refused, ask, endpoint_refusal, ping
 from mooncake_vllm.security import is_loopback_host, sign_transfer_params
 
 HTTP_TIMEOUT_S = 5.0
@@ -187,6 +187,8 @@ def _check_control(subject: str, ep: str, token: str | None,
                        "set the connector's hostname to an address its peers reach")
     try:
         pong = ping(ep, token, PING_TIMEOUT_S)
+    except Refused as e:
+        return Finding("control", subject, False, str(e), TOKEN_FIX)
     except NoAnswer as e:
         host, port = ep.removeprefix("tcp://").rsplit(":", 1)
         try:
@@ -197,8 +199,9 @@ def _check_control(subject: str, ep: str, token: str | None,
                            "the instance is gone or was restarted on new ports: its record "
                            "stays until its lease expires; restart or wait")
         return Finding("control", subject, False, f"{e}, though its port accepts connections: "
-                       "the worker drops frames sealed with another cluster token than its "
-                       "own (or it is stalled)", TOKEN_FIX)
+                       "the worker is stalled, or an older version that drops frames sealed "
+                       "with another cluster token without a word", "see the instance's log; "
+                       + TOKEN_FIX)
     if not pong.healthy:
         return Finding("control", subject, False, f"{ep}: not healthy: {pong.reason}",
                        "see the instance's log")

@@ -116,5 +116,26 @@ def test_health_probe_asks_the_worker(channel) -> None:
     why = control.probe_health(ch.endpoint, TOKEN, timeout_s=5)
     t.join()
     assert why == f"worker {ch.endpoint} (tp0): the engine refused a transfer"
-    assert "did not answer" in (control.probe_health(ch.endpoint, "wrong-token-0123456789",
-                                                     timeout_s=0.5) or "")
+    assert "refused the frame (cluster-token)" in (control.probe_health(
+        ch.endpoint, "wrong-token-0123456789", timeout_s=5) or "")
+
+
+def test_a_peer_with_another_token_is_told_at_once_and_no_more_than_once_a_second() -> None:
+    """Our frames to a worker with another cluster token come back as a refusal notice (not
+    silence until a deadline), once a second at most; `ask` raises Refused."""
+    refused: queue.Queue = queue.Queue()
+    ours = ControlChannel("127.0.0.1", 0, lambda s, msg: None, lambda: None, token=TOKEN,
+                          on_refused=lambda ep, why: refused.put((ep, why)))
+    theirs = ControlChannel("127.0.0.1", 0, lambda s, msg: None, lambda: None,
+                            token="another-cluster-token-0123456789")
+    try:
+        for i in range(5):
+            ours.send(theirs.endpoint, m.Release(V, f"t{i}", "x"))
+        assert refused.get(timeout=5) == (theirs.endpoint, control.REFUSED_TOKEN)
+        time.sleep(0.5)
+        assert refused.empty()  # five refused frames, one notice
+        with pytest.raises(control.Refused, match="its cluster token is not this one"):
+            control.ping(theirs.endpoint, TOKEN, timeout_s=5)
+    finally:
+        ours.close()
+        theirs.close()

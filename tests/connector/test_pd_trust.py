@@ -14,13 +14,14 @@ import pytest
 import zmq
 
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.security import FrameAuth
+from mooncake_vllm.security import FrameAuth, sign_transfer_params
 from mooncake_vllm.testing.vllm_server import VllmServer
 
 from .pd import (
     assert_same_greedy,
     completion,
     kv_config,
+    kv_usage,
     log_text,
     pd_completion,
     probe_remote_control,
@@ -31,6 +32,7 @@ from .pd import (
 
 pytestmark = pytest.mark.vllm
 TOKEN = "trust-test-token-" + uuid.uuid4().hex
+OTHER_TOKEN = "another-cluster-" + uuid.uuid4().hex
 V = m.PROTOCOL_VERSION
 
 
@@ -61,15 +63,19 @@ def servers(tiny_model: Path, logs_dir: Path) -> Iterator[dict[str, VllmServer |
                           kv_transfer_config=kv_config("kv_consumer", hostname="0.0.0.0",
                                                        cluster_token=TOKEN))
     wildcard.start()
+    # A decode instance of another cluster (another token), sent to this cluster's prefill.
+    stranger = VllmServer(tiny_model, name="stranger", log_path=logs_dir / "t-stranger.log",
+                          kv_transfer_config=kv_config("kv_consumer", cluster_token=OTHER_TOKEN))
     p = VllmServer(tiny_model, name="prefill", log_path=logs_dir / "t-prefill.log",
                    kv_transfer_config=kv_config("kv_producer", cluster_token=TOKEN))
     d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "t-decode.log",
                    kv_transfer_config=kv_config("kv_consumer", cluster_token=TOKEN))
     try:
-        start_all(p, d)
-        yield {"prefill": p, "decode": d, "exposed": exposed, "wildcard": wildcard}
+        start_all(p, d, stranger)
+        yield {"prefill": p, "decode": d, "exposed": exposed, "wildcard": wildcard,
+               "stranger": stranger}
     finally:
-        for s in (p, d, exposed, wildcard):
+        for s in (p, d, exposed, wildcard, stranger):
             if s is not None:
                 s.stop()
 
@@ -157,3 +163,21 @@ def test_routable_address_without_a_token_refuses_to_start(servers: dict) -> Non
 def test_an_address_peers_cannot_use_refuses_to_start(servers: dict) -> None:
     text = _refused_to_start(servers["wildcard"])
     assert "hostname='0.0.0.0': a wildcard address is what a server binds to" in text
+
+
+def test_a_decode_with_another_token_fails_at_first_contact(servers: dict) -> None:
+    """Its registration reaches a prefill of another cluster: the prefill refuses the frame and
+    says so, and the decode instance fails the request at once, naming cluster_token, instead
+    of waiting out its transfer timeout; its blocks come back."""
+    p, stranger = servers["prefill"], servers["stranger"]
+    rc = probe_remote_control(p, TOKEN)
+    kv = sign_transfer_params(OTHER_TOKEN, {"do_remote_prefill": True,
+                                            "transfer_id": uuid.uuid4().hex,
+                                            "remote_control": rc})
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="-> 500"):
+        completion(stranger, prompt_ids(64, seed=35), 4, kv)
+    assert time.monotonic() - started < 15, "waited for a deadline instead"
+    assert "the two instances' cluster_token differ" in log_text(stranger)
+    assert "its cluster_token is not this instance's?" in log_text(p)
+    wait_for(lambda: kv_usage(stranger) == 0, 10, "the stranger's blocks freed")

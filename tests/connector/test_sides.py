@@ -424,3 +424,19 @@ def test_decode_counts_each_load_by_path_and_each_failure_by_policy(pair: Pair) 
     pair.d.tick(pair.d.inc["c3"].horizon)
     assert (stats["failed_loads_failed"], stats["failed_loads_recomputed"]) == (1, 1)
     assert stats["remote_prefills"] == 2 and stats["failures"] == 2
+
+
+def test_a_prefill_with_another_cluster_token_fails_its_transfers_at_once(pair: Pair) -> None:
+    """Its refusal notice (control.py) fails every transfer registered with it, naming the
+    cause, and gives the blocks back: it holds no engine connection to write with. Another
+    reason (one malformed frame) fails nothing early."""
+    pair.register("n1", "r-d", [5, 6], 2 * BS)
+    pair.d.peer_refused(P_EP, "malformed")
+    assert "n1" in pair.d.inc and pair.d.get_finished(set()) == (set(), set())
+    pair.d.peer_refused("tcp://10.9.9.9:1", "cluster-token")  # another peer: not ours
+    assert "n1" in pair.d.inc
+    pair.d.peer_refused(P_EP, "cluster-token")
+    assert "n1" not in pair.d.inc
+    assert pair.d.get_finished(set()) == (set(), {"r-d"})
+    assert pair.d.take_load_errors() == {5, 6}
+    assert pair.d.stats.data["failed_loads_failed"] == 1

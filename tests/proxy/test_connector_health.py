@@ -49,8 +49,8 @@ def test_instance_whose_connector_is_unhealthy_leaves_rotation(token: str) -> No
                                     cluster_token=token)
             try:
                 await checker.check(inst)
-                if token != TOKEN:  # the worker drops a Ping without this cluster's MAC
-                    assert not inst.healthy and "did not answer" in inst.last_error
+                if token != TOKEN:  # the worker refuses a Ping without this cluster's MAC
+                    assert not inst.healthy and "refused the frame" in inst.last_error
                     return
                 assert inst.healthy, inst.last_error
                 worker.unhealthy = "the engine refused a transfer to itself: connection refused"

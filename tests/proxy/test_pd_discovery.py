@@ -443,12 +443,13 @@ def test_doctor_checks_the_pair_from_both_sides(cluster: Cluster) -> None:
 
 
 def test_doctor_names_a_token_mismatch(cluster: Cluster) -> None:
-    """A doctor with another cluster's token: every worker drops its Pings (their port is
-    open), and the fix says to use one token; p2p, the instances refuse its signed probe."""
+    """A doctor with another cluster's token: every worker refuses its Pings, and the fix says
+    to use one token; p2p, the instances refuse its signed probe."""
     run = _doctor("--metadata-server", cluster.etcd.url, token="another-cluster-token-0123456")
     assert run.returncode == 1, run.stdout
     fails = [ln for ln in run.stdout.splitlines() if ln.startswith("FAIL control")]
-    assert len(fails) == 2 and all("another cluster token" in ln for ln in fails), run.stdout
+    assert len(fails) == 2 and all("its cluster token is not this one" in ln for ln in fails), \
+        run.stdout
     assert "fix: give the doctor and every instance the same cluster token" in run.stdout
     run = _doctor("--prefill", cluster.prefill.url, "--decode", cluster.decode.url,
                   token="another-cluster-token-0123456")
