@@ -3,8 +3,10 @@ on the network can make them do (nothing but be refused), and secure-by-default 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,16 +68,20 @@ def servers(tiny_model: Path, logs_dir: Path) -> Iterator[dict[str, VllmServer |
     # A decode instance of another cluster (another token), sent to this cluster's prefill.
     stranger = VllmServer(tiny_model, name="stranger", log_path=logs_dir / "t-stranger.log",
                           kv_transfer_config=kv_config("kv_consumer", cluster_token=OTHER_TOKEN))
+    # This cluster's token, another KV block size than the prefill's.
+    odd = VllmServer(tiny_model, name="odd-blocks", log_path=logs_dir / "t-odd-blocks.log",
+                     kv_transfer_config=kv_config("kv_consumer", cluster_token=TOKEN),
+                     extra_args=["--block-size", "64"])
     p = VllmServer(tiny_model, name="prefill", log_path=logs_dir / "t-prefill.log",
                    kv_transfer_config=kv_config("kv_producer", cluster_token=TOKEN))
     d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "t-decode.log",
                    kv_transfer_config=kv_config("kv_consumer", cluster_token=TOKEN))
     try:
-        start_all(p, d, stranger)
+        start_all(p, d, stranger, odd)
         yield {"prefill": p, "decode": d, "exposed": exposed, "wildcard": wildcard,
-               "stranger": stranger}
+               "stranger": stranger, "odd": odd}
     finally:
-        for s in (p, d, exposed, wildcard, stranger):
+        for s in (p, d, exposed, wildcard, stranger, odd):
             if s is not None:
                 s.stop()
 
@@ -181,3 +187,24 @@ def test_a_decode_with_another_token_fails_at_first_contact(servers: dict) -> No
     assert "the two instances' cluster_token differ" in log_text(stranger)
     assert "its cluster_token is not this instance's?" in log_text(p)
     wait_for(lambda: kv_usage(stranger) == 0, 10, "the stranger's blocks freed")
+
+
+def test_a_block_size_mismatch_is_named_by_the_doctor_and_at_first_contact(
+        servers: dict) -> None:
+    """Prefill with 32-token blocks, decode with 64: the doctor names the key and both values
+    and exits 1; a request sent anyway fails at once, the decode's log naming both values."""
+    p, odd = servers["prefill"], servers["odd"]
+    run = subprocess.run([sys.executable, "-m", "mooncake_vllm.cli", "doctor", "--prefill", p.url,
+                          "--decode", odd.url], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MOONCAKE_VLLM_CLUSTER_TOKEN": TOKEN})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAIL layout" in run.stdout and "block_size is 32 on prefill but 64 on decode" in \
+        run.stdout, run.stdout
+    assert "fix: start both with the same --block-size" in run.stdout
+    rc = probe_remote_control(p, TOKEN)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="-> 500"):
+        pd_completion(p, odd, rc, prompt_ids(100, seed=37), 4, token=TOKEN)
+    assert time.monotonic() - started < 15, "waited for a deadline instead"
+    assert "block_size is 32 on prefill but 64 on decode" in log_text(odd)
+    wait_for(lambda: kv_usage(odd) == 0, 10, "the decode's blocks freed")

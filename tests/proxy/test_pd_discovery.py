@@ -456,6 +456,37 @@ def test_doctor_names_a_token_mismatch(cluster: Cluster) -> None:
     assert run.returncode == 1 and "FAIL connector" in run.stdout, run.stdout
 
 
+def test_a_restarted_prefill_is_found_again_and_serves(cluster: Cluster,
+                                                       tiny_model: Path) -> None:
+    """P restarted on new engine and control ports (and a new instance id in etcd): the static
+    conductor drops the control endpoint it had probed and asks again, the discovery conductor
+    drops the dead record when its lease ends; both serve correctly without waiting out a
+    transfer deadline, and the doctor then finds the cluster healthy."""
+    p = cluster.prefill
+    old = [i["instance_id"] for i in get_json(cluster.discovery_proxy.url + "/instances")[1][
+        "instances"] if i["role"] == "prefill"]
+    p.stop()
+    p.start().wait_ready()
+
+    def prefills() -> list[str]:
+        return [i["instance_id"] for i in get_json(cluster.discovery_proxy.url + "/instances")[1][
+            "instances"] if i["role"] == "prefill"]
+
+    wait_for(lambda: len(prefills()) == 1 and prefills() != old, METADATA_TTL_S + 30,
+             "the new prefill record alone")
+    body = _body(tiny_model, prompt="After a restart, the same answer. " * 8, max_tokens=6)
+    ref = _reference(cluster, "/v1/completions", body)["choices"][0]["text"]
+    for proxy in (cluster.static_proxy, cluster.discovery_proxy):
+        wait_for(lambda pr=proxy: get_json(pr.url + "/health")[0] == 200, 30, "back in rotation")
+        started = time.monotonic()
+        status, _, raw = post(proxy.url + "/v1/completions", body)
+        assert status == 200, _failure(raw, proxy, p, cluster.decode)
+        assert json.loads(raw)["choices"][0]["text"] == ref
+        assert time.monotonic() - started < 20, "a transfer deadline was waited out"
+    run = _doctor("--metadata-server", cluster.etcd.url)
+    assert run.returncode == 0, run.stdout
+
+
 def test_pd_client_disconnect_releases_kv_on_both(cluster: Cluster, tiny_model: Path) -> None:
     p, d = cluster.prefill, cluster.decode
     body = _body(tiny_model, prompt="Keep talking: " * 40, max_tokens=3500, stream=True,
