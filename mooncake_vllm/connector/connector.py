@@ -16,7 +16,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector.scheduler import MooncakeScheduler
@@ -38,7 +37,13 @@ if TYPE_CHECKING:
 
 
 class MooncakeVllmConnector(KVConnectorBase_V1):
-    _cache_hit_source = CacheHitSource.P2P
+    try:  # vLLM >= 0.32 reports prefix hits by source; this connector's come from a peer
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        _cache_hit_source = CacheHitSource.P2P
+        del CacheHitSource
+    except ImportError:
+        pass
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
