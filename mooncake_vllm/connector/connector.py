@@ -6,9 +6,11 @@ vLLM builds one instance per role: in the scheduler process (SCHEDULER) and in e
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
@@ -17,10 +19,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from mooncake_vllm.config import ConnectorConfig
+from mooncake_vllm import vllm_versions
+from mooncake_vllm.config import ConfigError, ConnectorConfig
 from mooncake_vllm.connector.scheduler import MooncakeScheduler
 from mooncake_vllm.connector.stats import MooncakePromMetrics, MooncakeStats
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
+
+# A child of "vllm" so that our lines go through vLLM's handlers, format and level.
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -47,6 +53,12 @@ class MooncakeVllmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
+        why = vllm_versions.refusal(vllm.__version__)
+        if why is not None:
+            raise ConfigError(why)
+        note = vllm_versions.warning(vllm.__version__)
+        if note is not None:
+            logger.warning("%s", note)
         super().__init__(vllm_config, role, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         assert ktc is not None
