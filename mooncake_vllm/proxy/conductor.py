@@ -146,18 +146,26 @@ class Conductor:
                 await session.close()
 
     def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False,
-              one_sequence: bool = True, policy: Policy | None = None) -> Route | None:
+              one_sequence: bool = True, policy: Policy | None = None,
+              on_decode_alone: bool = False) -> Route | None:
         """Disaggregated, local or pipelined by plan (planner.py) when prefill and decode
         instances are up; else a "both" instance alone. A request for several sequences (n > 1,
         best_of, several prompts) is served by a decode instance alone: one transfer id carries
         the KV of one sequence. `policy`: another than the conductor's (a preview, which
-        leaves the conductor's turn where it is)."""
+        leaves the conductor's turn where it is). `on_decode_alone`: prefilled on a decode
+        instance itself, whatever the plan (a retry after its KV load failed)."""
         policy = policy or self.policy
 
         def up(role: str) -> list[Instance]:
             return [i for i in self.registry.usable(role) if i.instance_id not in exclude]
 
         prefill, decode = up("prefill"), up("decode")
+        if on_decode_alone and decode:
+            d = policy.choose_decode(decode)
+            local = assess(d, key)
+            return Route(local, None, path="local", predicted_ttft_s=local.predicted_ttft_s,
+                         predicted_itl_s=d.itl.base(d.decode_batch() + 1),
+                         idle_ttft_s=d.ttft.predict(local.new_tokens))
         if prefill and decode:
             return self._plan(policy, policy.choose_decode(decode), prefill, key, pipelinable,
                               one_sequence)

@@ -391,8 +391,9 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     if can_pipeline and key.token_ids is None and c.would_pipeline(key):
         key = await exact_key(c, body, key, client_auth(request))
     rechecked = False
+    alone = False  # the decode instance failed its half of a P/D attempt: retry it there alone
     for attempt in range(c.config.max_attempts):
-        route = c.route(key, exclude, can_pipeline, single)
+        route = c.route(key, exclude, can_pipeline, single, on_decode_alone=alone)
         if route is None and not rechecked and c.health is not None:
             # Nothing in rotation: an instance may have come up since the last health round.
             rechecked = True
@@ -439,10 +440,19 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
             last = e
             log.warning("request %s: attempt %d failed: %s", run.rid, attempt + 1, e)
             m.upstream_errors.labels(e.inst.instance_id, e.role, e.kind).inc()
+            m.failovers.labels(e.role).inc()
+            if (route.decode is not None and e.role == "decode" and not alone
+                    and e.kind.startswith("http_5") and not e.instance_down):
+                # Answered with a server error to its half of a P/D request (a failed KV load,
+                # with kv_load_failure_policy=fail): nothing reached the client yet, and the
+                # instance answers. Prefilled there alone, the request needs no transfer.
+                alone = True
+                log.warning("request %s: retried on the decode instance %s alone (prefilled "
+                            "there, no KV transfer)", run.rid, e.inst.instance_id)
+                continue
             if e.instance_down:
                 mark_down(e.inst, str(e), m)
             exclude.add(e.inst.instance_id)
-            m.failovers.labels(e.role).inc()
     if last is not None:
         c.path_shares.count("failed")
         return error_response(502, f"upstream failed on every attempt; last: the {last.role} "

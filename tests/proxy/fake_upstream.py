@@ -36,6 +36,8 @@ class FakeInstance:
     remote_control: dict[str, Any] | None = None
     token_ids: list[int] | None = None
     fail: tuple[int, bytes] | None = None
+    # (status, body) answered to a decode half (do_remote_prefill) only: a failed KV load.
+    fail_remote_prefill: tuple[int, bytes] | None = None
     hold: asyncio.Event | None = None
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
@@ -54,12 +56,15 @@ class FakeInstance:
         body = await self._record(request)
         if self.hold is not None:
             await self.hold.wait()
-        if self.fail is not None:
-            status, data = self.fail
+        params = body.get("kv_transfer_params") if isinstance(body, dict) else None
+        failing = self.fail
+        if isinstance(params, dict) and params.get("do_remote_prefill"):
+            failing = failing or self.fail_remote_prefill
+        if failing is not None:
+            status, data = failing
             return web.Response(status=status, body=data, content_type="text/plain")
         answer: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "model": MODEL,
                                   "choices": [{"index": 0, "text": " done"}]}
-        params = body.get("kv_transfer_params") if isinstance(body, dict) else None
         if isinstance(params, dict) and params.get("do_remote_decode"):
             answer["kv_transfer_params"] = {"remote_control": self.remote_control}
         return web.json_response(answer)

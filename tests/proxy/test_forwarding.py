@@ -145,3 +145,33 @@ def test_several_sequences_go_to_a_decode_instance_alone(extra: dict[str, Any]) 
         assert "kv_transfer_params" not in d_req.body and not p.generation()
 
     asyncio.run(go())
+
+
+def test_a_failed_kv_load_is_served_on_the_decode_instance_alone() -> None:
+    """D answers 500 to its half of a P/D request (its KV load failed, policy "fail"): the
+    conductor retries it on D alone, prefilled there, and the client gets its answer; the
+    retry is counted and the request ends under the local path, not silently."""
+    async def go() -> None:
+        p = FakeInstance(remote_control=rc_for(7002))
+        d = FakeInstance(fail_remote_prefill=(500, b'{"error": "KV load failed"}'))
+        await p.start()
+        await d.start()
+        cfg = ProxyConfig(port=0, prefill_urls=(p.url,), decode_urls=(d.url,),
+                          local_prefill_max_tokens=0, warmup_tokens=0)
+        try:
+            async with conductor_at(cfg) as (url, conductor):
+                status, answer = await _post(url, {"model": MODEL, "prompt": "hello",
+                                                   "max_tokens": 4})
+                assert status == 200, answer
+                m = conductor.metrics.registry
+                assert m.get_sample_value("mooncake_proxy_failovers_total",
+                                          {"role": "decode"}) == 1
+                assert m.get_sample_value("mooncake_proxy_path_share", {"path": "local"}) == 1
+        finally:
+            await p.stop()
+            await d.stop()
+        first, second = d.generation()
+        assert first.body["kv_transfer_params"]["do_remote_prefill"] is True
+        assert "kv_transfer_params" not in second.body  # D alone: no transfer asked
+
+    asyncio.run(go())
