@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mooncake_vllm.security import MIN_TOKEN_CHARS
+from mooncake_vllm.security import MIN_TOKEN_CHARS, is_loopback_host, is_wildcard_host
 
 ENV_PREFIX = "MOONCAKE_VLLM_"
 # The longest a control message can take from D's send to P's handler: the channel's
@@ -185,11 +185,9 @@ class ConnectorConfig:
         fallback."""
         from urllib.parse import urlsplit
 
-        from mooncake_vllm.security import is_loopback_host
-
-        url_host = urlsplit(self.advertise_url).hostname or "" if self.advertise_url else ""
+        url_host = urlsplit(self.advertise_url).hostname or ""
         for key, host in (("hostname", self.hostname), ("advertise_url", url_host)):
-            if host and _is_wildcard(host):
+            if host and is_wildcard_host(host):
                 return (f"{key}={getattr(self, key)!r}: a wildcard address is what a server "
                         "binds to, not an address anyone can connect to; set it to the "
                         "address peers reach this host at (hostname also from VLLM_HOST_IP)")
@@ -215,15 +213,6 @@ class ConnectorConfig:
     def http_url(self, default_port: int = 8000) -> str:
         """The URL the proxy should use for this instance."""
         return self.advertise_url or f"http://{self.hostname}:{default_port}"
-
-
-def _is_wildcard(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
 
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,

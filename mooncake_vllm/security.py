@@ -117,3 +117,11 @@ def is_loopback_host(host: str) -> bool:
         return False
     mapped = getattr(addr, "ipv4_mapped", None)
     return bool((mapped or addr).is_loopback)
+
+
+def is_wildcard_host(host: str) -> bool:
+    """Whether `host` is an address a server binds to but nobody can connect to (0.0.0.0, ::)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False

@@ -254,6 +254,7 @@ class DecodeSide:
                 self._settle(tr, False)
             for tid in [t for t, (ep, _) in self.watching.items() if ep == endpoint]:
                 del self.watching[tid]
+            self.layer_arrived.notify_all()  # a pipelined step waiting on one of them
 
     def _refuse(self, msg: m.Message, sender: str) -> None:
         logger.warning("control: refused %s for transfer %s from %r: not the prefill worker "

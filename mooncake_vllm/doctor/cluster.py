@@ -17,7 +17,6 @@ the fix. The checks, in order (a later one runs only where the ones it depends o
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import urllib.error
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 
 from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.control import NoAnswer, Refused, ask, endpoint_refusal, ping
-from mooncake_vllm.security import is_loopback_host, sign_transfer_params
+from mooncake_vllm.security import is_loopback_host, is_wildcard_host, sign_transfer_params
 
 HTTP_TIMEOUT_S = 5.0
 PING_TIMEOUT_S = 3.0
@@ -75,11 +74,8 @@ def _address_problem(host: str, what: str, metadata_host: str | None) -> str | N
     """Why peers elsewhere could not use an address an instance advertises."""
     if not host:
         return f"{what} has no host"
-    try:
-        if ipaddress.ip_address(host.strip("[]")).is_unspecified:
-            return f"{what} host {host} is a wildcard address: nobody can connect to it"
-    except ValueError:
-        pass  # a name
+    if is_wildcard_host(host):
+        return f"{what} host {host} is a wildcard address: nobody can connect to it"
     if is_loopback_host(host) and metadata_host is not None \
             and not is_loopback_host(metadata_host):
         return (f"{what} host {host} is loopback while the metadata server {metadata_host} is "
