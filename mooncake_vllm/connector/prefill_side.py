@@ -402,7 +402,8 @@ class PrefillSide:
                     if self.metadata is None:
                         raise RuntimeError(f"segment {reg.segment_name!r} sent by name, but "
                                            "this instance has no metadata server (p2p mode)")
-                    desc = self.metadata.get_segment(reg.segment_name)
+                    # D just registered, so it is alive even if its key lapsed.
+                    desc = self.metadata.last_segment(reg.segment_name)
                     if desc is None:
                         raise RuntimeError(f"segment {reg.segment_name!r} is not published")
                 tr.segment = self.engine.open_segment(desc)

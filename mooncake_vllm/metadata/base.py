@@ -296,6 +296,11 @@ class MetadataStore(ABC):
         encode_segment(name, descriptor)  # the same validation as a published one
         self._learned[name] = descriptor
 
+    def last_segment(self, name: str) -> dict[str, Any] | None:
+        """`get_segment`, or where the store lost the record (a lapsed lease) its last
+        descriptor: for a peer that has just heard from the segment's owner."""
+        return self.get_segment(name)
+
     def forget_segment(self, name: str) -> None:
         """Drop a learned descriptor (e.g. the peer said goodbye)."""
         self._learned.pop(name, None)

@@ -24,6 +24,13 @@ How it behaves:
   re-puts every key of ours that is missing or stale; lists the prefix again and hands the
   watchers a "put"/"delete" for every difference. Writes made while offline are kept and
   written then.
+- Segments outlive their key for `last_segment`: a segment whose key is deleted (its lease
+  lapsed while its process was starved on a loaded host, or an operator's delete) is still
+  answered from its last descriptor until a new one is put. A peer asks for a segment only
+  when that segment's owner has just registered a transfer with it (sealed with the cluster
+  token), which proves the owner alive; one that is really gone fails at connect, as it
+  would with a fresh record. Instance records get no such grace: their deletion is how
+  discovery learns of a death.
 - A value under the prefix that is not one of ours (not JSON, wrong kind, newer schema,
   name/key mismatch, foreign sub-path) is skipped with one warning per distinct value.
 - `close()` revokes the lease, which deletes all our keys at once.
@@ -36,6 +43,7 @@ import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from .base import (
@@ -64,6 +72,7 @@ log = logging.getLogger(__name__)
 MIN_TTL_S = 2  # etcd rounds shorter leases up to about this anyway
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 1.0
+MAX_DEPARTED_SEGMENTS = 1024  # last descriptors kept of deleted segment keys
 
 Change = tuple[InstanceEvent, InstanceInfo]
 
@@ -88,6 +97,8 @@ class EtcdMetadata(MetadataStore):
         self._cache_cond = threading.Condition()  # guards _revision, signals its progress
         self._instances: dict[str, InstanceInfo] = {}
         self._segments: dict[str, dict[str, Any]] = {}
+        # Last descriptors of segments whose keys were deleted (see the module docstring).
+        self._departed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._revision = 0
         self._warned: dict[str, bytes] = {}  # key -> the bad value we already warned about
 
@@ -143,6 +154,10 @@ class EtcdMetadata(MetadataStore):
         """The descriptor (shared with the cache: do not mutate it), or None."""
         desc = self._segments.get(name)
         return desc if desc is not None else self._learned.get(name)
+
+    def last_segment(self, name: str) -> dict[str, Any] | None:
+        desc = self.get_segment(name)
+        return desc if desc is not None else self._departed.get(name)
 
     def register_instance(self, info: InstanceInfo) -> None:
         self._write(self._keys.instance_key(info.instance_id), info.to_json())
@@ -348,10 +363,22 @@ class EtcdMetadata(MetadataStore):
             changes: list[Change] = [("delete", i) for k, i in old.items() if k not in instances]
             changes += [("put", i) for k, i in instances.items() if old.get(k) != i]
             with self._cache_cond:
+                self._keep_departed(segments)
                 self._instances, self._segments = instances, segments
                 self._revision = max(self._revision, revision)
                 self._cache_cond.notify_all()
             self._dispatch(changes)
+
+    def _keep_departed(self, segments: dict[str, dict[str, Any]]) -> None:
+        """Before the cache becomes `segments`: remember the descriptors it loses (bounded)."""
+        for name, desc in self._segments.items():
+            if name not in segments:
+                self._departed[name] = desc
+                self._departed.move_to_end(name)
+        for name in segments:
+            self._departed.pop(name, None)
+        while len(self._departed) > MAX_DEPARTED_SEGMENTS:
+            self._departed.popitem(last=False)
 
     def _apply_watch(self, response: Any) -> None:
         with self._dispatch_lock:
@@ -378,6 +405,7 @@ class EtcdMetadata(MetadataStore):
                     del instances[name]
                     changes.append(("delete", old))
             with self._cache_cond:
+                self._keep_departed(segments)
                 # Copy-on-write: lock-free readers always see a complete dict.
                 self._instances, self._segments = instances, segments
                 self._revision = max(self._revision, int(response.header.revision))

@@ -26,7 +26,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mooncake_vllm.testing.cpuset import Confinement, parse_cpu_list
-from mooncake_vllm.testing.procfs import PGRP, STATE, all_stats, cpu_jiffies, stat_fields
+from mooncake_vllm.testing.procfs import (
+    PGRP,
+    STATE,
+    all_stats,
+    cpu_jiffies,
+    describe,
+    exiting,
+    stat_fields,
+)
 
 
 class LaunchError(RuntimeError):
@@ -190,10 +198,7 @@ class Launched:
             self._signal_all(signal.SIGTERM)
             if not self._wait_gone(timeout_s):
                 self._signal_all(signal.SIGKILL)
-                if not self._wait_gone(kill_timeout_s):
-                    raise self._failure(
-                        f"processes {self._members()} still alive {kill_timeout_s:.0f} s after "
-                        "SIGKILL")
+                self._wait_killed(kill_timeout_s)
         self._release()
 
     def kill(self, timeout_s: float = 10.0) -> None:
@@ -201,10 +206,19 @@ class Launched:
         if self.proc is None:
             return
         self._signal_all(signal.SIGKILL)
-        if not self._wait_gone(timeout_s):
-            raise self._failure(f"processes {self._members()} still alive {timeout_s:.0f} s "
-                                "after SIGKILL")
+        self._wait_killed(timeout_s)
         self._release()
+
+    def _wait_killed(self, timeout_s: float) -> None:
+        """After SIGKILL: until the processes are gone. One the kernel is still tearing down
+        (releasing its memory on a loaded host can take long) is given a minute more; one
+        that is not even exiting is an error, described."""
+        if self._wait_gone(timeout_s):
+            return
+        if all(exiting(pid) for pid in self._members()) and self._wait_gone(60.0):
+            return
+        left = ", ".join(describe(pid) for pid in sorted(self._members()))
+        raise self._failure(f"processes still alive {timeout_s:.0f} s after SIGKILL: {left}")
 
     def _members(self) -> set[int]:
         assert self.proc is not None

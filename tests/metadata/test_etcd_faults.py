@@ -169,3 +169,24 @@ def test_several_endpoints_one_dead_one_alive(etcd_server: EtcdServer) -> None:
         assert md.endpoint == etcd_server.endpoint  # type: ignore[attr-defined]
         md.register_instance(make_info("p0"))
         wait_until(lambda: other.get_instance("p0") is not None, 5, "discovery via alive one")
+
+
+def test_a_deleted_segment_key_is_still_answered_until_a_new_one(
+        etcd_server: EtcdServer) -> None:
+    """A segment's key gone (a lapsed lease on a starved host; here an operator's delete):
+    the peer that writes into it still finds its last descriptor, since it asks only when the
+    segment's owner has just registered a transfer; the instance record gets no such grace."""
+    with open_metadata(etcd_server.url, ttl_s=3) as owner, \
+            open_metadata(etcd_server.url, ttl_s=3) as writer:
+        owner.register_instance(make_info("d0"))
+        owner.publish_segment("seg-d0", {"name": "seg-d0", "port": 1})
+        wait_until(lambda: writer.get_segment("seg-d0") is not None, 3, "seg-d0 seen")
+        ns = "/mooncake-vllm/default/"
+        etcd_server.etcdctl("del", ns + "segments/seg-d0")
+        etcd_server.etcdctl("del", ns + "instances/d0")
+        wait_until(lambda: writer.get_instance("d0") is None, 3, "d0's record gone")
+        wait_until(lambda: writer.get_segment("seg-d0") is None, 3, "seg-d0's record gone")
+        assert writer.last_segment("seg-d0") == {"name": "seg-d0", "port": 1}
+        owner.publish_segment("seg-d0", {"name": "seg-d0", "port": 2})  # a restart's record
+        wait_until(lambda: writer.last_segment("seg-d0") == {"name": "seg-d0", "port": 2}, 3,
+                   "the new descriptor")

@@ -79,13 +79,16 @@ def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
     return total
 
 
-def wait_for(pred: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> None:
+def wait_for(pred: Any, timeout_s: float, what: str, explain: Any = None,
+             interval_s: float = 0.25) -> None:
+    """Until `pred()`; else AssertionError naming `what`, with `explain()` (say, log tails)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(interval_s)
-    raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
+    more = f"\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"not within {timeout_s:.0f}s: {what}{more}")
 
 
 def instance(proxy_url: str, instance_id: str) -> dict[str, Any]:

@@ -265,6 +265,11 @@ def test_long_prompts_prefilled_by_both_in_a_pipeline(cluster: Cluster,
         d_tokens = metric(d.url, "vllm:prompt_tokens_total")
         gate_waits = metric(d.url, "vllm:mooncake_pipeline_gate_waits_total")
         events = sse_events(proxy.url + "/v1/completions", {**body, "stream": True})
+        assert metric(proxy.url, "mooncake_proxy_failovers_total", {"role": "decode"}) == 0, (
+            _failure(b"the pipelined request failed over", proxy, p, d))
+        # P's answer may trail D's last token by a moment: its count, once it is in.
+        wait_for(lambda: metric(p.url, "vllm:prompt_tokens_total") > p_tokens, 10,
+                 "P's head counted", lambda: _failure(b"", proxy, p, d))
         head = metric(p.url, "vllm:prompt_tokens_total") - p_tokens
         whole = metric(d.url, "vllm:prompt_tokens_total") - d_tokens
         assert stream_text(events, chat=False) == _reference(cluster, "/v1/completions", body)[

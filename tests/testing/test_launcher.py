@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -20,6 +21,7 @@ import pytest
 from mooncake_vllm.testing import cpuset
 from mooncake_vllm.testing.launcher import Launched, LaunchError, answers_any
 from mooncake_vllm.testing.ports import free_port
+from mooncake_vllm.testing.procfs import describe, exiting
 
 ALL_CORES = sorted(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(len(ALL_CORES) < 2, reason="needs two cores")
@@ -233,3 +235,18 @@ def test_cpu_seconds_tell_a_busy_process_from_an_idle_one(tmp_path: Path) -> Non
         busy.stop()
         idle.stop()
     assert busy.pids() == set()
+
+
+def test_a_process_that_does_not_go_is_described_by_state_and_wait() -> None:
+    """What a 'still alive after SIGKILL' failure says about each process left."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        told = describe(proc.pid)
+        assert told.startswith(f"{proc.pid} (sleep: state T, waiting in "), told
+        assert not exiting(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert describe(proc.pid) == f"{proc.pid} (gone)" and exiting(proc.pid)
