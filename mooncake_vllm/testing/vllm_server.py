@@ -62,6 +62,18 @@ def _next_core() -> int:
     return cores[next(_started) % len(cores)]
 
 
+def omp_bind(cpus: Sequence[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel ranks on `cpus`: the cores split
+    into one contiguous share per rank, `|` between ranks; with fewer cores than ranks, ranks
+    take the cores in turn (sharing them)."""
+    if ranks <= 1:
+        return ",".join(map(str, cpus))
+    if len(cpus) < ranks:
+        return "|".join(str(cpus[r % len(cpus)]) for r in range(ranks))
+    per = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(ranks))
+
+
 class VllmServer:
     """One `vllm serve` subprocess. Use as a context manager, or start()/wait_ready()/stop()."""
 
@@ -79,6 +91,7 @@ class VllmServer:
         pin_process: bool = False,
         name: str = "vllm",
         netns: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.model = str(model)
         self.host = host
@@ -97,6 +110,8 @@ class VllmServer:
         # (testing.cpuset), as on a machine of its own: no thread can widen its affinity.
         self.pin_process = pin_process
         self.name = name
+        # One worker process per rank; `cpus` is shared out among them (omp_bind).
+        self.tensor_parallel_size = tensor_parallel_size
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
         self.process: Launched | None = None
 
@@ -109,6 +124,8 @@ class VllmServer:
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         cmd += list(DEFAULT_ARGS)
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
         return cmd + self.extra_args
@@ -117,7 +134,8 @@ class VllmServer:
         env = {**DEFAULT_ENV, **self.env}
         if self.cpus:
             # vLLM's CPU backend binds its OpenMP threads itself; tell it which cores are ours.
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, self.cpus)))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                           omp_bind(self.cpus, self.tensor_parallel_size))
         self.process = Launched(
             self.command(), name=self.name, log_path=self.log_path, env=env,
             # A cpuset: the engine core, workers and every thread (the connector's too) stay.
