@@ -19,6 +19,10 @@ Failure rules (the only place they are stated for D):
   reports the load as failed to vLLM, whose `kv_load_failure_policy` applies.
 - Replies are accepted only from the endpoint the registration went to; anything else about
   a transfer is refused and logged. An error in handling one message fails that transfer.
+- Between tensor-parallel sizes a request's KV comes from every prefill rank that holds some
+  of this rank's heads (its feeders, tp_mapping.py): each is registered with and answers for
+  itself, the blocks come back only once every feeder has answered, and a failure of one
+  asks the others to stop.
 - A prefill worker that refuses our frames for want of our cluster token (control.py's
   notice) fails every transfer registered with it at once: it cannot write into our blocks.
 """
@@ -38,6 +42,7 @@ from mooncake_vllm.connector.layout import KVLayout
 from mooncake_vllm.connector.pipeline_gate import GateReport
 from mooncake_vllm.connector.stats import MooncakeStats
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec
+from mooncake_vllm.connector.tp_mapping import TPMismatch, feeders, head_map
 from mooncake_vllm.connector.transfers import Incoming
 
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
@@ -82,8 +87,7 @@ class DecodeSide:
         for r in meta.recvs:
             self._register(r, now)
         for tid, rc, why in meta.releases:
-            ep = self._endpoint(rc)
-            if ep is not None:
+            for ep in self._feeders(rc)[0]:
                 self._send(ep, m.Release(V, tid, why))
 
     def _endpoint(self, rc: dict[str, Any]) -> str | None:
@@ -93,19 +97,43 @@ class DecodeSide:
         return controls[self.tp_rank] if endpoint_refusal(controls[self.tp_rank]) is None \
             else None
 
+    def _feeders(self, rc: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+        """(the prefill ranks' control endpoints this rank's KV comes from, those of prefill
+        ranks that feed no decode rank at all, why not) for P's `remote_control`. Equal
+        tensor-parallel sizes: rank r from rank r. Different: every rank holding some of our
+        heads (tp_mapping.py); with replicated heads some prefill ranks feed nobody."""
+        controls = rc.get("control")
+        if not isinstance(controls, list) or not controls:
+            return (), (), "remote_control names no control endpoints"
+        p_tp, d_tp = len(controls), self.layout.tp_size
+        idle: list[int] = []
+        if p_tp == d_tp:
+            ranks = [self.tp_rank]
+        elif p_tp < d_tp:
+            return (), (), (f"a prefill of tensor-parallel size {p_tp} into this decode of "
+                            f"size {d_tp} is not supported yet (a prefill of at least the "
+                            "decode's size is)")
+        else:
+            total = self.layout.total_kv_heads or self.layout.num_kv_heads * d_tp
+            try:
+                runs = head_map(total, p_tp, d_tp)
+            except TPMismatch as e:
+                return (), (), f"prefill tensor-parallel size {p_tp}, decode {d_tp}: {e}"
+            ranks = sorted(feeders(runs, self.tp_rank))
+            if self.tp_rank == 0:  # one decode rank tells them, once
+                idle = sorted(set(range(p_tp)) - {r.src_rank for r in runs})
+        for r in ranks:
+            why = endpoint_refusal(controls[r])
+            if why is not None:
+                return (), (), why
+        return (tuple(controls[r] for r in ranks),
+                tuple(controls[r] for r in idle if endpoint_refusal(controls[r]) is None), None)
+
     def _register(self, r: RecvSpec, now: float) -> None:
-        controls = r.remote_control.get("control")
         end = -(-r.num_tokens // self.block_size)
         blocks = r.block_ids[r.first_block:end]
         with self.lock:
-            why = None
-            if not isinstance(controls, list) or self.tp_rank >= len(controls):
-                # P cannot serve this rank: fail the load so vLLM applies its policy.
-                why = (f"prefill has {len(controls) if isinstance(controls, list) else 0} "
-                       f"control endpoints, decode rank {self.tp_rank} has none (tensor "
-                       "parallel sizes differ)")
-            else:
-                why = endpoint_refusal(controls[self.tp_rank])
+            endpoints, idle, why = self._feeders(r.remote_control)
             if why is None and r.transfer_id in self.inc:
                 # Two requests under one transfer id (a client's n > 1 sent disaggregated):
                 # P serves the first registration only; this one must not wait on it.
@@ -121,17 +149,27 @@ class DecodeSide:
                     self.finished_recving.add(r.req_id)
                 self.stats.add(failures=1)
                 return
-            ep = controls[self.tp_rank]
             self.stats.add(**{"pipelined_prefills" if r.sync else "remote_prefills": 1})
             wait = self.config.transfer_timeout_s
             self.inc[r.transfer_id] = Incoming(
-                r.transfer_id, r.req_id, ep, blocks, deadline=now + wait,
+                r.transfer_id, r.req_id, endpoints, blocks, deadline=now + wait,
                 horizon=now + self.config.write_horizon_s, sync=r.sync)
-        logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks), ep)
-        self._send(ep, m.Register(
-            V, r.transfer_id, self.engine_id, self.segment_name, self.descriptor,
-            self.layout.info(), r.first_block, blocks, r.num_tokens, layer_progress=r.sync,
-            wait_s=wait, horizon_s=self.config.write_horizon_s))
+        logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks),
+                     ", ".join(endpoints))
+        for ep in endpoints:
+            self._send(ep, m.Register(
+                V, r.transfer_id, self.engine_id, self.segment_name, self.descriptor,
+                self.layout.info(), r.first_block, blocks, r.num_tokens,
+                layer_progress=r.sync, wait_s=wait, horizon_s=self.config.write_horizon_s))
+        for ep in idle:  # they hold the request's blocks until told
+            self._send(ep, m.Release(V, r.transfer_id, "this prefill rank holds none of the "
+                                     "decode instance's KV heads"))
+
+    def _release(self, tr: Incoming, why: str) -> None:
+        """Ask every feeder that has not answered yet to stop (once each; lock held)."""
+        for ep in sorted(tr.pending - tr.released_to):
+            tr.released_to.add(ep)
+            self._send(ep, m.Release(V, tr.transfer_id, why))
 
     def wait_layer(self, meta: MooncakeMetadata, layer: int) -> None:
         """Pipelined loads: block until P has written this layer of every head this step
@@ -146,14 +184,15 @@ class DecodeSide:
                     if now >= tr.deadline:
                         tr.error = (f"layer {layer} did not arrive within "
                                     f"{self.config.transfer_timeout_s:.1f}s")
-                    elif now >= tr.heard + silence:
+                    elif now >= tr.last_heard() + silence:
                         tr.error = (f"waiting for layer {layer}, no word from the prefill "
                                     f"instance for {silence:.1f}s (gone or cut off?)")
                     else:
-                        self.layer_arrived.wait(min(tr.deadline, tr.heard + silence) - now)
+                        self.layer_arrived.wait(min(tr.deadline, tr.last_heard() + silence)
+                                                - now)
                         continue
                     tr.releasing_for_timeout = True
-                    self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
+                    self._release(tr, "decode timed out")
                 if tr is not None and tr.error and not tr.reported:
                     # Given up: the record stays until P confirms or the write horizon
                     # passes; the request's blocks are freed only then, and until then the
@@ -172,12 +211,12 @@ class DecodeSide:
                     self._finished_here.add(tr.req_id)
                     if not tr.settled and not tr.releasing_for_timeout:
                         tr.releasing_for_timeout = True
-                        self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode finished"))
+                        self._release(tr, "decode finished")
                 elif not tr.aborting:
                     # Aborted on D while its KV is still coming: vLLM keeps the blocks until
                     # we report the request received, which waits for P to stop writing.
                     tr.aborting = True
-                    self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode aborted"))
+                    self._release(tr, "decode aborted")
             # Pipelined requests that finished after their transfer was settled.
             pending = {tr.req_id for tr in self.inc.values() if tr.sync}
             for rid in finished_req_ids:
@@ -222,16 +261,16 @@ class DecodeSide:
             tr = self.inc.get(msg.transfer_id)
             if tr is None or tr.settled:
                 return  # already over here; nothing waits for it
-            if tr.endpoint != sender:
+            if sender not in tr.written:
                 self._refuse(msg, sender)
                 return
-            tr.heard = time.monotonic()
+            tr.heard[sender] = time.monotonic()
             if isinstance(msg, m.Layers):
-                if msg.written > tr.layers_written:
-                    tr.layers_written = min(msg.written, self.num_layers)
+                if msg.written > tr.written[sender]:
+                    tr.written[sender] = min(msg.written, self.num_layers)
                     self.layer_arrived.notify_all()
             elif isinstance(msg, m.Done | m.Released):
-                self._on_reply(tr, msg)
+                self._on_reply(tr, sender, msg)
             else:
                 logger.warning("control: refused %s from %r (wrong direction)",
                                type(msg).__name__, sender)
@@ -248,10 +287,14 @@ class DecodeSide:
                "instances' cluster_token differ; set the same cluster_token on both (and on "
                "the conductor)")
         with self.lock:
-            for tr in [t for t in self.inc.values() if t.endpoint == endpoint]:
+            for tr in [t for t in self.inc.values() if endpoint in t.pending]:
                 if not tr.error:
                     tr.error = why
-                self._settle(tr, False)
+                tr.pending.discard(endpoint)
+                if tr.pending:  # other prefill ranks may still be writing: stop them first
+                    self._release(tr, "another prefill rank failed: " + why[:200])
+                else:
+                    self._settle(tr, False)
             for tid in [t for t, (ep, _) in self.watching.items() if ep == endpoint]:
                 del self.watching[tid]
             self.layer_arrived.notify_all()  # a pipelined step waiting on one of them
@@ -261,21 +304,33 @@ class DecodeSide:
                        "it was registered with", type(msg).__name__,
                        getattr(msg, "transfer_id", "?"), sender)
 
-    def _on_reply(self, tr: Incoming, msg: m.Done | m.Released) -> None:
-        """P will write nothing more into this transfer's blocks: settle it (lock held)."""
-        ok = isinstance(msg, m.Done) and msg.ok
-        if ok:
-            tr.layers_written = self.num_layers
-            logger.info("KV of request %s arrived: transfer %s, %d blocks, %d bytes in %.3fs",
-                        tr.req_id, tr.transfer_id, msg.blocks, msg.bytes, msg.transfer_s)
-            self.stats.add(bytes_received=msg.bytes, blocks_received=msg.blocks,
-                           transfers_received=1)
-            self.stats.observe("transfer_s", msg.transfer_s)
+    def _on_reply(self, tr: Incoming, sender: str, msg: m.Done | m.Released) -> None:
+        """A feeder will write nothing more into this transfer's blocks; once every feeder
+        has said so, settle it (lock held)."""
+        if sender not in tr.pending:
+            return  # its second answer
+        tr.pending.discard(sender)
+        if isinstance(msg, m.Done) and msg.ok:
+            tr.written[sender] = self.num_layers
+            tr.bytes, tr.blocks = tr.bytes + msg.bytes, tr.blocks + msg.blocks
+            tr.transfer_s = max(tr.transfer_s, msg.transfer_s)
         elif not tr.error:
             tr.error = msg.reason if isinstance(msg, m.Done) else "released by prefill"
             if tr.releasing_for_timeout and not tr.sync:
                 tr.error = (f"prefill did not complete the transfer within "
                             f"{self.config.transfer_timeout_s:.1f}s")
+        if tr.pending:
+            if tr.error:  # the KV cannot be whole: the other feeders may stop
+                self._release(tr, "another prefill rank failed: " + tr.error[:200])
+            self.layer_arrived.notify_all()
+            return
+        ok = not tr.error
+        if ok:
+            logger.info("KV of request %s arrived: transfer %s, %d blocks, %d bytes in %.3fs",
+                        tr.req_id, tr.transfer_id, tr.blocks, tr.bytes, tr.transfer_s)
+            self.stats.add(bytes_received=tr.bytes, blocks_received=tr.blocks,
+                           transfers_received=1)
+            self.stats.observe("transfer_s", tr.transfer_s)
         self._settle(tr, ok)
         self.layer_arrived.notify_all()
 
@@ -326,7 +381,7 @@ class DecodeSide:
                     logger.warning(
                         "transfer %s: no word from prefill %s; its write deadline has passed "
                         "(%.1fs after registering), so its blocks are given back", tr.transfer_id,
-                        tr.endpoint, self.config.write_horizon_s)
+                        ", ".join(sorted(tr.pending)), self.config.write_horizon_s)
                     if not tr.error:
                         tr.error = (f"prefill did not complete the transfer within "
                                     f"{self.config.transfer_timeout_s:.1f}s")
@@ -335,4 +390,4 @@ class DecodeSide:
                         and not tr.aborting:
                     # Ask P to stop; the blocks come back with its answer, or at the horizon.
                     tr.releasing_for_timeout = True
-                    self._send(tr.endpoint, m.Release(V, tr.transfer_id, "decode timed out"))
+                    self._release(tr, "decode timed out")

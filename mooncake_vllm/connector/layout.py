@@ -63,6 +63,50 @@ def describe_layer(t: torch.Tensor, num_blocks: int) -> tuple[list[Plane], int]:
 
 
 @dataclass(frozen=True)
+class HeadGeometry:
+    """Inside one block of one plane, head h occupies the ranges
+    `i * outer_stride + h * head_stride`, `head_bytes` long, for i < outer_count."""
+
+    outer_count: int
+    outer_stride: int
+    head_stride: int
+    head_bytes: int
+
+    @property
+    def heads_adjacent(self) -> bool:
+        """Consecutive heads are back to back: a run of them is one range per outer step."""
+        return self.head_stride == self.head_bytes
+
+
+def head_geometry(t: torch.Tensor, block_dim: int, num_kv_heads: int) -> HeadGeometry:
+    """The geometry of `t`'s block interior (the dimensions after `block_dim`), whose head
+    dimension is the one of size `num_kv_heads`; refused when no dimension, or more than one
+    (as many tokens as heads, say), has that size."""
+    es = t.element_size()
+    shape, strides = list(t.shape[block_dim + 1:]), list(t.stride()[block_dim + 1:])
+    candidates = [d for d, n in enumerate(shape) if n == num_kv_heads]
+    if len(candidates) != 1:  # none, or as many tokens (or channels) as heads: not guessed
+        raise LayoutError(f"cannot tell the KV head dimension (of size {num_kv_heads}) in a "
+                          f"block of shape {tuple(shape)}")
+    h = candidates[0]
+    inner_shape, inner_strides = shape[h + 1:], strides[h + 1:]
+    inner = math.prod(inner_shape)
+    reach = 1 + sum((n - 1) * s for n, s in zip(inner_shape, inner_strides, strict=True))
+    if reach != inner:
+        raise LayoutError(f"one KV head's part of a block of shape {tuple(shape)} is not one "
+                          "dense range")
+    outer_shape, outer_strides = shape[:h], strides[:h]
+    # The dimensions before the head must step as one (a single count and stride).
+    for d in range(len(outer_shape) - 1):
+        if outer_strides[d] != outer_strides[d + 1] * outer_shape[d + 1]:
+            raise LayoutError(f"the dimensions before the KV heads in a block of shape "
+                              f"{tuple(shape)} do not step as one")
+    outer_count = math.prod(outer_shape)
+    outer_stride = outer_strides[-1] * es if outer_shape else 0
+    return HeadGeometry(outer_count, outer_stride, strides[h] * es, inner * es)
+
+
+@dataclass(frozen=True)
 class KVLayout:
     layer_names: tuple[str, ...]
     planes: tuple[tuple[Plane, ...], ...]  # [layer][plane]
@@ -75,11 +119,14 @@ class KVLayout:
     model: str
     tp_rank: int
     tp_size: int
+    total_kv_heads: int = 0  # the model's, over all ranks (0: num_kv_heads * tp_size)
+    heads: HeadGeometry | None = None  # None: the heads' place in a block is not known
 
     @classmethod
     def from_caches(
         cls, caches: Mapping[str, torch.Tensor], num_blocks: int, *, block_size: int,
         num_kv_heads: int, head_size: int, model: str, tp_rank: int = 0, tp_size: int = 1,
+        total_kv_heads: int = 0,
     ) -> KVLayout:
         if not caches:
             raise LayoutError("no KV cache tensors to describe")
@@ -94,8 +141,15 @@ class KVLayout:
             raise LayoutError(
                 f"layers differ in block bytes {sorted(sizes)}, dtype {sorted(dtypes)} or planes"
             )
+        first = next(iter(caches.values()))
+        try:  # needed only between different tensor-parallel sizes (head_slices.py)
+            heads: HeadGeometry | None = head_geometry(first, _block_dim(first, num_blocks),
+                                                       num_kv_heads)
+        except LayoutError:
+            heads = None
         return cls(tuple(names), tuple(planes), sizes.pop(), num_blocks, block_size,
-                   dtypes.pop(), num_kv_heads, head_size, model, tp_rank, tp_size)
+                   dtypes.pop(), num_kv_heads, head_size, model, tp_rank, tp_size,
+                   total_kv_heads or num_kv_heads * tp_size, heads)
 
     def info(self) -> LayoutInfo:
         return LayoutInfo(
@@ -104,6 +158,10 @@ class KVLayout:
             num_layers=len(self.layer_names), block_bytes=self.block_bytes,
             tp_rank=self.tp_rank, tp_size=self.tp_size,
             planes=[[(p.base, p.stride) for p in layer] for layer in self.planes],
+            total_kv_heads=self.total_kv_heads or self.num_kv_heads * self.tp_size,
+            heads=None if self.heads is None else (
+                self.heads.outer_count, self.heads.outer_stride, self.heads.head_stride,
+                self.heads.head_bytes),
         )
 
 

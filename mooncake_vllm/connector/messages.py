@@ -59,6 +59,11 @@ class LayoutInfo(msgspec.Struct, frozen=True):
     planes: Annotated[list[Annotated[list[tuple[Address, Stride]],
                                      msgspec.Meta(min_length=1, max_length=MAX_PLANES)]],
                       msgspec.Meta(max_length=MAX_LAYERS)]
+    # Between different tensor-parallel sizes (tp_mapping.py, head_slices.py): the model's KV
+    # heads over all ranks, and where one head lies in a block (layout.HeadGeometry: outer
+    # count, outer stride, head stride, head bytes); None where it is not known.
+    total_kv_heads: Small = 0
+    heads: tuple[Small, Count, Count, Count] | None = None
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
@@ -194,8 +199,11 @@ def decode(frame: bytes) -> Message:
 
 def layout_mismatch(mine: LayoutInfo, theirs: LayoutInfo) -> str | None:
     """Why two layouts cannot exchange blocks, naming both values; None when compatible."""
-    for key in ("model", "block_size", "dtype", "num_kv_heads", "head_size", "num_layers",
-                "block_bytes", "tp_size"):
+    # Between different tensor-parallel sizes a block holds other heads on each side: the
+    # head plan (tp_mapping.head_runs_into) checks what those layouts must share.
+    same_tp = ("num_kv_heads", "block_bytes", "tp_size") if mine.tp_size == theirs.tp_size \
+        else ()
+    for key in ("model", "block_size", "dtype", "head_size", "num_layers", *same_tp):
         a, b = getattr(mine, key), getattr(theirs, key)
         if a != b:
             return f"KV layout mismatch: {key} is {a!r} on prefill but {b!r} on decode"

@@ -35,11 +35,13 @@ import numpy as np
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.control import unpin_current_thread
-from mooncake_vllm.connector.layout import KVLayout, layer_transfer
+from mooncake_vllm.connector.head_slices import head_transfer
+from mooncake_vllm.connector.layout import HeadGeometry, KVLayout, Plane, layer_transfer
 from mooncake_vllm.connector.pipeline_gate import Watchers
 from mooncake_vllm.connector.staging import Slot, StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats, measuring_non_overlapped
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
+from mooncake_vllm.connector.tp_mapping import TPMismatch, head_runs_into
 from mooncake_vllm.connector.transfers import Outgoing
 
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
@@ -225,8 +227,11 @@ class PrefillSide:
                 # here) until the kernels that wrote this layer's KV have run.
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device_kv))
-            la, ra, ln = layer_transfer(local_planes, tr.reg.layout.planes[layer], bb,
-                                        local_ids, remote_ids)
+            if tr.head_runs is None:
+                la, ra, ln = layer_transfer(local_planes, tr.reg.layout.planes[layer], bb,
+                                            local_ids, remote_ids)
+            else:
+                la, ra, ln = self._head_writes(tr, layer, local_ids, remote_ids)
             bid = None
             if event is None:
                 bid = self.engine.submit(tr.segment, "write", la, ra, ln)
@@ -247,6 +252,18 @@ class PrefillSide:
             self._posts.put((event, tr, layer, (la, ra, ln), int(ln.sum()), hi - lo, slot))
         else:
             self._completions.put((tr, bid, layer, int(ln.sum()), hi - lo, slot))
+
+    def _head_writes(self, tr: Outgoing, layer: int, local_ids: np.ndarray,
+                     remote_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Between tensor-parallel sizes: this rank's runs of heads, each into its place in
+        the decode rank's blocks (head_slices.py), one range per block, plane and run."""
+        assert tr.reg is not None and tr.head_runs and self.layout.heads is not None
+        theirs = HeadGeometry(*tr.reg.layout.heads)  # type: ignore[misc]
+        remote = [Plane(b, st) for b, st in tr.reg.layout.planes[layer]]
+        parts = [head_transfer(self.layout.planes[layer], self.layout.heads, remote, theirs,
+                               local_ids, remote_ids, run.src_head, run.dst_head, run.count)
+                 for run in tr.head_runs]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def _poster_loop(self) -> None:
         """Posts batches once the device work they read has run: the staged copy (GPU + TCP),
@@ -385,10 +402,19 @@ class PrefillSide:
         if tr.stopped():
             self._maybe_finish(tr)
             return
-        why = m.layout_mismatch(self.layout.info(), reg.layout)
-        if why is None and reg.layout.tp_rank != self.tp_rank:
+        mine = self.layout.info()
+        why = m.layout_mismatch(mine, reg.layout)
+        if why is None:
+            try:
+                tr.head_runs = head_runs_into(mine, reg.layout)
+            except TPMismatch as e:
+                why = f"KV layout mismatch: {e}"
+        if why is None and tr.head_runs is None and reg.layout.tp_rank != self.tp_rank:
             why = (f"KV layout mismatch: tp_rank is {self.tp_rank} on prefill but "
                    f"{reg.layout.tp_rank} on decode")
+        if why is None and tr.head_runs is not None and self.stager is not None:
+            why = ("a prefill of another tensor-parallel size than its decode writes heads "
+                   "out of each block, which the staging buffer does not do yet")
         last_landing = self.config.last_write_landing_s(reg.wait_s)
         if why is None and last_landing > reg.horizon_s + 1e-6:
             why = (f"decode takes its blocks back {reg.horizon_s:.1f}s after registering, but "

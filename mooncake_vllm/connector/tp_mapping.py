@@ -9,12 +9,15 @@ one chosen spreads decode ranks over them). A transfer into a decode rank is com
 every prefill rank that feeds it (`feeders`) has written its part.
 
 Pure arithmetic, no vLLM: `heads_of` is vLLM's rule, `head_map` the plan both sides compute
-from the two published layouts, and an impossible pairing is refused naming both.
+from the two published layouts (`head_runs_into`: one pair of ranks' share), and an
+impossible pairing is refused naming both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mooncake_vllm.connector.messages import LayoutInfo
 
 
 class TPMismatch(ValueError):
@@ -87,3 +90,39 @@ def head_map(num_kv_heads: int, src_tp: int, dst_tp: int) -> list[HeadRun]:
 def feeders(runs: list[HeadRun], dst_rank: int) -> set[int]:
     """The prefill ranks whose writes a decode rank's transfer waits for."""
     return {r.src_rank for r in runs if r.dst_rank == dst_rank}
+
+
+def _describe(layout: LayoutInfo) -> str:
+    return (f"TP {layout.tp_size} with {layout.num_kv_heads} KV heads per rank "
+            f"({layout.total_kv_heads} in all)")
+
+
+def head_runs_into(prefill: LayoutInfo, decode: LayoutInfo) -> list[HeadRun] | None:
+    """What prefill rank `prefill.tp_rank` writes into decode rank `decode.tp_rank`: None
+    between equal tensor-parallel sizes (whole blocks, rank to rank), else its runs of heads.
+    TPMismatch, naming both layouts, for a pairing that cannot work or is not supported."""
+    if prefill.tp_size == decode.tp_size:
+        return None
+    both = f"prefill {_describe(prefill)}, decode {_describe(decode)}"
+    if prefill.total_kv_heads != decode.total_kv_heads:
+        raise TPMismatch(f"the models' KV heads differ: {both}")
+    if prefill.tp_size < decode.tp_size:
+        # Each prefill rank would feed several decode ranks: one registration per transfer
+        # and rank is what the prefill side keeps today.
+        raise TPMismatch(f"a prefill of smaller tensor-parallel size than its decode is not "
+                         f"supported yet: {both}")
+    if prefill.heads is None or decode.heads is None:
+        raise TPMismatch(f"where a KV head lies in a block is unknown on "
+                         f"{'prefill' if prefill.heads is None else 'decode'}: {both}")
+    if (prefill.heads[0], prefill.heads[3]) != (decode.heads[0], decode.heads[3]):
+        raise TPMismatch(f"one KV head's part of a block differs ({prefill.heads} on prefill, "
+                         f"{decode.heads} on decode): {both}")
+    try:
+        runs = head_map(prefill.total_kv_heads, prefill.tp_size, decode.tp_size)
+    except TPMismatch as e:
+        raise TPMismatch(f"{e}: {both}") from None
+    mine = [r for r in runs if r.src_rank == prefill.tp_rank and r.dst_rank == decode.tp_rank]
+    if not mine:
+        raise TPMismatch(f"prefill rank {prefill.tp_rank} holds none of decode rank "
+                         f"{decode.tp_rank}'s KV heads: {both}")
+    return mine

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.tp_mapping import HeadRun
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Outgoing:
     reg: m.Register | None = None
     segment: int = -1
     remote_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # Another tensor-parallel size on D: the runs of heads this rank writes (else whole blocks).
+    head_runs: list[HeadRun] | None = None
     inflight: int = 0
     layer_inflight: list[int] = field(default_factory=list)  # writes in flight per layer
     layers_reported: int = 0  # pipelined: layers [0, n) reported written to D
@@ -77,11 +80,13 @@ class Outgoing:
 
 @dataclass
 class Incoming:
-    """D: one request waiting for its KV from a prefill instance."""
+    """D: one request waiting for its KV from a prefill instance: from one prefill rank, or,
+    between tensor-parallel sizes, from each rank that holds some of its heads (`endpoints`,
+    the feeders). Each feeder answers for itself; the KV is in once every one has."""
 
     transfer_id: str
     req_id: str
-    endpoint: str
+    endpoints: tuple[str, ...]
     block_ids: list[int]  # the blocks the prefill side writes (D's ids)
     deadline: float
     started: float = field(default_factory=time.monotonic)
@@ -89,9 +94,29 @@ class Incoming:
     releasing_for_timeout: bool = False
     # Pipelined (synchronous) load: this step's forward pass waits for each layer in turn.
     sync: bool = False
-    layers_written: int = 0
-    heard: float = field(default_factory=time.monotonic)  # P's last word on it
+    written: dict[str, int] = field(default_factory=dict)  # layers written, by feeder
+    heard: dict[str, float] = field(default_factory=dict)  # each feeder's last word on it
+    pending: set[str] = field(default_factory=set)  # feeders that have not answered Done
+    released_to: set[str] = field(default_factory=set)  # feeders asked to stop
+    bytes: int = 0
+    blocks: int = 0
+    transfer_s: float = 0.0
     error: str = ""  # why the rest will never arrive
     reported: bool = False  # the failure has been handed to vLLM (load errors)
     settled: bool = False  # P can write nothing more: the blocks are D's again
     horizon: float = float("inf")  # no write of P's can land after this, whatever P says
+
+    def __post_init__(self) -> None:
+        now = time.monotonic()
+        self.written = dict.fromkeys(self.endpoints, 0)
+        self.heard = dict.fromkeys(self.endpoints, now)
+        self.pending = set(self.endpoints)
+
+    @property
+    def layers_written(self) -> int:
+        """Leading layers that every feeder has written."""
+        return min(self.written.values())
+
+    def last_heard(self) -> float:
+        """The longest silence among feeders still writing: the one a pipelined wait fears."""
+        return min((self.heard[e] for e in self.pending), default=time.monotonic())

@@ -119,7 +119,8 @@ class MooncakeWorker:
             kv_caches, self.kv_cache_config.num_blocks, block_size=self.block_size,
             num_kv_heads=mc.get_num_kv_heads(self.vllm_config.parallel_config),
             head_size=mc.get_head_size(), model=str(mc.served_model_name or mc.model),
-            tp_rank=self.tp_rank, tp_size=self.tp_size)
+            tp_rank=self.tp_rank, tp_size=self.tp_size,
+            total_kv_heads=mc.get_total_num_kv_heads())
         self.layer_index = {n: i for i, n in enumerate(self.layout.layer_names)}
         with widened_affinity():  # the engine's threads must not share the model's core
             self.engine = TransferEngine(

@@ -212,12 +212,15 @@ def layout_problem(p: Member, d: Member) -> tuple[str, str] | None:
     if p.model != d.model:
         return (f"model is {p.model!r} on prefill but {d.model!r} on decode",
                 "serve the same model (and served name) on both")
-    if len(p.controls) != len(d.controls):
-        return (f"tensor-parallel size is {len(p.controls)} on prefill but {len(d.controls)} "
-                "on decode", "run both with the same --tensor-parallel-size")
+    p_tp, d_tp = len(p.controls), len(d.controls)
+    if p_tp != d_tp and (p_tp < d_tp or p_tp % d_tp):
+        return (f"tensor-parallel size is {p_tp} on prefill but {d_tp} on decode: a prefill "
+                "feeds a decode of the same size or of a size that divides its own",
+                "give the prefill a --tensor-parallel-size that is a multiple of the decode's")
     if p.shape is None or d.shape is None:
         return None  # nothing published to compare; the registration checks it
-    for key in SHAPE_KEYS:
+    # KV heads per rank differ between tensor-parallel sizes (the registration checks heads).
+    for key in SHAPE_KEYS if p_tp == d_tp else [k for k in SHAPE_KEYS if k != "num_kv_heads"]:
         a, b = p.shape.get(key), d.shape.get(key)
         if a != b:
             flag = {"block_size": "--block-size", "dtype": "--dtype"}.get(key, "the same model")
@@ -235,8 +238,13 @@ def check_pair(p: Member, d: Member, token: str | None) -> list[Finding]:
     if not (p.reachable and d.reachable):
         return out + [Finding("transfer", subject, False, "not tried: a worker did not answer "
                               "(above)", "fix the control findings first")]
-    for rank, (pc, dc) in enumerate(zip(p.controls, d.controls, strict=True)):
-        sub = f"{subject} tp{rank}"
+    # Each decode rank with each prefill rank that writes into it (its heads' holders when
+    # the prefill's tensor-parallel size is a multiple of the decode's).
+    per = len(p.controls) // len(d.controls)
+    pairs = [(pr, dr) for dr in range(len(d.controls)) for pr in range(dr * per, (dr + 1) * per)]
+    for prank, drank in pairs:
+        pc, dc = p.controls[prank], d.controls[drank]
+        sub = f"{subject} tp{prank}" if per == 1 else f"{subject} tp{prank}->tp{drank}"
         back = _ask_check(dc, pc, False, token)
         out.append(Finding("decode->prefill", sub, back.ok,
                            "decode reaches prefill's control endpoint" if back.ok

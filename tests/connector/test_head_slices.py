@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mooncake_vllm.connector.head_slices import head_geometry, head_transfer
-from mooncake_vllm.connector.layout import LayoutError, describe_layer
+from mooncake_vllm.connector.head_slices import head_transfer
+from mooncake_vllm.connector.layout import LayoutError, describe_layer, head_geometry
 from mooncake_vllm.connector.tp_mapping import head_map, heads_of
 
 BLOCKS, BS, HD = 8, 5, 3

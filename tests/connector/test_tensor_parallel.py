@@ -1,9 +1,10 @@
-"""Tensor parallelism on both sides, same size (issue 14): a prefill instance and a decode
-instance of two ranks each (vLLM's CPU backend: one worker process per rank), every P rank
-writing its shard of each layer into the matching D rank, answers equal to a single instance.
+"""Tensor parallelism (issue 14): a prefill instance of two ranks (vLLM's CPU backend: one
+worker process per rank) into a decode instance of two ranks, every P rank writing its shard of
+each layer into the matching D rank, and into a decode instance of one rank, each P rank
+writing its KV head into its place in every block of D's; answers equal to a single instance.
 
-Both instances share the host's two cores (one core per rank, P's and D's rank r on core r):
-slow, but what a two-core machine can run.
+The instances share the host's two cores (one core per rank, rank r on core r): slow, but what
+a two-core machine can run.
 """
 
 from __future__ import annotations
@@ -35,23 +36,31 @@ TP = 2
 CHUNK = 256  # max_num_batched_tokens on P: the longest prompt is prefilled in chunks
 
 
-def _server(model: Path, logs: Path, name: str, role: str) -> VllmServer:
-    return VllmServer(model, name=name, log_path=logs / f"tp-{name}.log", cpus=[0, 1],
-                      tensor_parallel_size=TP, extra_args=["--max-num-batched-tokens",
-                                                           str(CHUNK)],
+def _server(model: Path, logs: Path, name: str, role: str, tp: int = TP) -> VllmServer:
+    return VllmServer(model, name=name, log_path=logs / f"tp-{name}.log",
+                      cpus=[0, 1] if tp > 1 else [1], tensor_parallel_size=tp,
+                      extra_args=["--max-num-batched-tokens", str(CHUNK)],
                       kv_transfer_config=kv_config(role, transfer_timeout_s=60))
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_model: Path, logs_dir: Path) -> Iterator[tuple[VllmServer, VllmServer, dict]]:
+def servers(tiny_model: Path, logs_dir: Path) -> Iterator[tuple[VllmServer, ...]]:
+    """P (TP 2), D (TP 2), D1 (TP 1), started together."""
     p = _server(tiny_model, logs_dir, "prefill", "kv_producer")
     d = _server(tiny_model, logs_dir, "decode", "kv_consumer")
-    start_all(p, d)
+    d1 = _server(tiny_model, logs_dir, "decode-tp1", "kv_consumer", tp=1)
+    start_all(p, d, d1)
     try:
-        yield p, d, probe_remote_control(p)
+        yield p, d, d1
     finally:
-        p.stop()
-        d.stop()
+        for s in (p, d, d1):
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(servers: tuple[VllmServer, ...]) -> tuple[VllmServer, VllmServer, dict]:
+    p, d, _ = servers
+    return p, d, probe_remote_control(p)
 
 
 def test_each_rank_publishes_its_own_control_endpoint(pair: tuple) -> None:
@@ -95,3 +104,39 @@ def test_through_the_conductor_disaggregated_and_pipelined(pair: tuple,
         pipelined = [ln for ln in conductor.log_path.read_text().splitlines()
                      if ", pipelined on " in ln]
         assert len(pipelined) == 1, json.dumps(conductor.log_tail(30))
+
+
+@pytest.mark.parametrize("n", [31, 2 * CHUNK + 77], ids=["block-minus-1", "chunked-prefill"])
+def test_tp2_into_tp1_gathers_both_ranks_heads(servers: tuple[VllmServer, ...],
+                                                n: int) -> None:
+    p, _, d1 = servers
+    rc = probe_remote_control(p)
+    prompt = prompt_ids(n, seed=1700 + n)
+    sent = metrics(p).get("vllm:mooncake_transfers_sent_total", 0.0)
+    received = metrics(d1).get("vllm:mooncake_transfers_received_total", 0.0)
+    got = pd_completion(p, d1, rc, prompt, max_tokens=10)
+    assert_same_greedy(completion(p, prompt, 10), got)
+    # One load on D, fed by both prefill ranks (each its head of every block).
+    wait_for(lambda: metrics(p).get("vllm:mooncake_transfers_sent_total", 0.0) - sent == 2,
+             10, "a transfer sent by each prefill rank")
+    assert metrics(d1).get("vllm:mooncake_transfers_received_total", 0.0) - received == 1
+
+
+def test_tp2_into_tp1_pipelined_and_through_the_conductor(servers: tuple[VllmServer, ...],
+                                                         tiny_model: Path) -> None:
+    p, _, d1 = servers
+    rc = probe_remote_control(p)
+    prompt = prompt_ids(333, seed=1800)
+    got = pd_completion(p, d1, rc, prompt, max_tokens=10, pipeline_tokens=256)
+    assert_same_greedy(completion(p, prompt, 10), got)
+    with ConductorProcess(["--prefill", p.url, "--decode", d1.url, "--tokenizer",
+                           str(tiny_model), "--local-prefill-max-tokens", "0",
+                           "--pipeline-prefill-min-tokens", "0"]) as conductor:
+        prompt = prompt_ids(77, seed=1900)
+        body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
+                "logprobs": 2, "ignore_eos": True}
+        assert_same_greedy(completion(p, prompt, 8),
+                           post_json(conductor.url + "/v1/completions", body))
+    failed = metrics(d1)
+    assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
+    assert failed.get("vllm:mooncake_failed_loads_recomputed_total", 0.0) == 0

@@ -142,6 +142,13 @@ def test_model_and_tensor_parallel_size_must_agree() -> None:
     d.model, d.controls = "tiny", ["tcp://10.0.0.2:1", "tcp://10.0.0.2:2"]
     assert "tensor-parallel size is 1 on prefill but 2" in layout_problem(p, d)[0]
     assert layout_problem(p, _member("d2", "decode")) is None
+    # A prefill of twice the decode's size feeds it (each decode rank from two prefill
+    # ranks), with half the KV heads per rank; three into two cannot.
+    p.controls = ["tcp://10.0.0.1:1", "tcp://10.0.0.1:2", "tcp://10.0.0.1:3", "tcp://10.0.0.1:4"]
+    p.shape = {**(p.shape or {}), "num_kv_heads": 1}
+    assert layout_problem(p, d) is None
+    p.controls = p.controls[:3]
+    assert "tensor-parallel size is 3 on prefill but 2" in layout_problem(p, d)[0]
 
 
 @pytest.mark.parametrize(("host", "metadata", "problem"), [

@@ -1,0 +1,183 @@
+"""Different tensor-parallel sizes, driven message by message (no vLLM): two prefill ranks
+(TP 2, one KV head each) write into one decode rank (TP 1, both heads), each its own head of
+every block, through real transfer engines on loopback. The decode rank's KV is in only once
+both have answered; one failing makes D stop the other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mooncake_vllm.connector import messages as m
+from mooncake_vllm.connector.decode_side import DecodeSide
+from mooncake_vllm.connector.layout import KVLayout, memory_regions
+from mooncake_vllm.connector.prefill_side import PrefillSide
+from mooncake_vllm.connector.stats import MooncakeStats
+from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec, SaveSpec
+from mooncake_vllm.engine import TransferEngine
+
+from .test_sides import Wire, _config
+
+V = m.PROTOCOL_VERSION
+BS, BLOCKS, LAYERS, HEADS, HEAD = 4, 16, 2, 2, 4
+P_EPS = ["tcp://127.0.0.1:5901", "tcp://127.0.0.1:5902"]
+D_ID = b"decode-rank-0"
+
+
+def _caches(heads: int, fill: float) -> dict[str, torch.Tensor]:
+    # vLLM's CPU layout: [blocks, heads, block, 2 * head]; each value names its layer.
+    return {f"layer.{i}": torch.full((BLOCKS, heads, BS, 2 * HEAD), fill + i)
+            for i in range(LAYERS)}
+
+
+def _layout(caches: dict[str, torch.Tensor], heads: int, rank: int, tp: int) -> KVLayout:
+    return KVLayout.from_caches(caches, BLOCKS, block_size=BS, num_kv_heads=heads,
+                                head_size=HEAD, model="tiny", tp_rank=rank, tp_size=tp,
+                                total_kv_heads=HEADS)
+
+
+@dataclass
+class Gather:
+    ps: list[PrefillSide]
+    d: DecodeSide
+    p_wires: list[Wire]
+    d_wire: Wire
+    p_kv: list[dict[str, torch.Tensor]]
+    d_kv: dict[str, torch.Tensor]
+
+    def register(self, tid: str, blocks: list[int], tokens: int) -> None:
+        """D registers with both prefill ranks; the test delivers each Register."""
+        self.d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d", tid, {"control": P_EPS}, blocks, 0,
+                                                     tokens, False)]))
+        regs = self.d_wire.take(m.Register)
+        assert sorted(to for to, _ in regs) == P_EPS
+        for to, reg in regs:
+            self.ps[P_EPS.index(str(to))].on_message(D_ID, reg)
+
+    def prefill(self, rank: int, tid: str, blocks: list[int], tokens: int) -> None:
+        meta = MooncakeMetadata(saves=[SaveSpec("r-p", tid, blocks, 0, tokens, tokens)])
+        p = self.ps[rank]
+        p.bind(meta, time.monotonic())
+        for layer in range(LAYERS):
+            p.save_layer(meta, layer)
+        p.end_forward(meta, time.monotonic())
+        p.bind(MooncakeMetadata(held={"r-p": True}), time.monotonic())
+
+    def reply(self, rank: int, timeout_s: float = 10.0) -> m.Message:
+        """Wait for prefill rank `rank`'s Done/Released; hand it to D; return it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.ps[rank].lock:
+                out = self.p_wires[rank].take(m.Done) + self.p_wires[rank].take(m.Released)
+            if out:
+                [(to, msg)] = out
+                assert to == D_ID
+                self.d.on_message(P_EPS[rank], msg)
+                return msg
+            time.sleep(0.01)
+        raise AssertionError(f"prefill rank {rank} said nothing: {self.p_wires[rank].sent}")
+
+
+@pytest.fixture
+def gather() -> Iterator[Gather]:
+    p_kv = [_caches(1, 10.0 * (r + 1)) for r in range(2)]
+    d_kv = {n: t.zero_() for n, t in _caches(HEADS, 0.0).items()}
+    engines = [TransferEngine(hostname="127.0.0.1", protocol="tcp", timeout_s=2.0)
+               for _ in range(3)]
+    for eng, kv in zip(engines, [*p_kv, d_kv], strict=True):
+        for addr, n in memory_regions(kv):
+            eng.register(addr, n)
+    p_wires, d_wire = [Wire(), Wire()], Wire()
+    ps = [PrefillSide(engine=engines[r], send=p_wires[r], config=_config(),
+                      layout=_layout(p_kv[r], 1, r, 2), block_size=BS, tp_rank=r,
+                      stats=MooncakeStats(), lock=threading.RLock()) for r in range(2)]
+    d = DecodeSide(engine=engines[2], send=d_wire, config=_config(),
+                   layout=_layout(d_kv, HEADS, 0, 1), block_size=BS, tp_rank=0,
+                   engine_id="d", segment_name="d-seg", descriptor=engines[2].descriptor(),
+                   stats=MooncakeStats(), lock=threading.RLock())
+    for p in ps:
+        p.start()
+    try:
+        yield Gather(ps, d, p_wires, d_wire, p_kv, d_kv)
+    finally:
+        for p in ps:
+            p.stop()
+        for eng in engines:
+            eng.close()
+
+
+def test_each_prefill_rank_writes_its_head_and_d_waits_for_both(gather: Gather) -> None:
+    gather.register("t1", [5, 6, 7], 3 * BS)
+    gather.prefill(0, "t1", [1, 2, 3], 3 * BS)
+    assert gather.reply(0).ok
+    assert gather.d.get_finished(set()) == (set(), set())  # rank 1's head is still to come
+    gather.prefill(1, "t1", [8, 9, 10], 3 * BS)
+    assert gather.reply(1).ok
+    assert gather.d.get_finished(set()) == (set(), {"r-d"})
+    for layer in range(LAYERS):
+        got = gather.d_kv[f"layer.{layer}"]
+        for rank, p_blocks in ((0, [1, 2, 3]), (1, [8, 9, 10])):
+            assert torch.equal(got[[5, 6, 7], rank], gather.p_kv[rank][f"layer.{layer}"][
+                p_blocks, 0]), (layer, rank)
+        assert not got[[0, 4, 8]].any()  # nothing else written
+
+
+def test_one_rank_failing_stops_the_other_and_fails_the_load(gather: Gather) -> None:
+    gather.register("t2", [5, 6], 2 * BS)
+    gather.ps[1].on_message(D_ID, m.Release(V, "t2", "test: rank 1 gives up"))  # as if failed
+    gather.prefill(1, "t2", [3, 4], 2 * BS)
+    failed = gather.reply(1)
+    assert isinstance(failed, m.Released)
+    # D asks rank 0 to stop too; its blocks come back only once rank 0 answers.
+    [(to, rel)] = gather.d_wire.take(m.Release)
+    assert to == P_EPS[0] and "another prefill rank failed" in rel.reason
+    assert gather.d.get_finished(set()) == (set(), set())
+    gather.ps[0].on_message(D_ID, rel)
+    assert isinstance(gather.reply(0), m.Released)
+    assert gather.d.get_finished(set()) == (set(), {"r-d"})
+    assert gather.d.take_load_errors() == {5, 6}
+
+
+def test_a_smaller_prefill_is_refused_at_registration_naming_both_sizes(
+        gather: Gather, caplog: pytest.LogCaptureFixture) -> None:
+    """A decode of TP 2 fed by a prefill of TP 1: not supported yet, said at once."""
+    d = DecodeSide(engine=None, send=gather.d_wire, config=_config(),
+                   layout=_layout(_caches(1, 0.0), 1, 1, 2), block_size=BS, tp_rank=1,
+                   engine_id="d", segment_name="d-seg", descriptor=None,
+                   stats=MooncakeStats(), lock=threading.RLock())
+    d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d", "t3", {"control": P_EPS[:1]}, [5], 0, BS,
+                                            False)]))
+    assert not gather.d_wire.take(m.Register)
+    assert d.get_finished(set()) == (set(), {"r-d"}) and d.take_load_errors() == {5}
+    assert "prefill of tensor-parallel size 1 into this decode of size 2" in caplog.text
+
+
+def test_prefill_ranks_holding_none_of_the_heads_are_told_at_once(gather: Gather) -> None:
+    """TP 4 over 2 KV heads replicates each head on two ranks: a decode of TP 1 takes each
+    head from one of them, and the other two ranks are released so they free their blocks."""
+    eps = [f"tcp://127.0.0.1:{5910 + r}" for r in range(4)]
+    gather.d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d", "t4", {"control": eps}, [5], 0, BS,
+                                                   False)]))
+    assert sorted(to for to, _ in gather.d_wire.take(m.Register)) == [eps[0], eps[2]]
+    assert sorted(to for to, _ in gather.d_wire.take(m.Release)) == [eps[1], eps[3]]
+
+
+def test_a_registration_whose_heads_do_not_fit_is_refused_naming_both_layouts(
+        gather: Gather) -> None:
+    """Rank 1 of a TP 2 prefill asked by a decode that claims other heads in all."""
+    d_info = _layout(gather.d_kv, HEADS, 0, 1).info()
+    bad = m.Register(V, "t5", "d", "d-seg", None, m.LayoutInfo(
+        **{**{f: getattr(d_info, f) for f in d_info.__struct_fields__}, "total_kv_heads": 4}),
+        0, [5], BS)
+    gather.ps[1].on_message(D_ID, bad)
+    gather.prefill(1, "t5", [3], BS)
+    done = gather.reply(1)
+    assert isinstance(done, m.Done) and not done.ok
+    assert "the models' KV heads differ: prefill TP 2 with 1 KV heads per rank (2 in all), " \
+        "decode TP 1 with 2 KV heads per rank (4 in all)" in done.reason
