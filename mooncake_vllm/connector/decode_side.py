@@ -109,10 +109,6 @@ class DecodeSide:
         idle: list[int] = []
         if p_tp == d_tp:
             ranks = [self.tp_rank]
-        elif p_tp < d_tp:
-            return (), (), (f"a prefill of tensor-parallel size {p_tp} into this decode of "
-                            f"size {d_tp} is not supported yet (a prefill of at least the "
-                            "decode's size is)")
         else:
             total = self.layout.total_kv_heads or self.layout.num_kv_heads * d_tp
             try:

@@ -41,7 +41,7 @@ from mooncake_vllm.connector.pipeline_gate import Watchers
 from mooncake_vllm.connector.staging import Slot, StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats, measuring_non_overlapped
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
-from mooncake_vllm.connector.tp_mapping import TPMismatch, head_runs_into
+from mooncake_vllm.connector.tp_mapping import TPMismatch, decode_ranks_fed, head_runs_into
 from mooncake_vllm.connector.transfers import Outgoing
 
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
@@ -71,9 +71,13 @@ class PrefillSide:
         self.metadata, self.stager, self.device_kv = metadata, stager, device_kv
         self.kv_caches = kv_caches or {}
         self.num_layers = len(layout.layer_names)
-        self.out: dict[str, Outgoing] = {}  # by transfer id
-        # Registrations that came before P scheduled the request: tid -> (from, record, until).
-        self.early: OrderedDict[str, tuple[bytes, m.Register, float]] = OrderedDict()
+        # By transfer id: one Outgoing per decode rank this rank writes into (one between
+        # equal tensor-parallel sizes); before the first registration, one of unknown rank.
+        self.out: dict[str, list[Outgoing]] = {}
+        # Registrations that came before P scheduled the request, by (transfer id, decode
+        # rank): (from, record, arrived).
+        self.early: OrderedDict[tuple[str, int], tuple[bytes, m.Register, float]] = \
+            OrderedDict()
         self.tombstones: OrderedDict[str, tuple[str, float]] = OrderedDict()  # tid -> why, until
         self.watchers = Watchers()  # D schedulers waiting for a pipelined head to start
         self.finished_sending: set[str] = set()
@@ -110,67 +114,73 @@ class PrefillSide:
         """Before the forward pass: this step's saves and the requests now held for us."""
         with self.lock:
             for tid in meta.preempted:
-                tr = self.out.get(tid)
-                if tr is not None:
+                for tr in list(self.out.get(tid, ())):
                     self._fail(tr, "the prefill request was preempted: its blocks were freed "
                                "while writes from them could still be in flight")
                     self._maybe_finish(tr)
             for s in meta.saves:
-                tr = self.out.get(s.transfer_id)
-                if tr is not None and tr.req_id != s.req_id:
+                group = self.out.get(s.transfer_id)
+                if group is not None and group[0].req_id != s.req_id:
                     continue  # a second request under one transfer id: it sends nothing
-                if tr is None:
-                    tr = Outgoing(s.transfer_id, s.req_id, self.num_layers, s.num_prompt_tokens)
-                    self.out[s.transfer_id] = tr
-                    gone = self.tombstones.pop(s.transfer_id, None)
-                    if gone is not None:  # D called it off before P even started
-                        tr.released = True
-                        tr.notified = True
-                    early = self.early.pop(s.transfer_id, None)
-                    if early is not None:
-                        self._accept_registration(tr, early[0], early[1], early[2])
-                tr.block_ids = np.asarray(s.block_ids, np.int64)
-                if not tr.head_started and s.computed + s.scheduled >= s.num_prompt_tokens:
-                    tr.head_started = True  # its last chunk is in this step
+                if group is None:
+                    group = self._start(s.transfer_id, s.req_id, s.num_prompt_tokens)
+                head_started = s.computed + s.scheduled >= s.num_prompt_tokens
+                if head_started and not group[0].head_started:  # its last chunk is in this step
                     watcher = self.watchers.pop(s.transfer_id)
                     if watcher is not None:
                         self._send(watcher, m.Started(V, s.transfer_id, True))
-                # Tokens computed before this step (prefix-cache hits, earlier chunks) are
-                # valid in every layer already; they are sent like freshly computed ones.
-                tr.ready = [max(r, min(s.computed, s.num_prompt_tokens)) for r in tr.ready]
+                for tr in group:
+                    tr.block_ids = np.asarray(s.block_ids, np.int64)
+                    tr.head_started = tr.head_started or head_started
+                    # Tokens computed before this step (prefix-cache hits, earlier chunks) are
+                    # valid in every layer already; they are sent like freshly computed ones.
+                    tr.ready = [max(r, min(s.computed, s.num_prompt_tokens)) for r in tr.ready]
             for rid, ok in meta.held.items():
-                tr = self._out_by_req(rid)
-                if tr is None:  # nothing was ever scheduled: free at once
+                group = self._out_by_req(rid)
+                if group is None:  # nothing was ever scheduled: free at once
                     self.finished_sending.add(rid)
                     continue
-                tr.held = ok
-                if not ok and not tr.stopped():
-                    tr.failed = "prefill request was aborted or failed"
-                if tr.reg is None and not tr.stopped():
-                    tr.reg_deadline = now + self.config.registration_timeout_s
-                self._maybe_finish(tr)
+                for tr in list(group):
+                    tr.held = ok
+                    if not ok and not tr.stopped():
+                        tr.failed = "prefill request was aborted or failed"
+                    if tr.reg is None and not tr.stopped():
+                        tr.reg_deadline = now + self.config.registration_timeout_s
+                    self._maybe_finish(tr)
             if meta.watches:
                 self.stats.add(pipeline_gate_waits=len(meta.watches))
+
+    def _start(self, tid: str, req_id: str, num_prompt_tokens: int) -> list[Outgoing]:
+        """The request's first step here: its transfer, and the registrations that came
+        first (lock held)."""
+        tr = Outgoing(tid, req_id, self.num_layers, num_prompt_tokens)
+        group = self.out[tid] = [tr]
+        if self.tombstones.pop(tid, None) is not None:  # D called it off before P started
+            tr.released = True
+            tr.notified = True
+        for key in [k for k in self.early if k[0] == tid]:
+            sender, reg, arrived = self.early.pop(key)
+            self._on_register(sender, reg, arrived)
+        return group
 
     def save_layer(self, meta: MooncakeMetadata, layer: int) -> None:
         """Layer `layer` of this step's tokens is in the cache: post what it completed."""
         with self.lock:
             for s in meta.saves:
-                tr = self.out.get(s.transfer_id)
-                if tr is None or tr.req_id != s.req_id:
-                    continue
-                tr.ready[layer] = max(tr.ready[layer],
-                                      min(s.computed + s.scheduled, s.num_prompt_tokens))
-                self._post(tr, layer)
+                for tr in self.out.get(s.transfer_id, ()):
+                    if tr.req_id != s.req_id:
+                        break
+                    tr.ready[layer] = max(tr.ready[layer],
+                                          min(s.computed + s.scheduled, s.num_prompt_tokens))
+                    self._post(tr, layer)
 
     def end_forward(self, meta: MooncakeMetadata, now: float) -> None:
         with self.lock:
             for s in meta.saves:
-                tr = self.out.get(s.transfer_id)
-                if tr is not None and tr.req_id == s.req_id and tr.fully_computed() \
-                        and not tr.forward_end:
-                    tr.forward_end = now
-                    self._maybe_finish(tr)
+                for tr in list(self.out.get(s.transfer_id, ())):
+                    if tr.req_id == s.req_id and tr.fully_computed() and not tr.forward_end:
+                        tr.forward_end = now
+                        self._maybe_finish(tr)
 
     def has_news(self) -> bool:
         """Something for vLLM's next step: blocks to give back (lock held)."""
@@ -351,7 +361,9 @@ class PrefillSide:
             elif (tr.reg is not None and tr.forward_end and tr.fully_computed()
                   and tr.fully_posted(self.block_size)):
                 self._complete(tr)
-        if tr.notified and tr.held is not None:
+        group = self.out.get(tr.transfer_id, [])
+        if tr.notified and tr.held is not None and all(t.notified for t in group):
+            # Every decode rank it feeds is told: the request's blocks may go.
             self.finished_sending.add(tr.req_id)
             self.out.pop(tr.transfer_id, None)
             self.news.notify_all()
@@ -384,8 +396,11 @@ class PrefillSide:
             self.engine.release(bid)
         return time.perf_counter() - t0
 
-    def _out_by_req(self, req_id: str) -> Outgoing | None:
-        return next((t for t in self.out.values() if t.req_id == req_id), None)
+    def _out_by_req(self, req_id: str) -> list[Outgoing] | None:
+        return next((g for g in self.out.values() if g[0].req_id == req_id), None)
+
+    def _all_out(self) -> list[Outgoing]:
+        return [tr for group in self.out.values() for tr in group]
 
     def _tombstone(self, tid: str, why: str) -> None:
         self.tombstones[tid] = (why, time.monotonic() + self.config.registration_timeout_s)
@@ -438,8 +453,16 @@ class PrefillSide:
         if why is not None:
             logger.error("transfer %s refused: %s", reg.transfer_id, why)
             tr.failed = why
+            if tr.dst_rank is None:  # the decode's other ranks learn why when they register
+                self._tombstone(reg.transfer_id, why)
             self._maybe_finish(tr)
             return
+        if tr.dst_rank is None:
+            # The first registration says the decode's size: one transfer per decode rank
+            # this rank writes into (rank to rank between equal sizes).
+            tr.dst_rank = reg.layout.tp_rank
+            others = decode_ranks_fed(mine, reg.layout) - {tr.dst_rank}
+            self.out[tr.transfer_id].extend(tr.sibling(r) for r in sorted(others))
         tr.reg = reg
         tr.write_until = arrived + reg.wait_s
         tr.remote_ids = np.asarray(reg.block_ids, np.int64)
@@ -461,47 +484,55 @@ class PrefillSide:
                 logger.warning("control: refused %s from %r (wrong direction)",
                                type(msg).__name__, sender)
 
-    def _on_register(self, sender: bytes, reg: m.Register) -> None:
-        now = time.monotonic()
-        tr = self.out.get(reg.transfer_id)
-        logger.debug("transfer %s: registration for %d blocks from %s (prefill %s)",
-                     reg.transfer_id, len(reg.block_ids), reg.engine_id,
-                     "known" if tr is not None else "not seen yet")
-        if tr is not None:
+    def _on_register(self, sender: bytes, reg: m.Register, arrived: float | None = None
+                     ) -> None:
+        now = time.monotonic() if arrived is None else arrived
+        tid, rank = reg.transfer_id, reg.layout.tp_rank
+        group = self.out.get(tid)
+        logger.debug("transfer %s: registration for %d blocks from %s rank %d (prefill %s)",
+                     tid, len(reg.block_ids), reg.engine_id, rank,
+                     "known" if group is not None else "not seen yet")
+        if group is not None:
+            tr = _dest_for(group, rank)
+            if tr is None or (tr.reply_to is None and any(
+                    t.reg is not None and t.reg.engine_id != reg.engine_id for t in group)):
+                self._send(sender, m.Done(V, tid, False, (
+                    f"prefill rank {self.tp_rank} writes into no decode rank {rank} of this "
+                    "transfer's decode instance")[:4000]))
+                return
             if tr.reply_to is not None:
-                logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+                logger.warning("transfer %s: duplicate registration refused", tid)
                 return
             if tr.notified:  # over before D registered (failed, preempted): say why at once
-                self._send(sender, m.Done(V, reg.transfer_id, False,
-                                          (tr.failed or "released")[:4000]))
+                self._send(sender, m.Done(V, tid, False, (tr.failed or "released")[:4000]))
                 return
             self._accept_registration(tr, sender, reg, now)
             return
-        gone = self.tombstones.get(reg.transfer_id)
+        gone = self.tombstones.get(tid)
         if gone is not None:
-            self._send(sender, m.Done(V, reg.transfer_id, False, gone[0]))
+            self._send(sender, m.Done(V, tid, False, gone[0]))
             return
-        if reg.transfer_id in self.early:
-            logger.warning("transfer %s: duplicate registration refused", reg.transfer_id)
+        if (tid, rank) in self.early:
+            logger.warning("transfer %s: duplicate registration refused", tid)
             return
         held = sum(len(r.block_ids) for _, r, _ in self.early.values())
         if len(self.early) >= MAX_EARLY or held + len(reg.block_ids) > MAX_EARLY_BLOCKS:
             logger.warning("transfer %s: refused, %d registrations already wait for their "
-                           "prefill request", reg.transfer_id, len(self.early))
-            self._send(sender, m.Done(V, reg.transfer_id, False,
+                           "prefill request", tid, len(self.early))
+            self._send(sender, m.Done(V, tid, False,
                                       "prefill has too many registrations waiting"))
             return
         # The prefill half may sit in this instance's queue for a while under load: keep the
         # registration as long as the decode side is willing to wait for it, not less
         # (a shorter wait here made D give up on requests P was about to serve).
-        self.early[reg.transfer_id] = (sender, reg, now)
+        self.early[(tid, rank)] = (sender, reg, now)
 
     def _on_watch(self, sender: bytes, watch: m.Watch) -> None:
         """D waits to schedule a pipelined request until its head is started here: answer at
         once if it is (or if the transfer is already over: D then learns why when it
         registers), else when bind() schedules the head's last chunk."""
-        tr = self.out.get(watch.transfer_id)
-        if (tr is not None and tr.head_started) or watch.transfer_id in self.tombstones:
+        group = self.out.get(watch.transfer_id)
+        if (group and group[0].head_started) or watch.transfer_id in self.tombstones:
             self._send(sender, m.Started(V, watch.transfer_id, True))
             return
         if len(self.watchers) >= MAX_EARLY:
@@ -512,35 +543,41 @@ class PrefillSide:
                           time.monotonic() + self.config.transfer_timeout_s)
 
     def _on_release(self, sender: bytes, rel: m.Release) -> None:
-        tr = self.out.get(rel.transfer_id)
-        early = self.early.get(rel.transfer_id)
-        owner = tr.reply_to if tr is not None and tr.reply_to is not None else (
-            early[0] if early is not None else None)
-        if owner is not None and owner != sender:
+        """D calls a transfer off: the part it registered, or, before it registered, the
+        parts nobody has registered yet (every decode rank of a request calls it off)."""
+        tid = rel.transfer_id
+        group = self.out.get(tid, [])
+        early = [k for k, (who, _, _) in self.early.items() if k[0] == tid and who == sender]
+        mine = [t for t in group if t.reply_to == sender] or [
+            t for t in group if t.reply_to is None]
+        if not mine and not early and (group or any(k[0] == tid for k in self.early)):
             logger.warning("transfer %s: refused a Release from %r, which did not register "
-                           "it", rel.transfer_id, sender)
+                           "it", tid, sender)
             return
-        logger.info("transfer %s released by decode: %s", rel.transfer_id, rel.reason)
-        self.watchers.pop(rel.transfer_id)
-        self.early.pop(rel.transfer_id, None)
-        if tr is None or tr.notified:
-            if tr is None:
-                self._tombstone(rel.transfer_id, "released by decode: " + rel.reason)
-            self._send(sender, m.Released(V, rel.transfer_id))
+        logger.info("transfer %s released by decode: %s", tid, rel.reason)
+        self.watchers.pop(tid)
+        for key in early:
+            del self.early[key]
+        live = [t for t in mine if not t.notified]
+        if not live:
+            if not group:
+                self._tombstone(tid, "released by decode: " + rel.reason)
+            self._send(sender, m.Released(V, tid))
             return
-        if tr.reply_to is None:
-            tr.reply_to = sender
-        tr.released = True
-        self._maybe_finish(tr)
+        for tr in live:
+            if tr.reply_to is None:
+                tr.reply_to = sender
+            tr.released = True
+            self._maybe_finish(tr)
 
     def _heartbeats(self) -> None:
         """Tell D that pipelined transfers still open are alive (lock held): D's forward
         pass is blocked on them and otherwise cannot tell a queued head from a dead peer."""
-        for tr in self.out.values():
+        for tr in self._all_out():
             if (tr.reg is not None and tr.reg.layer_progress and tr.reply_to is not None
                     and not tr.notified and not tr.stopped()):
                 self._send(tr.reply_to, m.Layers(V, tr.transfer_id, tr.layers_reported))
-        for tid, (sender, reg, _) in self.early.items():
+        for (tid, _), (sender, reg, _) in self.early.items():
             if reg.layer_progress:  # registered before P scheduled its half: still queued
                 self._send(sender, m.Layers(V, tid, 0))
         for tid, sender in self.watchers.items():  # its head is still queued here
@@ -552,15 +589,16 @@ class PrefillSide:
                 self._next_heartbeat = now + PIPELINE_HEARTBEAT_S
                 self._heartbeats()
             self.watchers.expire(now)
-            for tid, (sender, reg, arrived) in list(self.early.items()):
+            for key, (sender, reg, arrived) in list(self.early.items()):
                 if now >= arrived + reg.wait_s:
-                    del self.early[tid]
+                    del self.early[key]
+                    tid = key[0]
                     self._send(sender, m.Done(V, tid, False, "no prefill request with this "
                                               "transfer id arrived in time"))
             for tid, (_, until) in list(self.tombstones.items()):
                 if now >= until:
                     del self.tombstones[tid]
-            for tr in list(self.out.values()):
+            for tr in self._all_out():
                 if tr.reg is None and tr.reg_deadline and now >= tr.reg_deadline \
                         and not tr.stopped():
                     logger.warning(
@@ -574,3 +612,12 @@ class PrefillSide:
                     self._fail(tr, f"decode's wait of {tr.reg.wait_s:.1f}s is over before "
                                "every layer was written")
                     self._maybe_finish(tr)
+
+
+def _dest_for(group: list[Outgoing], rank: int) -> Outgoing | None:
+    """The part of a request's transfer for decode rank `rank`: its own, or, before the
+    first registration, the one of unknown rank; None when this rank feeds no such rank."""
+    for tr in group:
+        if tr.dst_rank == rank:
+            return tr
+    return group[0] if group[0].dst_rank is None else None

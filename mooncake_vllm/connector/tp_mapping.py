@@ -106,11 +106,6 @@ def head_runs_into(prefill: LayoutInfo, decode: LayoutInfo) -> list[HeadRun] | N
     both = f"prefill {_describe(prefill)}, decode {_describe(decode)}"
     if prefill.total_kv_heads != decode.total_kv_heads:
         raise TPMismatch(f"the models' KV heads differ: {both}")
-    if prefill.tp_size < decode.tp_size:
-        # Each prefill rank would feed several decode ranks: one registration per transfer
-        # and rank is what the prefill side keeps today.
-        raise TPMismatch(f"a prefill of smaller tensor-parallel size than its decode is not "
-                         f"supported yet: {both}")
     if prefill.heads is None or decode.heads is None:
         raise TPMismatch(f"where a KV head lies in a block is unknown on "
                          f"{'prefill' if prefill.heads is None else 'decode'}: {both}")
@@ -126,3 +121,12 @@ def head_runs_into(prefill: LayoutInfo, decode: LayoutInfo) -> list[HeadRun] | N
         raise TPMismatch(f"prefill rank {prefill.tp_rank} holds none of decode rank "
                          f"{decode.tp_rank}'s KV heads: {both}")
     return mine
+
+
+def decode_ranks_fed(prefill: LayoutInfo, decode: LayoutInfo) -> set[int]:
+    """The decode ranks that prefill rank `prefill.tp_rank` writes into, for a decode of
+    `decode`'s layout (the one that registered first): its own rank between equal sizes."""
+    if prefill.tp_size == decode.tp_size:
+        return {prefill.tp_rank}
+    runs = head_map(prefill.total_kv_heads, prefill.tp_size, decode.tp_size)
+    return {r.dst_rank for r in runs if r.src_rank == prefill.tp_rank}

@@ -29,7 +29,9 @@ class Outgoing:
     reg: m.Register | None = None
     segment: int = -1
     remote_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    # Another tensor-parallel size on D: the runs of heads this rank writes (else whole blocks).
+    # The decode rank it writes into (None until the first registration says), and, with
+    # another tensor-parallel size there, the runs of heads it writes (else whole blocks).
+    dst_rank: int | None = None
     head_runs: list[HeadRun] | None = None
     inflight: int = 0
     layer_inflight: list[int] = field(default_factory=list)  # writes in flight per layer
@@ -52,6 +54,15 @@ class Outgoing:
         self.ready = [0] * self.num_layers
         self.sent = [0] * self.num_layers
         self.layer_inflight = [0] * self.num_layers
+
+    def sibling(self, dst_rank: int) -> Outgoing:
+        """The same request's transfer into another decode rank, awaiting its registration."""
+        other = Outgoing(self.transfer_id, self.req_id, self.num_layers, self.num_prompt_tokens,
+                         block_ids=self.block_ids, dst_rank=dst_rank)
+        other.ready = list(self.ready)
+        other.head_started, other.forward_end = self.head_started, self.forward_end
+        other.held, other.reg_deadline = self.held, self.reg_deadline
+        return other
 
     @property
     def total_blocks(self) -> int:

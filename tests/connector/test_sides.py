@@ -256,8 +256,8 @@ def test_decode_takes_blocks_back_at_the_write_horizon_without_an_answer(pair: P
 def test_prefill_posts_nothing_after_decodes_wait(pair: Pair) -> None:
     reg = pair.register("t10", "r-d", [5], BS)
     pair.p.on_message(D_ID, reg)
-    arrived = pair.p.early["t10"][2]
-    pair.p.early["t10"] = (D_ID, reg, arrived - reg.wait_s - 1)  # it arrived long ago
+    arrived = pair.p.early[("t10", 0)][2]
+    pair.p.early[("t10", 0)] = (D_ID, reg, arrived - reg.wait_s - 1)  # it arrived long ago
     pair.prefill("t10", "r-p", [1], BS)
     [(_, done)] = pair.p_replies()
     assert not done.ok and "wait of 2.0s" in done.reason

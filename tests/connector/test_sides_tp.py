@@ -1,7 +1,9 @@
-"""Different tensor-parallel sizes, driven message by message (no vLLM): two prefill ranks
-(TP 2, one KV head each) write into one decode rank (TP 1, both heads), each its own head of
-every block, through real transfer engines on loopback. The decode rank's KV is in only once
-both have answered; one failing makes D stop the other.
+"""Different tensor-parallel sizes, driven message by message (no vLLM), through real
+transfer engines on loopback. Gather: two prefill ranks (TP 2, one KV head each) write into one
+decode rank (TP 1, both heads), each its own head of every block; the decode rank's KV is in
+only once both have answered, and one failing makes D stop the other. Split: one prefill rank
+(TP 1) writes into two decode ranks (TP 2), each its head; P's blocks go back only once both
+decode ranks are served.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 import torch
 
@@ -144,20 +147,6 @@ def test_one_rank_failing_stops_the_other_and_fails_the_load(gather: Gather) -> 
     assert gather.d.take_load_errors() == {5, 6}
 
 
-def test_a_smaller_prefill_is_refused_at_registration_naming_both_sizes(
-        gather: Gather, caplog: pytest.LogCaptureFixture) -> None:
-    """A decode of TP 2 fed by a prefill of TP 1: not supported yet, said at once."""
-    d = DecodeSide(engine=None, send=gather.d_wire, config=_config(),
-                   layout=_layout(_caches(1, 0.0), 1, 1, 2), block_size=BS, tp_rank=1,
-                   engine_id="d", segment_name="d-seg", descriptor=None,
-                   stats=MooncakeStats(), lock=threading.RLock())
-    d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d", "t3", {"control": P_EPS[:1]}, [5], 0, BS,
-                                            False)]))
-    assert not gather.d_wire.take(m.Register)
-    assert d.get_finished(set()) == (set(), {"r-d"}) and d.take_load_errors() == {5}
-    assert "prefill of tensor-parallel size 1 into this decode of size 2" in caplog.text
-
-
 def test_prefill_ranks_holding_none_of_the_heads_are_told_at_once(gather: Gather) -> None:
     """TP 4 over 2 KV heads replicates each head on two ranks: a decode of TP 1 takes each
     head from one of them, and the other two ranks are released so they free their blocks."""
@@ -181,3 +170,102 @@ def test_a_registration_whose_heads_do_not_fit_is_refused_naming_both_layouts(
     assert isinstance(done, m.Done) and not done.ok
     assert "the models' KV heads differ: prefill TP 2 with 1 KV heads per rank (2 in all), " \
         "decode TP 1 with 2 KV heads per rank (4 in all)" in done.reason
+
+
+@dataclass
+class Split:
+    p: PrefillSide
+    ds: list[DecodeSide]
+    p_wire: Wire
+    d_wires: list[Wire]
+    p_kv: dict[str, torch.Tensor]
+    d_kv: list[dict[str, torch.Tensor]]
+
+    def register(self, rank: int, tid: str, blocks: list[int], tokens: int) -> m.Register:
+        self.ds[rank].bind(MooncakeMetadata(recvs=[RecvSpec(f"r-d{rank}", tid,
+                                                            {"control": P_EPS[:1]}, blocks, 0,
+                                                            tokens, False)]))
+        [(to, reg)] = self.d_wires[rank].take(m.Register)
+        assert to == P_EPS[0]
+        return reg
+
+    def prefill(self, tid: str, blocks: list[int], tokens: int) -> None:
+        meta = MooncakeMetadata(saves=[SaveSpec("r-p", tid, blocks, 0, tokens, tokens)])
+        self.p.bind(meta, time.monotonic())
+        for layer in range(LAYERS):
+            self.p.save_layer(meta, layer)
+        self.p.end_forward(meta, time.monotonic())
+        self.p.bind(MooncakeMetadata(held={"r-p": True}), time.monotonic())
+
+    def replies(self, n: int, timeout_s: float = 10.0) -> dict[bytes | str, m.Message]:
+        deadline = time.monotonic() + timeout_s
+        got: dict[bytes | str, m.Message] = {}
+        while time.monotonic() < deadline and len(got) < n:
+            with self.p.lock:
+                got.update(self.p_wire.take(m.Done) + self.p_wire.take(m.Released))
+            time.sleep(0.01)
+        assert len(got) == n, f"P answered {got}; it sent {self.p_wire.sent}"
+        return got
+
+
+D_IDS = [b"decode-rank-0", b"decode-rank-1"]
+
+
+@pytest.fixture
+def split() -> Iterator[Split]:
+    p_kv = _caches(HEADS, 10.0)
+    d_kv = [{n: t.zero_() for n, t in _caches(1, 0.0).items()} for _ in range(2)]
+    engines = [TransferEngine(hostname="127.0.0.1", protocol="tcp", timeout_s=2.0)
+               for _ in range(3)]
+    for eng, kv in zip(engines, [p_kv, *d_kv], strict=True):
+        for addr, n in memory_regions(kv):
+            eng.register(addr, n)
+    p_wire, d_wires = Wire(), [Wire(), Wire()]
+    p = PrefillSide(engine=engines[0], send=p_wire, config=_config(),
+                    layout=_layout(p_kv, HEADS, 0, 1), block_size=BS, tp_rank=0,
+                    stats=MooncakeStats(), lock=threading.RLock())
+    ds = [DecodeSide(engine=engines[1 + r], send=d_wires[r], config=_config(),
+                     layout=_layout(d_kv[r], 1, r, 2), block_size=BS, tp_rank=r,
+                     engine_id="d", segment_name=f"d-seg-{r}",
+                     descriptor=engines[1 + r].descriptor(), stats=MooncakeStats(),
+                     lock=threading.RLock()) for r in range(2)]
+    p.start()
+    try:
+        yield Split(p, ds, p_wire, d_wires, p_kv, d_kv)
+    finally:
+        p.stop()
+        for eng in engines:
+            eng.close()
+
+
+def test_one_prefill_rank_writes_each_decode_rank_its_head(split: Split) -> None:
+    """Decode rank 1 registers before P has the request, rank 0 after P's forward pass:
+    P's blocks stay held until both are served."""
+    split.p.on_message(D_IDS[1], split.register(1, "t1", [5, 6, 7], 3 * BS))
+    split.prefill("t1", [1, 2, 3], 3 * BS)
+    first = split.replies(1)
+    assert list(first) == [D_IDS[1]] and first[D_IDS[1]].ok
+    assert split.p.take_finished() == set()  # rank 0 has its part to come
+    split.p.on_message(D_IDS[0], split.register(0, "t1", [9, 10, 11], 3 * BS))
+    second = split.replies(1)
+    assert list(second) == [D_IDS[0]] and second[D_IDS[0]].ok
+    assert split.p.take_finished() == {"r-p"}
+    for rank, d_blocks in ((0, [9, 10, 11]), (1, [5, 6, 7])):
+        split.ds[rank].on_message(P_EPS[0], (first | second)[D_IDS[rank]])
+        assert split.ds[rank].get_finished(set()) == (set(), {f"r-d{rank}"})
+        for layer in range(LAYERS):
+            assert torch.equal(split.d_kv[rank][f"layer.{layer}"][d_blocks, 0],
+                               split.p_kv[f"layer.{layer}"][[1, 2, 3], rank]), (rank, layer)
+
+
+def test_a_registration_from_another_decode_instance_is_refused(split: Split) -> None:
+    """Once decode rank 0 of one instance has registered, rank 1's part is that instance's:
+    another instance's claim to it is refused and never written."""
+    split.p.on_message(D_IDS[0], split.register(0, "t2", [5], BS))
+    split.prefill("t2", [1], BS)
+    thief = split.register(1, "t2", [6], BS)
+    split.p.on_message(b"thief", msgspec.structs.replace(thief, engine_id="other"))
+    got = split.replies(2)
+    assert got[D_IDS[0]].ok and not got[b"thief"].ok
+    assert "writes into no decode rank 1" in got[b"thief"].reason
+    assert not split.d_kv[1]["layer.0"][6].any()

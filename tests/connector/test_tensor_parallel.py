@@ -45,10 +45,11 @@ def _server(model: Path, logs: Path, name: str, role: str, tp: int = TP) -> Vllm
 
 @pytest.fixture(scope="module")
 def servers(tiny_model: Path, logs_dir: Path) -> Iterator[tuple[VllmServer, ...]]:
-    """P (TP 2), D (TP 2), D1 (TP 1), started together."""
+    """P (TP 2), D (TP 2), and an instance of TP 1 in both roles, started together."""
     p = _server(tiny_model, logs_dir, "prefill", "kv_producer")
     d = _server(tiny_model, logs_dir, "decode", "kv_consumer")
-    d1 = _server(tiny_model, logs_dir, "decode-tp1", "kv_consumer", tp=1)
+    # Both roles: the decode of TP 1 for P, and the prefill of TP 1 for D.
+    d1 = _server(tiny_model, logs_dir, "tp1", "kv_both", tp=1)
     start_all(p, d, d1)
     try:
         yield p, d, d1
@@ -140,3 +141,22 @@ def test_tp2_into_tp1_pipelined_and_through_the_conductor(servers: tuple[VllmSer
     failed = metrics(d1)
     assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
     assert failed.get("vllm:mooncake_failed_loads_recomputed_total", 0.0) == 0
+
+
+def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
+    """The instance of TP 1 prefills for the decode of TP 2: its one rank writes each decode
+    rank its own head of every block."""
+    _, d, tp1 = servers
+    rc = probe_remote_control(tp1)
+    assert rc["tp_size"] == 1
+    received = metrics(d).get("vllm:mooncake_transfers_received_total", 0.0)
+    for n in (31, 2 * CHUNK + 77):
+        prompt = prompt_ids(n, seed=2000 + n)
+        got = pd_completion(tp1, d, rc, prompt, max_tokens=10)
+        assert_same_greedy(completion(tp1, prompt, 10), got)
+    prompt = prompt_ids(333, seed=2100)
+    got = pd_completion(tp1, d, rc, prompt, max_tokens=10, pipeline_tokens=256)
+    assert_same_greedy(completion(tp1, prompt, 10), got)
+    # Each decode rank counts its own load: three requests, two ranks.
+    wait_for(lambda: metrics(d).get("vllm:mooncake_transfers_received_total", 0.0) - received
+             == 6, 10, "each decode rank's loads counted")
