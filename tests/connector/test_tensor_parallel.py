@@ -10,6 +10,12 @@ a two-core machine can run.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from .pd import (
     assert_same_greedy,
     completion,
     kv_config,
+    kv_usage,
     metrics,
     pd_completion,
     probe_remote_control,
@@ -40,7 +47,8 @@ def _server(model: Path, logs: Path, name: str, role: str, tp: int = TP) -> Vllm
     return VllmServer(model, name=name, log_path=logs / f"tp-{name}.log",
                       cpus=[0, 1] if tp > 1 else [1], tensor_parallel_size=tp,
                       extra_args=["--max-num-batched-tokens", str(CHUNK)],
-                      kv_transfer_config=kv_config(role, transfer_timeout_s=60))
+                      kv_transfer_config=kv_config(role, transfer_timeout_s=60,
+                                                   registration_timeout_s=10))
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +168,64 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
     # Each decode rank counts its own load: three requests, two ranks.
     wait_for(lambda: metrics(d).get("vllm:mooncake_transfers_received_total", 0.0) - received
              == 6, 10, "each decode rank's loads counted")
+
+
+def _kill_rank(server: VllmServer, rank: int) -> None:
+    """SIGKILL one tensor-parallel rank's worker process (vLLM titles it Worker_TP<rank>)."""
+    assert server.process is not None
+    for pid in server.process.pids():
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if title.strip() == f"VLLM::Worker_TP{rank}":
+            os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError(f"no Worker_TP{rank} among {server.name}'s processes")
+
+
+def _post_status(server: VllmServer, body: dict) -> int:
+    req = urllib.request.Request(server.url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_killed_decode_rank_leaves_the_prefill_whole(servers: tuple[VllmServer, ...]) -> None:
+    """D (TP 2) loses a rank while P (TP 1) prefills for it: P answers its half, waits for
+    registrations that never come, and gives its blocks back after registration_timeout_s;
+    then it serves on."""
+    _, d, tp1 = servers
+    rc = probe_remote_control(tp1)
+    _kill_rank(d, 1)
+    prompt = prompt_ids(200, seed=2300)
+    kv = {"do_remote_decode": True, "transfer_id": uuid.uuid4().hex}
+    got = completion(tp1, prompt, 1, kv)
+    assert got["kv_transfer_params"]["remote_control"] == rc
+    wait_for(lambda: kv_usage(tp1) == 0.0, 30, "the prefill's blocks given back")
+    assert len(completion(tp1, prompt_ids(20, seed=2301), 4)["choices"][0]["text"]) > 0
+
+
+def test_a_killed_prefill_rank_fails_the_load_by_policy(servers: tuple[VllmServer, ...]
+                                                         ) -> None:
+    """P (TP 2) loses a rank: the instance dies with it. A pipelined load into the decode of
+    TP 1 hears nothing from its feeders and gives up after the silence timeout; vLLM's
+    kv_load_failure_policy (fail, its default) answers an error; the decode serves on. (Its
+    blocks lent to P come back at the write horizon, past this test.)"""
+    p, _, tp1 = servers
+    rc = probe_remote_control(p)
+    _kill_rank(p, 1)
+    failed = metrics(tp1).get("vllm:mooncake_failed_loads_failed_total", 0.0)
+    prompt = prompt_ids(300, seed=2200)
+    kv = {"do_remote_prefill": True, "transfer_id": uuid.uuid4().hex, "remote_control": rc,
+          "pipeline_tokens": 256}
+    t0 = time.monotonic()
+    status = _post_status(tp1, {"model": tp1.model, "prompt": prompt, "max_tokens": 4,
+                                "temperature": 0.0, "kv_transfer_params": kv})
+    took = time.monotonic() - t0
+    assert status >= 500 and took < 30, (status, took)
+    assert metrics(tp1).get("vllm:mooncake_failed_loads_failed_total", 0.0) - failed == 1
+    assert len(completion(tp1, prompt_ids(20, seed=2201), 4)["choices"][0]["text"]) > 0
