@@ -170,6 +170,24 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
              == 6, 10, "each decode rank's loads counted")
 
 
+def test_tp1_into_tp2_through_the_conductor(servers: tuple[VllmServer, ...],
+                                            tiny_model: Path) -> None:
+    _, d, tp1 = servers
+    with ConductorProcess(["--prefill", tp1.url, "--decode", d.url, "--tokenizer",
+                           str(tiny_model), "--local-prefill-max-tokens", "0",
+                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
+        for n in (45, 300):  # disaggregated whole; pipelined
+            prompt = prompt_ids(n, seed=2400 + n)
+            body = {"model": tp1.model, "prompt": prompt, "max_tokens": 8,
+                    "temperature": 0.0, "logprobs": 2, "ignore_eos": True}
+            assert_same_greedy(completion(tp1, prompt, 8),
+                               post_json(conductor.url + "/v1/completions", body))
+        assert len([ln for ln in conductor.log_path.read_text().splitlines()
+                    if ", pipelined on " in ln]) == 1, conductor.log_tail(30)
+    failed = metrics(d)
+    assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
+
+
 def _kill_rank(server: VllmServer, rank: int) -> None:
     """SIGKILL one tensor-parallel rank's worker process (vLLM titles it Worker_TP<rank>)."""
     assert server.process is not None
