@@ -15,11 +15,9 @@ heard nothing for `silence_s`, or has waited `max_wait_s` in all, opens anyway: 
 runs under its own deadlines, so a vanished P fails the request instead of holding it forever.
 
 Opt-in, per request (`"pipeline_gate": true` in kv_transfer_params; the conductor's
-`--pipeline-gate`): it protects D's running decodes, but costs the pipelined request's TTFT.
-The tail then starts a D step after P's report instead of being scheduled ahead and waiting
-in layer 0, and measured here (bench serve, same run, two pairs of runs) a lone 1900-token
-prompt took 1.21-1.50x the single instance's TTFT gated against 0.96-1.07x ungated, with no
-gain on an 8-request burst (1.28-1.39x against 1.15-1.45x).
+`--pipeline-gate`): it protects D's running decodes, but costs the pipelined request's TTFT:
+the tail starts a D step after P's report instead of being scheduled ahead and waiting in
+layer 0 (`bench serve` measures the difference side by side).
 """
 
 from __future__ import annotations

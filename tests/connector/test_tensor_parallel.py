@@ -112,7 +112,7 @@ def test_through_the_conductor_disaggregated_and_pipelined(pair: tuple,
             assert_same_greedy(completion(p, prompt, 8), got)
         pipelined = [ln for ln in conductor.log_path.read_text().splitlines()
                      if ", pipelined on " in ln]
-        assert len(pipelined) == 1, json.dumps(conductor.log_tail(30))
+        assert len(pipelined) == 1, conductor.log_tail(30)
 
 
 @pytest.mark.parametrize("n", [31, 2 * CHUNK + 77], ids=["block-minus-1", "chunked-prefill"])
@@ -140,12 +140,15 @@ def test_tp2_into_tp1_pipelined_and_through_the_conductor(servers: tuple[VllmSer
     assert_same_greedy(completion(p, prompt, 10), got)
     with ConductorProcess(["--prefill", p.url, "--decode", d1.url, "--tokenizer",
                            str(tiny_model), "--local-prefill-max-tokens", "0",
-                           "--pipeline-prefill-min-tokens", "0"]) as conductor:
-        prompt = prompt_ids(77, seed=1900)
-        body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-                "logprobs": 2, "ignore_eos": True}
-        assert_same_greedy(completion(p, prompt, 8),
-                           post_json(conductor.url + "/v1/completions", body))
+                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
+        for n in (77, 300):  # disaggregated whole; pipelined
+            prompt = prompt_ids(n, seed=1900 + n)
+            body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
+                    "logprobs": 2, "ignore_eos": True}
+            assert_same_greedy(completion(p, prompt, 8),
+                               post_json(conductor.url + "/v1/completions", body))
+        assert len([ln for ln in conductor.log_path.read_text().splitlines()
+                    if ", pipelined on " in ln]) == 1, conductor.log_tail(30)
     failed = metrics(d1)
     assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
     assert failed.get("vllm:mooncake_failed_loads_recomputed_total", 0.0) == 0
