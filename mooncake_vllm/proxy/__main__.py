@@ -33,6 +33,13 @@ def _secret(flag: str | None, env: str) -> str | None:
     return flag or os.environ.get(env) or None
 
 
+def _kv_events(text: str) -> tuple[str, str]:
+    url, sep, endpoint = text.partition("=")
+    if not sep or not url or not endpoint:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected URL=tcp://HOST:PORT")
+    return url, endpoint
+
+
 def _seconds_or_none(text: str) -> float | None:
     if text.strip().lower() == "none":
         return None
@@ -65,6 +72,11 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
                     help="decode instance (repeatable)")
     ap.add_argument("--both", action="append", default=[], metavar="URL",
                     help="instance that serves requests alone, without disaggregation")
+    ap.add_argument("--kv-events", action="append", default=[], type=_kv_events,
+                    metavar="URL=tcp://HOST:PORT",
+                    help="an instance's vLLM KV cache events (its --kv-events-config "
+                    "endpoint): its prefix index then follows what vLLM caches and evicts "
+                    "(repeatable)")
     ap.add_argument("--metadata-server", default="", metavar="etcd://HOST:PORT",
                     help="discover instances in etcd (they may come and go)")
     ap.add_argument("--namespace", default=d.namespace)
@@ -156,6 +168,7 @@ def parse_args(argv: list[str] | None) -> ProxyConfig:
         prefill_window_tokens=a.prefill_window_tokens,
         slo_ttft_s=a.slo_ttft_s, slo_itl_s=a.slo_itl_s, tokenizer=a.tokenizer,
         block_tokens=a.block_tokens, prefix_capacity_blocks=a.prefix_capacity_blocks,
+        kv_events=tuple(a.kv_events),
         health_interval_s=a.health_interval_s, health_timeout_s=a.health_timeout_s,
         connect_timeout_s=a.connect_timeout_s, prefill_timeout_s=a.prefill_timeout_s,
         first_token_timeout_s=a.first_token_timeout_s, idle_timeout_s=a.idle_timeout_s,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import aiohttp
+import zmq.asyncio
 
 from mooncake_vllm.security import is_loopback_host
 
@@ -19,6 +20,7 @@ from .admission import Admission
 from .config import ProxyConfig
 from .discovery import Discovery, add_static
 from .health import HealthChecker
+from .kv_events import KVEventFeed
 from .metrics import ProxyMetrics
 from .model_shape import attention_tokens
 from .path_shares import LOG_INTERVAL_S, PathShares
@@ -69,6 +71,8 @@ class Conductor:
         # Measured per P-D pair (EWMA): D's first token after P's answer (the handoff).
         self.handoff_s: dict[tuple[str, str], float] = {}
         self.warmups: Warmups | None = None
+        self.zmq_context = zmq.asyncio.Context()
+        self.kv_event_feeds: list[KVEventFeed] = []
 
     def _on_instance(self, event: str, inst: Instance) -> None:
         if event == "put":
@@ -98,6 +102,7 @@ class Conductor:
         add_static(self.registry, "prefill", cfg.prefill_urls)
         add_static(self.registry, "decode", cfg.decode_urls)
         add_static(self.registry, "both", cfg.both_urls)
+        self._start_kv_event_feeds()
         if cfg.metadata_server:
             self.discovery = Discovery(self.registry, cfg.metadata_server, cfg.namespace)
             # open_metadata blocks (bounded by its own connect deadline): keep the loop free.
@@ -125,6 +130,16 @@ class Conductor:
                         "parameters it writes are unsigned, and instances with a token will "
                         "refuse them", cfg.host)
 
+    def _start_kv_event_feeds(self) -> None:
+        by_url = {i.url: i for i in self.registry}
+        for url, endpoint in self.config.kv_events:
+            inst = by_url[url.rstrip("/")]
+            feed = KVEventFeed(endpoint, inst.prefix, self.config.block_tokens,
+                               name=inst.instance_id)
+            inst.kv_events = feed
+            feed.start(self.zmq_context)
+            self.kv_event_feeds.append(feed)
+
     async def _log_path_shares(self) -> None:
         while True:
             await asyncio.sleep(LOG_INTERVAL_S)
@@ -135,6 +150,9 @@ class Conductor:
     async def stop(self) -> None:
         if self._shares_log is not None:
             self._shares_log.cancel()
+        for feed in self.kv_event_feeds:
+            await feed.stop()
+        self.zmq_context.term()
         if self.warmups is not None:
             await self.warmups.stop()
         if self.health is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mooncake_vllm.remote_control import endpoint_problem
 from mooncake_vllm.security import MIN_TOKEN_CHARS
 
 from .validation import http_url_problem
@@ -83,6 +84,9 @@ class ProxyConfig:
     block_tokens: int = 32
     chars_per_block: int = 128
     prefix_capacity_blocks: int = 8192
+    # (instance URL, tcp://HOST:PORT of its vLLM KV cache events): its prefix index then
+    # follows vLLM's cache (kv_events.py) instead of the conductor's routing alone.
+    kv_events: tuple[tuple[str, str], ...] = ()
     # Health checks and load scraping.
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
@@ -136,6 +140,15 @@ class ProxyConfig:
             if problem:
                 raise ProxyConfigError(f"instance URL {url!r}: {problem} (expected "
                                        "http://HOST:PORT)")
+        static = {*self.prefill_urls, *self.decode_urls, *self.both_urls}
+        for url, endpoint in self.kv_events:
+            if url not in static:
+                raise ProxyConfigError(f"--kv-events {url}={endpoint}: {url} is not one of "
+                                       "the --prefill/--decode/--both URLs")
+            problem = endpoint_problem(endpoint)
+            if problem:
+                raise ProxyConfigError(f"--kv-events {url}={endpoint}: {problem} (expected "
+                                       "tcp://HOST:PORT, vLLM's kv-events endpoint)")
         if self.metadata_server and not self.metadata_server.startswith(
             ("etcd://", "etcds://", "http://", "https://")
         ):

@@ -1,8 +1,9 @@
-"""What the conductor believes an instance holds in its prefix cache: an LRU of block hashes.
+"""What an instance holds in its prefix cache: an LRU of block hashes.
 
-The conductor cannot see inside vLLM's cache, but it knows which prompts it sent where. Every
-prompt's full blocks are inserted after routing; the LRU capacity stands in for the instance's
-KV capacity, so old prefixes age out roughly when vLLM would evict them.
+Every prompt's full blocks are inserted after routing (the conductor knows which prompts it sent
+where); where the instance publishes vLLM's KV cache events (kv_events.py), the blocks vLLM
+reports stored are inserted and those it reports evicted are removed, so the index follows
+vLLM's cache instead of guessing. The LRU capacity bounds it either way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class PrefixIndex:
             self._lru.move_to_end(h)
         while len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
+
+    def remove(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self._lru.pop(h, None)
 
     def clear(self) -> None:
         self._lru.clear()

@@ -50,13 +50,27 @@ class PromptKey:
         return len(self.block_hashes) * self.tokens_per_block
 
 
+def chain_digest(prev: bytes, block: bytes) -> bytes:
+    """The digest of a block whose predecessor's digest is `prev` (b"" for the first): a
+    block's hash covers every token before it."""
+    return hashlib.blake2b(prev + block, digest_size=8).digest()
+
+
+def block_hash(digest: bytes) -> int:
+    return int.from_bytes(digest, "little")
+
+
+def token_block_bytes(ids: Any) -> bytes:
+    """A block of token ids as the hasher reads them."""
+    return b"".join((int(t) & 0xFFFFFFFF).to_bytes(4, "little") for t in ids)
+
+
 def _chain(blocks: list[bytes]) -> tuple[int, ...]:
     out: list[int] = []
     prev = b""
     for block in blocks:
-        digest = hashlib.blake2b(prev + block, digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little"))
-        prev = digest
+        prev = chain_digest(prev, block)
+        out.append(block_hash(prev))
     return tuple(out)
 
 
@@ -154,10 +168,7 @@ class PromptHasher:
 
     def _from_tokens(self, ids: list[int]) -> PromptKey:
         n = self.tokens_per_block
-        blocks = [
-            b"".join((int(t) & 0xFFFFFFFF).to_bytes(4, "little") for t in ids[i:i + n])
-            for i in range(0, len(ids) - n + 1, n)
-        ]
+        blocks = [token_block_bytes(ids[i:i + n]) for i in range(0, len(ids) - n + 1, n)]
         return PromptKey(_chain(blocks), len(ids), n, tuple(int(t) for t in ids))
 
     def _from_text(self, text: str) -> PromptKey:

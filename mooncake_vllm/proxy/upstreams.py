@@ -17,6 +17,7 @@ from typing import Any
 from mooncake_vllm.metadata import ModelShape
 
 from .decode_load import ItlModel
+from .kv_events import KVEventFeed
 from .prefill_window import PrefillWindow
 from .prefix_index import PrefixIndex
 from .ttft_model import TtftModel
@@ -55,6 +56,7 @@ class Instance:
     waiting: float = 0.0
     kv_usage: float = 0.0
     prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex(8192))
+    kv_events: KVEventFeed | None = None  # keeps `prefix` to what vLLM reports (kv_events.py)
     # This instance's own prefill time (seconds = overhead + tokens / rate), and its decode ITL.
     ttft: TtftModel = field(default_factory=TtftModel)
     itl: ItlModel = field(default_factory=ItlModel)
@@ -93,6 +95,8 @@ class Instance:
             "window_waiting": self.window.waiting, "running": self.running,
             "waiting": self.waiting, "kv_usage": self.kv_usage,
             "prefix_blocks": len(self.prefix), "has_remote_control": bool(self.remote_control),
+            "kv_events": None if self.kv_events is None else {
+                "endpoint": self.kv_events.endpoint, **self.kv_events.stats},
             "ttft_overhead_s": a, "ttft_tokens_per_s": (1.0 / b) if b > 0 else None,
             "itl_base_s": self.itl.base(max(self.decode_batch(), 1.0)),
             "warmed_up": self.warmed_up,

@@ -97,3 +97,7 @@ def instance(proxy_url: str, instance_id: str) -> dict[str, Any]:
         if i["instance_id"] == instance_id:
             return dict(i)
     raise KeyError(f"{instance_id} not in {[i['instance_id'] for i in data['instances']]}")
+
+
+# A plain test server's URL -> the endpoint of its KV cache events (conftest.py starts them).
+KV_EVENTS: dict[str, str] = {}

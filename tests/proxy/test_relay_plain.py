@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from proxy_http import (
+    KV_EVENTS,
     get_json,
     instance,
     metric,
@@ -41,9 +42,34 @@ def proxy(two_plain_servers: tuple[VllmServer, VllmServer], tiny_model: Path
           ) -> Iterator[ConductorProcess]:
     a, b = two_plain_servers
     with ConductorProcess(["--both", a.url, "--both", b.url, "--tokenizer", str(tiny_model),
-                       "--health-interval-s", "0.5", "--health-timeout-s", "1"]) as p:
+                           "--kv-events", f"{a.url}={KV_EVENTS[a.url]}",
+                           "--health-interval-s", "0.5", "--health-timeout-s", "1"]) as p:
         wait_for(lambda: get_json(p.url + "/health")[0] == 200, 30, "proxy healthy")
         yield p
+
+
+def test_the_prefix_index_follows_vllms_kv_events(proxy: ConductorProcess, two_plain_servers,
+                                                  tiny_model: Path) -> None:
+    """What the instance caches reaches the conductor's index even for a request the
+    conductor never saw (sent to the instance directly), and a cleared cache empties it."""
+    a, _ = two_plain_servers
+    me = static_id("both", a.url)
+
+    def seen() -> dict:
+        return instance(proxy.url, me)
+
+    wait_for(lambda: seen()["kv_events"] is not None, 10, "the feed set up")
+    before = seen()["kv_events"]["stored"]
+    prompt = list(range(300, 400))  # 100 token ids: three full blocks of 32
+    post_json(a.url + "/v1/completions", _body(tiny_model, prompt=prompt, max_tokens=1))
+    wait_for(lambda: seen()["kv_events"]["stored"] - before >= 3, 20,
+             "the three blocks reported stored", lambda: str(seen()))
+    assert seen()["prefix_blocks"] >= 3
+    status, _, raw = post(a.url + "/reset_prefix_cache", {})
+    assert status == 200, raw
+    wait_for(lambda: seen()["prefix_blocks"] == 0, 20, "the index emptied with vLLM's cache",
+             lambda: str(seen()))
+    assert seen()["kv_events"]["cleared"] >= 1 and seen()["kv_events"]["bad"] == 0
 
 
 def _body(model: Path, **kw: object) -> dict:
