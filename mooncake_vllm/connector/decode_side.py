@@ -87,7 +87,8 @@ class DecodeSide:
         for r in meta.recvs:
             self._register(r, now)
         for tid, rc, why in meta.releases:
-            for ep in self._feeders(rc)[0]:
+            feeding, idle, _ = self._feeders(rc)
+            for ep in (*feeding, *idle):
                 self._send(ep, m.Release(V, tid, why))
 
     def _endpoint(self, rc: dict[str, Any]) -> str | None:
@@ -149,7 +150,7 @@ class DecodeSide:
             wait = self.config.transfer_timeout_s
             self.inc[r.transfer_id] = Incoming(
                 r.transfer_id, r.req_id, endpoints, blocks, deadline=now + wait,
-                horizon=now + self.config.write_horizon_s, sync=r.sync)
+                horizon=now + self.config.write_horizon_s, sync=r.sync, idle=idle)
         logger.debug("transfer %s: registering %d blocks with %s", r.transfer_id, len(blocks),
                      ", ".join(endpoints))
         for ep in endpoints:
@@ -194,7 +195,7 @@ class DecodeSide:
                     # passes; the request's blocks are freed only then, and until then the
                     # scheduler keeps vLLM from preempting it (which frees them at once).
                     tr.reported = True
-                    self.gate_report.unsettled.add(tr.req_id)
+                    self.gate_report.unsettled.add((tr.req_id, self.tp_rank))
                     self._load_failed(tr, tr.error)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
@@ -258,7 +259,8 @@ class DecodeSide:
             if tr is None or tr.settled:
                 return  # already over here; nothing waits for it
             if sender not in tr.written:
-                self._refuse(msg, sender)
+                if sender not in tr.idle:  # an idle rank's Released: expected, no news
+                    self._refuse(msg, sender)
                 return
             tr.heard[sender] = time.monotonic()
             if isinstance(msg, m.Layers):
@@ -338,7 +340,7 @@ class DecodeSide:
             # A pipelined load was never parked: its forward pass reports a failure (if any
             # layer is missing) and the request's blocks are freed once it has finished.
             if tr.reported:
-                self.gate_report.settled.add(tr.req_id)
+                self.gate_report.settled.add((tr.req_id, self.tp_rank))
             if tr.error and not tr.reported and tr.layers_written < self.num_layers:
                 # No forward pass has waited on it yet: keep the error for the one that will.
                 tr.reported = True

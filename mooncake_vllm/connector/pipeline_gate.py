@@ -39,11 +39,12 @@ class GateReport(KVConnectorWorkerMetadata):
 
     started: set[str] = field(default_factory=set)
     alive: set[str] = field(default_factory=set)
-    # Pipelined requests (ids) whose load was given up while P's writes may still land in
-    # their blocks, and those for which that is over: vLLM must not preempt the former
-    # (decode_side.py), so the scheduler answers has_pending_block_frees meanwhile.
-    unsettled: set[str] = field(default_factory=set)
-    settled: set[str] = field(default_factory=set)
+    # Pipelined requests whose load was given up while P's writes may still land in their
+    # blocks, and those for which that is over, as (request id, decode rank): vLLM must not
+    # preempt the former (decode_side.py), so the scheduler answers has_pending_block_frees
+    # until every rank that reported one has reported it settled (ranks' feeders differ).
+    unsettled: set[tuple[str, int]] = field(default_factory=set)
+    settled: set[tuple[str, int]] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> GateReport:
         if not isinstance(other, GateReport):

@@ -494,17 +494,22 @@ class PrefillSide:
                      "known" if group is not None else "not seen yet")
         if group is not None:
             tr = _dest_for(group, rank)
-            if tr is None or (tr.reply_to is None and any(
-                    t.reg is not None and t.reg.engine_id != reg.engine_id for t in group)):
+            first = next((t.reg for t in group if t.reg is not None), None)
+            if tr is None or (tr.reply_to is None and first is not None and (
+                    first.engine_id, first.layout.tp_size, first.layout.total_kv_heads) != (
+                    reg.engine_id, reg.layout.tp_size, reg.layout.total_kv_heads)):
+                # Not a rank of the decode instance (and layout) the first registration set.
                 self._send(sender, m.Done(V, tid, False, (
                     f"prefill rank {self.tp_rank} writes into no decode rank {rank} of this "
                     "transfer's decode instance")[:4000]))
                 return
+            if tr.notified and tr.reply_to != sender:
+                # Over before this rank registered (failed, preempted, or the first rank's
+                # registration refused): say why at once.
+                self._send(sender, m.Done(V, tid, False, (tr.failed or "released")[:4000]))
+                return
             if tr.reply_to is not None:
                 logger.warning("transfer %s: duplicate registration refused", tid)
-                return
-            if tr.notified:  # over before D registered (failed, preempted): say why at once
-                self._send(sender, m.Done(V, tid, False, (tr.failed or "released")[:4000]))
                 return
             self._accept_registration(tr, sender, reg, now)
             return
@@ -550,6 +555,9 @@ class PrefillSide:
         early = [k for k, (who, _, _) in self.early.items() if k[0] == tid and who == sender]
         mine = [t for t in group if t.reply_to == sender] or [
             t for t in group if t.reply_to is None]
+        if not mine and not early and group and all(t.notified for t in group):
+            self._send(sender, m.Released(V, tid))  # over already: nothing of ours can land
+            return
         if not mine and not early and (group or any(k[0] == tid for k in self.early)):
             logger.warning("transfer %s: refused a Release from %r, which did not register "
                            "it", tid, sender)

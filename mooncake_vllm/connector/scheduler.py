@@ -106,7 +106,8 @@ class MooncakeScheduler:
         # report them in finished_sending once no write of P's can land).
         self._d_delayed: set[str] = set()
         self._d_pipelined: set[str] = set()
-        self._d_unsettled: set[str] = set()  # see has_pending_block_frees
+        # (request, decode rank): see has_pending_block_frees
+        self._d_unsettled: set[tuple[str, int]] = set()
         # D: requests parked until their KV arrives (whole-prompt loads).
         self._d_awaiting: set[str] = set()
         # Each request's parameters are checked once, when it is first seen, and the verdict
@@ -262,7 +263,7 @@ class MooncakeScheduler:
         asked = self._d_local_hit.pop(rid, None) is not None  # D saw it and allocated nothing
         self._gates.forget(rid)
         self._checked.pop(rid, None)
-        self._d_unsettled.discard(rid)
+        self._d_unsettled = {u for u in self._d_unsettled if u[0] != rid}
         self._d_awaiting.discard(rid)
         if rid in self._d_pipelined:
             # Pipelined: its blocks were lent to P's writes while it ran; the workers report
@@ -314,7 +315,7 @@ class MooncakeScheduler:
         if isinstance(report, GateReport):
             self._gates.on_report(report, time.monotonic())
             self._d_unsettled -= report.settled
-            self._d_unsettled |= report.unsettled & self._d_pipelined
+            self._d_unsettled |= {u for u in report.unsettled if u[0] in self._d_pipelined}
 
     def has_pending_block_frees(self) -> bool:
         """True while a running pipelined request's load was given up and P's writes may still

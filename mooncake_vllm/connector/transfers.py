@@ -109,6 +109,7 @@ class Incoming:
     heard: dict[str, float] = field(default_factory=dict)  # each feeder's last word on it
     pending: set[str] = field(default_factory=set)  # feeders that have not answered Done
     released_to: set[str] = field(default_factory=set)  # feeders asked to stop
+    idle: tuple[str, ...] = ()  # prefill ranks holding none of its heads, released at once
     bytes: int = 0
     blocks: int = 0
     transfer_s: float = 0.0

@@ -287,13 +287,13 @@ def test_pipelined_blocks_freed_only_after_the_transfer_settles(pair: Pair) -> N
     assert pair.d.take_load_errors() == {5, 6}
     # The scheduler hears of it: no preemption (which frees blocks at once) meanwhile.
     report = pair.d.take_gate_report()
-    assert report is not None and report.unsettled == {"r-d"} and not report.settled
+    assert report is not None and report.unsettled == {("r-d", 0)} and not report.settled
     [(_, rel)] = pair.d_wire.take(m.Release)
     assert pair.d.get_finished({"r-d"}) == (set(), set())  # finished in vLLM: still lent
     pair.d.on_message(P_EP, m.Released(V, "t12"))
     assert pair.d.get_finished(set()) == ({"r-d"}, set())
     report = pair.d.take_gate_report()
-    assert report is not None and report.settled == {"r-d"}
+    assert report is not None and report.settled == {("r-d", 0)}
     assert rel.transfer_id == "t12"
 
 

@@ -269,3 +269,30 @@ def test_a_registration_from_another_decode_instance_is_refused(split: Split) ->
     assert got[D_IDS[0]].ok and not got[b"thief"].ok
     assert "writes into no decode rank 1" in got[b"thief"].reason
     assert not split.d_kv[1]["layer.0"][6].any()
+
+
+def test_when_the_first_rank_is_refused_the_next_hears_why_at_once(split: Split) -> None:
+    """Decode rank 0's registration is refused (it claims other heads in all): rank 1's,
+    coming next, is answered at once instead of waiting out its deadline."""
+    reg0 = split.register(0, "t3", [5], BS)
+    split.p.on_message(D_IDS[0], msgspec.structs.replace(
+        reg0, layout=msgspec.structs.replace(reg0.layout, total_kv_heads=4)))
+    split.p.on_message(D_IDS[1], split.register(1, "t3", [6], BS))
+    split.prefill("t3", [1], BS)
+    got = split.replies(2)
+    assert not got[D_IDS[0]].ok and not got[D_IDS[1]].ok
+    assert "KV heads differ" in got[D_IDS[1]].reason
+    assert split.p.take_finished() == {"r-p"}
+
+
+def test_an_idle_ranks_release_answer_is_no_stranger(gather: Gather,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    eps = [f"tcp://127.0.0.1:{5920 + r}" for r in range(4)]
+    gather.d.bind(MooncakeMetadata(recvs=[RecvSpec("r-d", "t6", {"control": eps}, [5], 0, BS,
+                                                   False)]))
+    gather.d_wire.take(m.Register)
+    for ep in (eps[1], eps[3]):
+        gather.d.on_message(ep, m.Released(V, "t6"))
+    assert "refused" not in caplog.text
+    gather.d.on_message("tcp://10.9.9.9:1", m.Released(V, "t6"))
+    assert "refused Released for transfer t6" in caplog.text
