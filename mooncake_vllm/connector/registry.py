@@ -42,6 +42,23 @@ def model_shape(vllm_config: Any) -> Any:
         return None
 
 
+def kv_events_endpoint(vllm_config: Any, hostname: str) -> str:
+    """Where a conductor subscribes to this instance's KV cache events ("" when vLLM does not
+    publish them over ZMQ): vLLM binds a wildcard endpoint, which peers reach at our
+    advertised hostname; any other it connects to (a broker), which is where they are."""
+    kec = getattr(vllm_config, "kv_events_config", None)
+    if kec is None or not kec.enable_kv_cache_events or kec.publisher != "zmq":
+        return ""
+    endpoint = str(kec.endpoint)
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not port.isdigit():
+        return ""
+    if host in ("*", "0.0.0.0", "[::]", "::"):
+        host = f"[{hostname}]" if ":" in hostname else hostname
+    return f"tcp://{host}:{port}"
+
+
 def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
                       remote_control: dict[str, Any], rank0: Any, model: str) -> Any:
     """Publish this instance so a proxy can find it; returns the open store (close to leave)."""
@@ -57,7 +74,9 @@ def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
         kv_layout=KVLayoutRecord(num_layers=lay["num_layers"], block_size=lay["block_size"],
                            dtype=lay["dtype"], num_kv_heads=lay["num_kv_heads"],
                            head_size=lay["head_size"], tp_rank=0, tp_size=lay["tp_size"]),
-        remote_control=remote_control, model_shape=model_shape(vllm_config))
+        remote_control=remote_control, model_shape=model_shape(vllm_config),
+        extra={"kv_events": events} if (events := kv_events_endpoint(
+            vllm_config, config.hostname)) else {})
     store.register_instance(info)
     logger.info("MooncakeVllmConnector: registered instance %s (%s) at %s in %s",
                 config.instance_id, role, info.http_url, config.metadata_server)

@@ -72,9 +72,9 @@ class Conductor:
         self.handoff_s: dict[tuple[str, str], float] = {}
         self.warmups: Warmups | None = None
         self.zmq_context = zmq.asyncio.Context()
-        self.kv_event_feeds: list[KVEventFeed] = []
 
     def _on_instance(self, event: str, inst: Instance) -> None:
+        self._sync_kv_events(inst, gone=event != "put")
         if event == "put":
             self.metrics.healthy.labels(inst.instance_id, inst.role).set(1 if inst.healthy else 0)
         else:
@@ -134,11 +134,23 @@ class Conductor:
         by_url = {i.url: i for i in self.registry}
         for url, endpoint in self.config.kv_events:
             inst = by_url[url.rstrip("/")]
-            feed = KVEventFeed(endpoint, inst.prefix, self.config.block_tokens,
-                               name=inst.instance_id)
-            inst.kv_events = feed
-            feed.start(self.zmq_context)
-            self.kv_event_feeds.append(feed)
+            inst.kv_events_endpoint = endpoint
+            self._sync_kv_events(inst)
+
+    def _sync_kv_events(self, inst: Instance, gone: bool = False) -> None:
+        """A feed per instance that publishes KV cache events, at the endpoint it gives now
+        (event loop thread; before start() there is no loop yet and nothing to feed)."""
+        feed = inst.kv_events
+        wanted = "" if gone else inst.kv_events_endpoint
+        if feed is not None and feed.endpoint == wanted:
+            return
+        if feed is not None:
+            inst.kv_events = None
+            asyncio.get_running_loop().create_task(feed.stop())
+        if wanted and self.session is not None:  # started
+            inst.kv_events = KVEventFeed(wanted, inst.prefix, self.config.block_tokens,
+                                         name=inst.instance_id)
+            inst.kv_events.start(self.zmq_context)
 
     async def _log_path_shares(self) -> None:
         while True:
@@ -150,8 +162,10 @@ class Conductor:
     async def stop(self) -> None:
         if self._shares_log is not None:
             self._shares_log.cancel()
-        for feed in self.kv_event_feeds:
-            await feed.stop()
+        for inst in self.registry:
+            if inst.kv_events is not None:
+                await inst.kv_events.stop()
+                inst.kv_events = None
         self.zmq_context.term()
         if self.warmups is not None:
             await self.warmups.stop()

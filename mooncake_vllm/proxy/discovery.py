@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from mooncake_vllm.remote_control import remote_control_problem
+from mooncake_vllm.remote_control import endpoint_problem, remote_control_problem
 
 from .upstreams import Registry
 from .validation import http_url_problem
@@ -41,6 +41,11 @@ def record_problem(info: Any) -> str | None:
     problem = http_url_problem(info.http_url)
     if problem:
         return f"http_url {info.http_url!r:.120}: {problem}"
+    events = (info.extra or {}).get("kv_events")
+    if events:
+        problem = endpoint_problem(events)
+        if problem:
+            return f"extra.kv_events {events!r:.120}: {problem}"
     if info.remote_control:  # empty: learned later from a probe of the instance itself
         problem = remote_control_problem(info.remote_control)
         if problem:
@@ -80,7 +85,8 @@ class Discovery:
             return
         self.registry.upsert(info.instance_id, info.http_url, info.role, "discovery",
                              model=info.model, remote_control=info.remote_control or None,
-                             model_shape=getattr(info, "model_shape", None))
+                             model_shape=getattr(info, "model_shape", None),
+                             kv_events=str((info.extra or {}).get("kv_events", "")))
 
     def close(self) -> None:
         if self._unsubscribe is not None:

@@ -56,7 +56,10 @@ class Instance:
     waiting: float = 0.0
     kv_usage: float = 0.0
     prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex(8192))
-    kv_events: KVEventFeed | None = None  # keeps `prefix` to what vLLM reports (kv_events.py)
+    # Where vLLM publishes its KV cache events ("" if nowhere we know), and the feed that keeps
+    # `prefix` to what vLLM reports (kv_events.py).
+    kv_events_endpoint: str = ""
+    kv_events: KVEventFeed | None = None
     # This instance's own prefill time (seconds = overhead + tokens / rate), and its decode ITL.
     ttft: TtftModel = field(default_factory=TtftModel)
     itl: ItlModel = field(default_factory=ItlModel)
@@ -169,7 +172,7 @@ class Registry:
 
     def upsert(self, instance_id: str, url: str, role: str, source: str, model: str = "",
                remote_control: dict[str, Any] | None = None,
-               model_shape: ModelShape | None = None) -> Instance:
+               model_shape: ModelShape | None = None, kv_events: str = "") -> Instance:
         if role not in ROLES:
             raise ValueError(f"instance {instance_id}: role {role!r} is not one of {ROLES}")
         url = url.rstrip("/")
@@ -180,12 +183,15 @@ class Registry:
                 old.remote_control, old.remote_control_from_probe = dict(remote_control), False
             old.model = model or old.model
             old.model_shape = model_shape or old.model_shape
+            old.kv_events_endpoint = kv_events or old.kv_events_endpoint
+            for cb in self.listeners:
+                cb("put", old)
             return old
         inst = Instance(
             instance_id=instance_id, url=url, role=role, source=source, model=model,
             remote_control=dict(remote_control) if remote_control else None,
             prefix=PrefixIndex(self._capacity), ttft=self._ttft_factory(),
-            model_shape=model_shape,
+            model_shape=model_shape, kv_events_endpoint=kv_events,
         )
         self._by_id[instance_id] = inst
         log.info("instance %s (%s) at %s: added (%s)", instance_id, role, url, source)

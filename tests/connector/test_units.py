@@ -162,3 +162,25 @@ def test_addresses_peers_can_use_are_accepted() -> None:
                   {"metadata_server": "etcds://etcd:2379", "hostname": "10.0.0.7",
                    "advertise_url": "http://10.0.0.7:8000", "insecure": True}):
         assert ConnectorConfig.from_sources(extra, env={}).reachability_refusal() is None
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    (None, ""),
+    ({"enable_kv_cache_events": False, "publisher": "zmq", "endpoint": "tcp://*:5557"}, ""),
+    ({"enable_kv_cache_events": True, "publisher": "null", "endpoint": "tcp://*:5557"}, ""),
+    ({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557"},
+     "tcp://p1.example:5557"),
+    ({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://0.0.0.0:6000"},
+     "tcp://p1.example:6000"),
+    ({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://broker:7000"},
+     "tcp://broker:7000"),
+    ({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "ipc:///tmp/ev"}, ""),
+])
+def test_the_kv_events_endpoint_peers_can_reach(config: dict | None, expected: str) -> None:
+    """What an instance advertises for its KV cache events: a wildcard bind at its hostname."""
+    from types import SimpleNamespace
+
+    from mooncake_vllm.connector.registry import kv_events_endpoint
+
+    vllm_config = SimpleNamespace(kv_events_config=SimpleNamespace(**config) if config else None)
+    assert kv_events_endpoint(vllm_config, "p1.example") == expected

@@ -58,14 +58,18 @@ async def _until(pred: Any, what: str, timeout_s: float = 10.0) -> None:
 @pytest.mark.etcd
 def test_discovery_skips_invalid_records(etcd_server: EtcdServer,
                                          caplog: pytest.LogCaptureFixture) -> None:
-    def info(iid: str, url: str, rc: dict[str, Any] | None = None) -> InstanceInfo:
-        return InstanceInfo(iid, "prefill", url, "", "m", remote_control=rc or {})
+    def info(iid: str, url: str, rc: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> InstanceInfo:
+        return InstanceInfo(iid, "prefill", url, "", "m", remote_control=rc or {},
+                            extra=extra or {})
 
     bad = {
         "to-a-file": info("to-a-file", "file:///etc/passwd"),
         "no-port": info("no-port", "http://169.254.169.254"),
         "rc-http": info("rc-http", "http://127.0.0.1:8101", {"control": ["http://10.0.0.5:1"]}),
         "rc-empty": info("rc-empty", "http://127.0.0.1:8102", {"control": []}),
+        "events-http": info("events-http", "http://127.0.0.1:8103", GOOD_RC,
+                            {"kv_events": "http://10.0.0.5:5557"}),
     }
 
     async def go() -> None:
@@ -76,11 +80,14 @@ def test_discovery_skips_invalid_records(etcd_server: EtcdServer,
             with open_metadata(etcd_server.url, ttl_s=5) as writer:
                 for record in bad.values():
                     writer.register_instance(record)
-                writer.register_instance(info("good", "http://127.0.0.1:8100", GOOD_RC))
+                writer.register_instance(info("good", "http://127.0.0.1:8100", GOOD_RC,
+                                              {"kv_events": "tcp://10.0.0.5:5557"}))
                 # Events arrive in order: once the last record is in, every earlier one was seen.
                 await _until(lambda: registry.get("good") is not None, "good record added")
                 assert [i.instance_id for i in registry] == ["good"]
-                assert registry.get("good").remote_control == GOOD_RC  # type: ignore[union-attr]
+                good = registry.get("good")
+                assert good is not None and good.remote_control == GOOD_RC
+                assert good.kv_events_endpoint == "tcp://10.0.0.5:5557"
                 # A known instance whose record turns bad leaves rotation.
                 writer.register_instance(info("good", "http://127.0.0.1:8100",
                                               {"control": ["tcp://x:1"] * 1000}))
@@ -93,7 +100,7 @@ def test_discovery_skips_invalid_records(etcd_server: EtcdServer,
     warnings = {r.getMessage() for r in caplog.records}
     for iid, field in (("to-a-file", "http_url"), ("no-port", "http_url"),
                        ("rc-http", "remote_control"), ("rc-empty", "remote_control"),
-                       ("good", "remote_control")):
+                       ("events-http", "extra.kv_events"), ("good", "remote_control")):
         assert any(m.startswith(f"instance {iid}: record skipped, {field}") for m in warnings), \
             (iid, warnings)
 

@@ -62,9 +62,13 @@ def _server(model: Path, name: str, role: str, etcd: EtcdServer, cpus: list[int]
     port = free_port()
     extra = {"metadata_server": etcd.url, "advertise_url": f"http://127.0.0.1:{port}",
              "metadata_ttl_s": METADATA_TTL_S}
+    # Its KV cache events, which the connector advertises in etcd for the conductor.
+    events = {"enable_kv_cache_events": True, "publisher": "zmq",
+              "endpoint": f"tcp://*:{free_port()}"}
     return VllmServer(model, port=port, name=name, cpus=cpus, log_path=logs / f"{name}.log",
                       kv_transfer_config={"kv_connector": CONNECTOR, "kv_role": role,
-                                          "kv_connector_extra_config": extra})
+                                          "kv_connector_extra_config": extra},
+                      extra_args=["--kv-events-config", json.dumps(events)])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,6 +130,28 @@ def _reference(c: Cluster, path: str, body: dict) -> dict:
     """The same request served whole by the prefill instance (no kv_transfer_params: its
     connector stays out of the way): what P/D must reproduce token for token."""
     return post_json(c.prefill.url + path, body)
+
+
+def test_the_discovery_conductor_follows_each_instances_kv_events(cluster: Cluster,
+                                                                 tiny_model: Path) -> None:
+    """Each instance advertises its KV events endpoint in its etcd record; the conductor
+    subscribes, and what the instance that prefilled a request caches reaches its index."""
+    url = cluster.discovery_proxy.url
+
+    def instances() -> list[dict]:
+        return get_json(url + "/instances")[1]["instances"]
+
+    def stored() -> float:
+        return sum(i["kv_events"]["stored"] for i in instances())
+
+    wait_for(lambda: all(i["kv_events"] is not None for i in instances()), 20,
+             "a feed per instance")
+    assert all(i["kv_events"]["endpoint"].startswith("tcp://127.0.0.1:") for i in instances())
+    before = stored()
+    body = _body(tiny_model, prompt=list(range(500, 600)), max_tokens=2)
+    assert post(url + "/v1/completions", body)[0] == 200
+    wait_for(lambda: stored() - before >= 3, 20, "the prompt's three blocks reported stored",
+             lambda: str(instances()))
 
 
 def test_discovers_instances_started_after_it(cluster: Cluster, tiny_model: Path) -> None:
