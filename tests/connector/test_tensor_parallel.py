@@ -72,6 +72,31 @@ def pair(servers: tuple[VllmServer, ...]) -> tuple[VllmServer, VllmServer, dict]
     return p, d, probe_remote_control(p)
 
 
+def _through_the_conductor(p: VllmServer, d: VllmServer, model: Path, seed: int) -> None:
+    """A prompt disaggregated whole and one pipelined (exact token ids) through a conductor,
+    each answer equal to P's alone, and no failed load on D."""
+    failed_before = _failed_loads(d)
+    with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer", str(model),
+                           "--local-prefill-max-tokens", "0",
+                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
+        for n in (45, 300):
+            prompt = prompt_ids(n, seed=seed + n)
+            body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
+                    "logprobs": 2, "ignore_eos": True}
+            assert_same_greedy(completion(p, prompt, 8),
+                               post_json(conductor.url + "/v1/completions", body))
+        pipelined = [ln for ln in conductor.log_path.read_text().splitlines()
+                     if ", pipelined on " in ln]
+        assert len(pipelined) == 1, conductor.log_tail(30)
+    assert _failed_loads(d) == failed_before
+
+
+def _failed_loads(d: VllmServer) -> float:
+    seen = metrics(d)
+    return (seen.get("vllm:mooncake_failed_loads_failed_total", 0.0)
+            + seen.get("vllm:mooncake_failed_loads_recomputed_total", 0.0))
+
+
 def test_each_rank_publishes_its_own_control_endpoint(pair: tuple) -> None:
     _, _, rc = pair
     assert rc["tp_size"] == TP and len(set(rc["control"])) == TP
@@ -101,18 +126,7 @@ def test_tp2_to_tp2_pipelined(pair: tuple) -> None:
 def test_through_the_conductor_disaggregated_and_pipelined(pair: tuple,
                                                           tiny_model: Path) -> None:
     p, d, _ = pair
-    with ConductorProcess(["--prefill", p.url, "--decode", d.url, "--tokenizer",
-                           str(tiny_model), "--local-prefill-max-tokens", "0",
-                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
-        for n in (45, 300):  # disaggregated whole; pipelined (exact token ids)
-            prompt = prompt_ids(n, seed=1600 + n)
-            body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-                    "logprobs": 2, "ignore_eos": True}
-            got = post_json(conductor.url + "/v1/completions", body)
-            assert_same_greedy(completion(p, prompt, 8), got)
-        pipelined = [ln for ln in conductor.log_path.read_text().splitlines()
-                     if ", pipelined on " in ln]
-        assert len(pipelined) == 1, conductor.log_tail(30)
+    _through_the_conductor(p, d, tiny_model, seed=1600)
 
 
 @pytest.mark.parametrize("n", [31, 2 * CHUNK + 77], ids=["block-minus-1", "chunked-prefill"])
@@ -138,20 +152,7 @@ def test_tp2_into_tp1_pipelined_and_through_the_conductor(servers: tuple[VllmSer
     prompt = prompt_ids(333, seed=1800)
     got = pd_completion(p, d1, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(p, prompt, 10), got)
-    with ConductorProcess(["--prefill", p.url, "--decode", d1.url, "--tokenizer",
-                           str(tiny_model), "--local-prefill-max-tokens", "0",
-                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
-        for n in (77, 300):  # disaggregated whole; pipelined
-            prompt = prompt_ids(n, seed=1900 + n)
-            body = {"model": p.model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-                    "logprobs": 2, "ignore_eos": True}
-            assert_same_greedy(completion(p, prompt, 8),
-                               post_json(conductor.url + "/v1/completions", body))
-        assert len([ln for ln in conductor.log_path.read_text().splitlines()
-                    if ", pipelined on " in ln]) == 1, conductor.log_tail(30)
-    failed = metrics(d1)
-    assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
-    assert failed.get("vllm:mooncake_failed_loads_recomputed_total", 0.0) == 0
+    _through_the_conductor(p, d1, tiny_model, seed=1900)
 
 
 def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
@@ -176,19 +177,7 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
 def test_tp1_into_tp2_through_the_conductor(servers: tuple[VllmServer, ...],
                                             tiny_model: Path) -> None:
     _, d, tp1 = servers
-    with ConductorProcess(["--prefill", tp1.url, "--decode", d.url, "--tokenizer",
-                           str(tiny_model), "--local-prefill-max-tokens", "0",
-                           "--pipeline-prefill-min-tokens", "200"]) as conductor:
-        for n in (45, 300):  # disaggregated whole; pipelined
-            prompt = prompt_ids(n, seed=2400 + n)
-            body = {"model": tp1.model, "prompt": prompt, "max_tokens": 8,
-                    "temperature": 0.0, "logprobs": 2, "ignore_eos": True}
-            assert_same_greedy(completion(tp1, prompt, 8),
-                               post_json(conductor.url + "/v1/completions", body))
-        assert len([ln for ln in conductor.log_path.read_text().splitlines()
-                    if ", pipelined on " in ln]) == 1, conductor.log_tail(30)
-    failed = metrics(d)
-    assert failed.get("vllm:mooncake_failed_loads_failed_total", 0.0) == 0
+    _through_the_conductor(tp1, d, tiny_model, seed=2400)
 
 
 def _kill_rank(server: VllmServer, rank: int) -> None:
