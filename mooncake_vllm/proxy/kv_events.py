@@ -176,7 +176,11 @@ class KVEventFeed:
         log.info("kv events of %s: subscribed to %s", self.name, self.endpoint)
         try:
             while True:
-                self.handle(await sock.recv_multipart())
+                frames = await sock.recv_multipart()
+                try:
+                    self.handle(frames)
+                except Exception:  # a bug of ours must not end the feed
+                    log.exception("kv events of %s: a message could not be handled", self.name)
         finally:
             sock.close(linger=0)
 
