@@ -73,7 +73,10 @@ class ConnectorConfig:
     # has said nothing of the transfer for this long. P repeats its progress every
     # PIPELINE_HEARTBEAT_S while the transfer is open, queued or not: only a P that is gone
     # (or cut off) falls silent.
-    pipeline_silence_timeout_s: float = 5.0
+    # Long enough for a live P whose control thread the host starves for seconds (seen on
+    # loaded 2-core hosts: a worker missing 2 s Pings while its model runs), short
+    # enough that a vanished P costs a pipelined step seconds, not transfer_timeout_s.
+    pipeline_silence_timeout_s: float = 15.0
     engine_timeout_s: float = 30.0  # one batch of writes
     metadata_ttl_s: float = 10.0
     # GPU KV over TCP goes through pinned host staging buffers ("auto": when KV is on a

@@ -41,6 +41,7 @@ pytestmark = pytest.mark.vllm
 BLOCK = 32
 CHUNK = 256  # max_num_batched_tokens on P: longer prompts are prefilled in chunks
 LAYERS = 4
+SILENCE_S = 5  # D's pipeline_silence_timeout_s here: a late head is waited for past it
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def pair(tiny_model: Path, logs_dir: Path) -> Iterator[tuple[VllmServer, VllmSer
                    kv_transfer_config=kv_config("kv_producer", registration_timeout_s=8),
                    extra_args=["--max-num-batched-tokens", str(CHUNK)])
     d = VllmServer(tiny_model, name="decode", log_path=logs_dir / "p2p-decode.log",
-                   kv_transfer_config=kv_config("kv_consumer", transfer_timeout_s=30))
+                   kv_transfer_config=kv_config("kv_consumer", transfer_timeout_s=30,
+                                                pipeline_silence_timeout_s=SILENCE_S))
     start_all(p, d)
     try:
         yield p, d, probe_remote_control(p)
@@ -157,7 +159,7 @@ def test_pipelined_prefill_equals_single_instance(pair: tuple, n: int, head: int
 
 def test_pipelined_load_waits_out_a_late_prefill_half(pair: tuple) -> None:
     """D's forward pass waits for a head that P has not even scheduled yet for longer than
-    D's pipeline_silence_timeout_s (5 s by default): P holds the early registration and keeps
+    D's pipeline_silence_timeout_s (SILENCE_S here): P holds the early registration and keeps
     saying so, and the answer is still a single instance's."""
     p, d, rc = pair
     prompt, head, tid = prompt_ids(300, seed=77), 4 * BLOCK, uuid.uuid4().hex
@@ -166,7 +168,7 @@ def test_pipelined_load_waits_out_a_late_prefill_half(pair: tuple) -> None:
         got = pool.submit(completion, d, prompt, 6, {
             "do_remote_prefill": True, "transfer_id": tid, "remote_control": rc,
             "pipeline_tokens": head})
-        time.sleep(6.5)
+        time.sleep(SILENCE_S + 1.5)
         completion(p, prompt[:head], 1, {"do_remote_decode": True, "transfer_id": tid})
         out = got.result(timeout=60)
     assert_same_greedy(completion(p, prompt, 6), out)

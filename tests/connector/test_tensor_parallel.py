@@ -236,6 +236,7 @@ def test_a_killed_prefill_rank_fails_the_load_by_policy(servers: tuple[VllmServe
     status = _post_status(tp1, {"model": tp1.model, "prompt": prompt, "max_tokens": 4,
                                 "temperature": 0.0, "kv_transfer_params": kv})
     took = time.monotonic() - t0
-    assert status >= 500 and took < 30, (status, took)
+    # Within the silence timeout (15 s) and some slack: long before transfer_timeout_s.
+    assert status >= 500 and took < 45, (status, took)
     assert metrics(tp1).get("vllm:mooncake_failed_loads_failed_total", 0.0) - failed == 1
     assert len(completion(tp1, prompt_ids(20, seed=2201), 4)["choices"][0]["text"]) > 0
