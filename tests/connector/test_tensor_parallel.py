@@ -40,6 +40,8 @@ from .pd import (
 pytestmark = pytest.mark.vllm
 
 TP = 2
+# Prompts are prompt_ids(n, seed): each test draws from its own range of seeds (two prompts
+# from one seed share a prefix, and a cached prefix would skip the transfer under test).
 CHUNK = 256  # max_num_batched_tokens on P: the longest prompt is prefilled in chunks
 
 
@@ -106,7 +108,7 @@ def test_each_rank_publishes_its_own_control_endpoint(pair: tuple) -> None:
                          ids=["1-token", "block-minus-1", "100", "chunked-prefill"])
 def test_tp2_to_tp2_equals_a_single_instance(pair: tuple, n: int) -> None:
     p, d, rc = pair
-    prompt = prompt_ids(n, seed=1400 + n)
+    prompt = prompt_ids(n, seed=10_000 + n)
     got = pd_completion(p, d, rc, prompt, max_tokens=10)
     assert_same_greedy(completion(p, prompt, 10), got)
 
@@ -114,7 +116,7 @@ def test_tp2_to_tp2_equals_a_single_instance(pair: tuple, n: int) -> None:
 def test_tp2_to_tp2_pipelined(pair: tuple) -> None:
     """P computes the head (each rank its shard), D each layer of the rest as P's arrive."""
     p, d, rc = pair
-    prompt = prompt_ids(333, seed=1500)
+    prompt = prompt_ids(333, seed=11_000)
     before = metrics(d).get("vllm:mooncake_pipelined_prefills_total", 0.0)
     got = pd_completion(p, d, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(p, prompt, 10), got)
@@ -126,7 +128,7 @@ def test_tp2_to_tp2_pipelined(pair: tuple) -> None:
 def test_through_the_conductor_disaggregated_and_pipelined(pair: tuple,
                                                           tiny_model: Path) -> None:
     p, d, _ = pair
-    _through_the_conductor(p, d, tiny_model, seed=1600)
+    _through_the_conductor(p, d, tiny_model, seed=12_000)
 
 
 @pytest.mark.parametrize("n", [31, 2 * CHUNK + 77], ids=["block-minus-1", "chunked-prefill"])
@@ -134,7 +136,7 @@ def test_tp2_into_tp1_gathers_both_ranks_heads(servers: tuple[VllmServer, ...],
                                                 n: int) -> None:
     p, _, d1 = servers
     rc = probe_remote_control(p)
-    prompt = prompt_ids(n, seed=1700 + n)
+    prompt = prompt_ids(n, seed=13_000 + n)
     sent = metrics(p).get("vllm:mooncake_transfers_sent_total", 0.0)
     received = metrics(d1).get("vllm:mooncake_transfers_received_total", 0.0)
     got = pd_completion(p, d1, rc, prompt, max_tokens=10)
@@ -149,10 +151,10 @@ def test_tp2_into_tp1_pipelined_and_through_the_conductor(servers: tuple[VllmSer
                                                          tiny_model: Path) -> None:
     p, _, d1 = servers
     rc = probe_remote_control(p)
-    prompt = prompt_ids(333, seed=1800)
+    prompt = prompt_ids(333, seed=14_000)
     got = pd_completion(p, d1, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(p, prompt, 10), got)
-    _through_the_conductor(p, d1, tiny_model, seed=1900)
+    _through_the_conductor(p, d1, tiny_model, seed=15_000)
 
 
 def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
@@ -163,10 +165,10 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
     assert rc["tp_size"] == 1
     received = metrics(d).get("vllm:mooncake_transfers_received_total", 0.0)
     for n in (31, 2 * CHUNK + 77):
-        prompt = prompt_ids(n, seed=2000 + n)
+        prompt = prompt_ids(n, seed=16_000 + n)
         got = pd_completion(tp1, d, rc, prompt, max_tokens=10)
         assert_same_greedy(completion(tp1, prompt, 10), got)
-    prompt = prompt_ids(333, seed=2100)
+    prompt = prompt_ids(333, seed=17_000)
     got = pd_completion(tp1, d, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(tp1, prompt, 10), got)
     # Each decode rank counts its own load: three requests, two ranks.
@@ -177,7 +179,7 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
 def test_tp1_into_tp2_through_the_conductor(servers: tuple[VllmServer, ...],
                                             tiny_model: Path) -> None:
     _, d, tp1 = servers
-    _through_the_conductor(tp1, d, tiny_model, seed=2400)
+    _through_the_conductor(tp1, d, tiny_model, seed=18_000)
 
 
 def _kill_rank(server: VllmServer, rank: int) -> None:
@@ -211,12 +213,12 @@ def test_a_killed_decode_rank_leaves_the_prefill_whole(servers: tuple[VllmServer
     _, d, tp1 = servers
     rc = probe_remote_control(tp1)
     _kill_rank(d, 1)
-    prompt = prompt_ids(200, seed=2300)
+    prompt = prompt_ids(200, seed=19_000)
     kv = {"do_remote_decode": True, "transfer_id": uuid.uuid4().hex}
     got = completion(tp1, prompt, 1, kv)
     assert got["kv_transfer_params"]["remote_control"] == rc
     wait_for(lambda: kv_usage(tp1) == 0.0, 30, "the prefill's blocks given back")
-    assert len(completion(tp1, prompt_ids(20, seed=2301), 4)["choices"][0]["text"]) > 0
+    assert len(completion(tp1, prompt_ids(20, seed=19_001), 4)["choices"][0]["text"]) > 0
 
 
 def test_a_killed_prefill_rank_fails_the_load_by_policy(servers: tuple[VllmServer, ...]
@@ -229,7 +231,7 @@ def test_a_killed_prefill_rank_fails_the_load_by_policy(servers: tuple[VllmServe
     rc = probe_remote_control(p)
     _kill_rank(p, 1)
     failed = metrics(tp1).get("vllm:mooncake_failed_loads_failed_total", 0.0)
-    prompt = prompt_ids(300, seed=2200)
+    prompt = prompt_ids(300, seed=20_000)
     kv = {"do_remote_prefill": True, "transfer_id": uuid.uuid4().hex, "remote_control": rc,
           "pipeline_tokens": 256}
     t0 = time.monotonic()
@@ -239,4 +241,4 @@ def test_a_killed_prefill_rank_fails_the_load_by_policy(servers: tuple[VllmServe
     # Within the silence timeout (15 s) and some slack: long before transfer_timeout_s.
     assert status >= 500 and took < 45, (status, took)
     assert metrics(tp1).get("vllm:mooncake_failed_loads_failed_total", 0.0) - failed == 1
-    assert len(completion(tp1, prompt_ids(20, seed=2201), 4)["choices"][0]["text"]) > 0
+    assert len(completion(tp1, prompt_ids(20, seed=20_001), 4)["choices"][0]["text"]) > 0
