@@ -166,7 +166,7 @@ class Conductor:
             if inst.kv_events is not None:
                 await inst.kv_events.stop()
                 inst.kv_events = None
-        self.zmq_context.term()
+        self.zmq_context.destroy(linger=0)  # closes any socket a feed still holds
         if self.warmups is not None:
             await self.warmups.stop()
         if self.health is not None:
