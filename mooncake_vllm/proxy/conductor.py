@@ -71,7 +71,8 @@ class Conductor:
         # Measured per P-D pair (EWMA): D's first token after P's answer (the handoff).
         self.handoff_s: dict[tuple[str, str], float] = {}
         self.warmups: Warmups | None = None
-        self.zmq_context = zmq.asyncio.Context()
+        self.zmq_context: zmq.asyncio.Context | None = None  # made for the first KV-events feed
+        self._feeds_stopping: set[asyncio.Task[None]] = set()
 
     def _on_instance(self, event: str, inst: Instance) -> None:
         self._sync_kv_events(inst, gone=event != "put")
@@ -146,10 +147,14 @@ class Conductor:
             return
         if feed is not None:
             inst.kv_events = None
-            asyncio.get_running_loop().create_task(feed.stop())
+            task = asyncio.get_running_loop().create_task(feed.stop())
+            self._feeds_stopping.add(task)  # referenced until done (asyncio keeps weak refs)
+            task.add_done_callback(self._feeds_stopping.discard)
         if wanted and self.session is not None:  # started
             inst.kv_events = KVEventFeed(wanted, inst.prefix, self.config.block_tokens,
                                          name=inst.instance_id)
+            if self.zmq_context is None:
+                self.zmq_context = zmq.asyncio.Context()
             inst.kv_events.start(self.zmq_context)
 
     async def _log_path_shares(self) -> None:
@@ -166,7 +171,8 @@ class Conductor:
             if inst.kv_events is not None:
                 await inst.kv_events.stop()
                 inst.kv_events = None
-        self.zmq_context.destroy(linger=0)  # closes any socket a feed still holds
+        if self.zmq_context is not None:
+            self.zmq_context.destroy(linger=0)  # closes any socket a feed still holds
         if self.warmups is not None:
             await self.warmups.stop()
         if self.health is not None:
