@@ -392,7 +392,10 @@ def test_plain_conductor_plans_each_request(cluster: Cluster, tiny_model: Path) 
     is disaggregated, since prefilling on D would cost that request's ITL more than the ITL
     SLO. Every answer equals a single instance's."""
     p, d = cluster.prefill, cluster.decode
-    with ConductorProcess(["--prefill", p.url, "--decode", d.url]) as proxy:
+    # A health timeout well past a loaded host's stalls: a Ping P misses would make the
+    # conductor probe P again, and the probe's token would count as P's here.
+    with ConductorProcess(["--prefill", p.url, "--decode", d.url,
+                           "--health-timeout-s", "10"]) as proxy:
         url = warmed_up(proxy).url
 
         def served(body: dict) -> tuple[float, float]:

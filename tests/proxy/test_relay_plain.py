@@ -58,7 +58,10 @@ def test_the_prefix_index_follows_vllms_kv_events(proxy: ConductorProcess, two_p
     def seen() -> dict:
         return instance(proxy.url, me)
 
-    wait_for(lambda: seen()["kv_events"] is not None, 10, "the feed set up")
+    # The conductor's warm-up requests are cached too: once they are done, nothing but this
+    # test's requests reaches the instance.
+    wait_for(lambda: seen()["kv_events"] is not None and seen()["warmed_up"], 60,
+             "the feed set up and the warm-up done")
     before = seen()["kv_events"]["stored"]
     prompt = list(range(300, 400))  # 100 token ids: three full blocks of 32
     post_json(a.url + "/v1/completions", _body(tiny_model, prompt=prompt, max_tokens=1))
@@ -67,6 +70,9 @@ def test_the_prefix_index_follows_vllms_kv_events(proxy: ConductorProcess, two_p
     assert seen()["prefix_blocks"] >= 3
     status, _, raw = post(a.url + "/reset_prefix_cache", {})
     assert status == 200, raw
+    # vLLM publishes a step's events with the step: one more (a prompt shorter than a block,
+    # which caches nothing) carries the reset's.
+    post_json(a.url + "/v1/completions", _body(tiny_model, prompt=[5, 6, 7], max_tokens=1))
     wait_for(lambda: seen()["prefix_blocks"] == 0, 20, "the index emptied with vLLM's cache",
              lambda: str(seen()))
     assert seen()["kv_events"]["cleared"] >= 1 and seen()["kv_events"]["bad"] == 0
