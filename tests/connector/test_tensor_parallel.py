@@ -175,7 +175,9 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
     prompt = prompt_ids(333, seed=17_000)
     got = pd_completion(tp1, d, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(tp1, prompt, 10), got)
-    # Each decode rank counts its own load: three requests, two ranks.
+    # Each decode rank counts its own load: three requests, two ranks. The workers' counts
+    # reach vLLM's metrics with a step: one more request on D makes sure there is one.
+    completion(d, prompt_ids(3, seed=16_999), 1)
     wait_for(lambda: metrics(d).get("vllm:mooncake_transfers_received_total", 0.0) - received
              == 6, 10, "each decode rank's loads counted")
 
