@@ -70,6 +70,12 @@ def test_a_bad_handler_or_a_bad_endpoint_does_not_stop_the_channel(channel, capl
         s.send(auth.seal(m.encode(m.Release(V, "t2", "after"))))
         _, msg = got.get(timeout=5)
         assert msg.transfer_id == "t2" and ch.alive()
+        # The channel thread takes sends and receives in turn: a peer's frame can be handled
+        # before our bad sends are refused (and logged).
+        deadline = time.monotonic() + 5
+        while "contains whitespace or control characters" not in caplog.text \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "handler failed" in caplog.text and "not a non-empty string" in caplog.text
         assert "contains whitespace or control characters" in caplog.text
         assert not ch._dealers  # nothing was opened for the bad endpoints
