@@ -33,6 +33,7 @@ MAX_FRAME_BYTES = 1 << 20
 MAX_BLOCKS = 1 << 16  # block ids in one registration (a million tokens of 16-token blocks)
 MAX_LAYERS = 4096
 MAX_PLANES = 8
+MAX_KV_HEADS = 4096
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Count = Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]
@@ -62,7 +63,8 @@ class LayoutInfo(msgspec.Struct, frozen=True):
     # Between different tensor-parallel sizes (tp_mapping.py, head_slices.py): the model's KV
     # heads over all ranks, and where one head lies in a block (layout.HeadGeometry: outer
     # count, outer stride, head stride, head bytes); None where it is not known.
-    total_kv_heads: Small = 0
+    # Bounded well past any model's KV heads: the head plan walks every head once.
+    total_kv_heads: Annotated[int, msgspec.Meta(ge=0, le=MAX_KV_HEADS)] = 0
     heads: tuple[Small, Count, Count, Count] | None = None
 
 

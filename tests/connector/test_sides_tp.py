@@ -296,3 +296,12 @@ def test_an_idle_ranks_release_answer_is_no_stranger(gather: Gather,
     assert "refused" not in caplog.text
     gather.d.on_message("tcp://10.9.9.9:1", m.Released(V, "t6"))
     assert "refused Released for transfer t6" in caplog.text
+
+
+def test_a_layout_claiming_too_many_kv_heads_is_refused_before_any_plan() -> None:
+    """The head plan walks every head: a registration may not make it walk millions."""
+    info = _layout(_caches(HEADS, 0.0), HEADS, 0, 1).info()
+    frame = m.encode(m.Register(V, "t", "d", "s", None, msgspec.structs.replace(
+        info, total_kv_heads=m.MAX_KV_HEADS + 1), 0, [1], BS))
+    with pytest.raises(m.BadMessage, match="total_kv_heads"):
+        m.decode(frame)
