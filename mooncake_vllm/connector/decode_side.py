@@ -35,9 +35,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mooncake_vllm.channel.control_channel import REFUSED_TOKEN, endpoint_refusal
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import REFUSED_TOKEN, endpoint_refusal
 from mooncake_vllm.connector.layout import KVLayout
 from mooncake_vllm.connector.pipeline_gate import GateReport
 from mooncake_vllm.connector.stats import MooncakeStats

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from mooncake_vllm.channel.control_channel import NoAnswer, Refused
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import NoAnswer, Refused, ping
+from mooncake_vllm.connector.control import ping
 
 logger = logging.getLogger("vllm.mooncake_vllm.connector")
 

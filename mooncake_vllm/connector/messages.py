@@ -24,12 +24,15 @@ from typing import Annotated
 
 import msgspec
 
+from mooncake_vllm.channel.codec import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from mooncake_vllm.channel.codec import BadMessage as BadMessage
+from mooncake_vllm.channel.codec import Codec
+
 PROTOCOL_VERSION = 1
 
 # Bounds on every field, checked by the decoder before a handler sees the record: what would
 # overflow an int64 in the address arithmetic, or hold memory out of proportion to a real
 # request, is refused as malformed.
-MAX_FRAME_BYTES = 1 << 20
 MAX_BLOCKS = 1 << 16  # block ids in one registration (a million tokens of 16-token blocks)
 MAX_LAYERS = 4096
 MAX_PLANES = 8
@@ -172,31 +175,8 @@ class Checked(msgspec.Struct, tag="checked", frozen=True):
 Message = (Watch | Started | Register | Release | Layers | Done | Released | Ping | Pong
            | Check | Checked)
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
-
-
-class BadMessage(ValueError):
-    """A frame that is not a record of this protocol; the message says why."""
-
-
-def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode(frame: bytes) -> Message:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise BadMessage(f"control frame of {len(frame)} bytes (at most {MAX_FRAME_BYTES})")
-    try:
-        msg = _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise BadMessage(f"undecodable control frame ({len(frame)} bytes): {e}") from e
-    if msg.v != PROTOCOL_VERSION:
-        raise BadMessage(
-            f"{type(msg).__name__} for transfer {msg.transfer_id!r} has protocol version "
-            f"{msg.v}, this side speaks {PROTOCOL_VERSION}"
-        )
-    return msg
+CODEC: Codec[Message] = Codec(Message, PROTOCOL_VERSION, "control", MAX_FRAME_BYTES)
+encode, decode = CODEC.encode, CODEC.decode
 
 
 def layout_mismatch(mine: LayoutInfo, theirs: LayoutInfo) -> str | None:

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from mooncake_vllm.channel.control_channel import unpin_current_thread
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import unpin_current_thread
 from mooncake_vllm.connector.head_slices import head_transfer
 from mooncake_vllm.connector.layout import HeadGeometry, KVLayout, Plane, layer_transfer
 from mooncake_vllm.connector.pipeline_gate import Watchers

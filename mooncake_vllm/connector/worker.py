@@ -24,9 +24,13 @@ import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata
 
+from mooncake_vllm.channel.control_channel import (
+    ControlChannel,
+    unpin_current_thread,
+    widened_affinity,
+)
 from mooncake_vllm.config import ConfigError, ConnectorConfig
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel, unpin_current_thread, widened_affinity
 from mooncake_vllm.connector.core_sharing import CoreRegistry
 from mooncake_vllm.connector.decode_side import DecodeSide
 from mooncake_vllm.connector.doctor_probe import DoctorProbe
@@ -163,7 +167,8 @@ class MooncakeWorker:
         # share cores, for the other instance's compute) to move every control message.
         with widened_affinity():
             self.control = ControlChannel(c.hostname, port, self._on_message, self._on_tick,
-                                          token=c.cluster_token, on_refused=self._on_refused)
+                                          codec=m.CODEC, token=c.cluster_token,
+                                          on_refused=self._on_refused)
         threading.Thread(target=self._health_loop, name="mooncake-health", daemon=True).start()
         info = self.layout.info()
         self.handshake = WorkerHandshake(

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from mooncake_vllm.channel.control_channel import NoAnswer, Refused, endpoint_refusal
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import NoAnswer, Refused, ask, endpoint_refusal, ping
+from mooncake_vllm.connector.control import ask_worker, ping
 from mooncake_vllm.security import is_loopback_host, is_wildcard_host, sign_transfer_params
 
 HTTP_TIMEOUT_S = 5.0
@@ -266,7 +267,7 @@ def check_pair(p: Member, d: Member, token: str | None) -> list[Finding]:
 def _ask_check(worker: str, peer: str, write: bool, token: str | None) -> m.Checked:
     check = m.Check(m.PROTOCOL_VERSION, uuid.uuid4().hex, peer, write)
     try:
-        reply = ask(worker, token, check, CHECK_TIMEOUT_S)
+        reply = ask_worker(worker, token, check, CHECK_TIMEOUT_S)
     except NoAnswer as e:
         return m.Checked(m.PROTOCOL_VERSION, check.transfer_id, False, str(e))
     if not isinstance(reply, m.Checked):

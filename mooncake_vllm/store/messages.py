@@ -21,10 +21,12 @@ from typing import Annotated
 
 import msgspec
 
+from mooncake_vllm.channel.codec import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from mooncake_vllm.channel.codec import BadMessage as BadMessage
+from mooncake_vllm.channel.codec import Codec
 from mooncake_vllm.store.keys import KEY_BYTES
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 1 << 20
 MAX_KEYS = 4096  # one request's blocks: 131072 tokens of 32-token blocks
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -90,26 +92,5 @@ class Unpin(msgspec.Struct, tag="unpin", frozen=True):
 
 
 Message = (Lookup | Located | Reserve | Reserved | Commit | Abort | Pin | Pinned | Unpin)
-_decoder = msgspec.msgpack.Decoder(Message)
-_encoder = msgspec.msgpack.Encoder()
-
-
-class BadMessage(ValueError):
-    """A frame that is not a record of this protocol version."""
-
-
-def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode(frame: bytes) -> Message:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise BadMessage(f"store frame of {len(frame)} bytes (at most {MAX_FRAME_BYTES})")
-    try:
-        msg = _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise BadMessage(f"undecodable store frame ({len(frame)} bytes): {e}") from e
-    if msg.v != PROTOCOL_VERSION:
-        raise BadMessage(f"{type(msg).__name__} {msg.id!r} has protocol version {msg.v}, "
-                         f"this store speaks {PROTOCOL_VERSION}")
-    return msg
+CODEC: Codec[Message] = Codec(Message, PROTOCOL_VERSION, "store", MAX_FRAME_BYTES)
+encode, decode = CODEC.encode, CODEC.decode

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
+from mooncake_vllm.channel import control_channel as cc
+from mooncake_vllm.channel.control_channel import ControlChannel
 from mooncake_vllm.connector import control
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel
 from mooncake_vllm.security import FrameAuth
 
 V = m.PROTOCOL_VERSION
@@ -28,7 +29,7 @@ def channel() -> Iterator[tuple[ControlChannel, queue.Queue]]:
             raise RuntimeError("handler bug")
         got.put((sender, msg))
 
-    ch = ControlChannel("127.0.0.1", 0, on_message, lambda: None, token=TOKEN)
+    ch = ControlChannel("127.0.0.1", 0, on_message, lambda: None, codec=m.CODEC, token=TOKEN)
     try:
         yield ch, got
     finally:
@@ -100,7 +101,7 @@ def test_oversized_frames_never_reach_the_handler(channel) -> None:
 
 def test_outgoing_connections_are_bounded(channel, monkeypatch) -> None:
     ch, _ = channel
-    monkeypatch.setattr(control, "MAX_DEALERS", 8)
+    monkeypatch.setattr(cc, "MAX_DEALERS", 8)
     for port in range(20000, 20020):
         ch.send(f"tcp://127.0.0.1:{port}", m.Release(V, "t", "x"))
     deadline = time.monotonic() + 5
@@ -130,17 +131,17 @@ def test_a_peer_with_another_token_is_told_at_once_and_no_more_than_once_a_secon
     """Our frames to a worker with another cluster token come back as a refusal notice (not
     silence until a deadline), once a second at most; `ask` raises Refused."""
     refused: queue.Queue = queue.Queue()
-    ours = ControlChannel("127.0.0.1", 0, lambda s, msg: None, lambda: None, token=TOKEN,
-                          on_refused=lambda ep, why: refused.put((ep, why)))
+    ours = ControlChannel("127.0.0.1", 0, lambda s, msg: None, lambda: None, codec=m.CODEC,
+                          token=TOKEN, on_refused=lambda ep, why: refused.put((ep, why)))
     theirs = ControlChannel("127.0.0.1", 0, lambda s, msg: None, lambda: None,
-                            token="another-cluster-token-0123456789")
+                            codec=m.CODEC, token="another-cluster-token-0123456789")
     try:
         for i in range(5):
             ours.send(theirs.endpoint, m.Release(V, f"t{i}", "x"))
-        assert refused.get(timeout=5) == (theirs.endpoint, control.REFUSED_TOKEN)
+        assert refused.get(timeout=5) == (theirs.endpoint, cc.REFUSED_TOKEN)
         time.sleep(0.5)
         assert refused.empty()  # five refused frames, one notice
-        with pytest.raises(control.Refused, match="its cluster token is not this one"):
+        with pytest.raises(cc.Refused, match="its cluster token is not this one"):
             control.ping(theirs.endpoint, TOKEN, timeout_s=5)
     finally:
         ours.close()

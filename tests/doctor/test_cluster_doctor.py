@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from mooncake_vllm.channel.control_channel import ControlChannel, Refused
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel, Refused, ask
+from mooncake_vllm.connector.control import ask_worker as ask
 from mooncake_vllm.connector.doctor_probe import DoctorProbe
 from mooncake_vllm.doctor.cluster import (
     Finding,
@@ -48,7 +49,7 @@ def _worker(token: str) -> Worker:
         elif isinstance(msg, m.Check) and isinstance(sender, bytes):
             probe.on_check(sender, msg)
 
-    channel = ControlChannel("127.0.0.1", 0, on_message, lambda: None, token=token)
+    channel = ControlChannel("127.0.0.1", 0, on_message, lambda: None, codec=m.CODEC, token=token)
     holder["probe"] = DoctorProbe(engine, token, channel.send)
     return Worker(engine, holder["probe"], channel)
 

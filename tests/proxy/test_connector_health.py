@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from fake_upstream import FakeInstance
 
+from mooncake_vllm.channel.control_channel import ControlChannel
 from mooncake_vllm.connector import messages as m
-from mooncake_vllm.connector.control import ControlChannel
 from mooncake_vllm.proxy.health import HealthChecker
 from mooncake_vllm.proxy.metrics import ProxyMetrics
 from mooncake_vllm.proxy.upstreams import Registry
@@ -28,7 +28,7 @@ class FakeWorker:
         self.unhealthy = ""
         self.pings: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.channel = ControlChannel("127.0.0.1", 0, self._on_message, lambda: None,
-                                      token=TOKEN)
+                                      codec=m.CODEC, token=TOKEN)
 
     def _on_message(self, sender: bytes | str, msg: m.Message) -> None:
         if isinstance(msg, m.Ping) and isinstance(sender, bytes):
