@@ -48,6 +48,7 @@ from .base import (
     ModelShape,
 )
 from .embedded import EmbeddedMetadata
+from .store_record import StoreInfo
 from .url import MetadataUrl, parse_metadata_url
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "KVLayoutRecord", "MalformedValueError", "MetadataConfigError", "MetadataError",
     "MetadataStore",
     "MetadataUnavailableError", "MetadataUrl", "ModelShape", "ENV_VARS", "open_metadata",
-    "parse_metadata_url",
+    "parse_metadata_url", "StoreInfo",
 ]
 
 ENV_METADATA_SERVER = "MOONCAKE_VLLM_METADATA_SERVER"

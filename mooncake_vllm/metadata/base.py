@@ -1,10 +1,11 @@
 """The metadata interface, the records it stores, and their wire form.
 
-Two records live in the store, each as one JSON value under the cluster namespace:
+Three records live in the store, each as one JSON value under the cluster namespace:
 
 - a *segment descriptor*: what `TransferEngine.descriptor()` returns (opaque here, only required
   to be a JSON object), published under the segment's name;
-- an *instance* (`InstanceInfo`): one vLLM server of the cluster, its role, URLs and KV layout.
+- an *instance* (`InstanceInfo`): one vLLM server of the cluster, its role, URLs and KV layout;
+- a *store node* (`store_record.StoreInfo`): one node of the KV pool.
 
 Every value carries `"schema": SCHEMA_VERSION` and a `"kind"`. A reader skips, with a warning,
 any value it cannot trust: not JSON, another kind, a newer schema, missing or mistyped fields,
@@ -21,7 +22,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .store_record import StoreInfo
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +324,19 @@ class MetadataStore(ABC):
     @abstractmethod
     def list_instances(self, role: str | None = None) -> list[InstanceInfo]:
         """Known instances sorted by id; `role` keeps those that serve it ("both" serves all)."""
+
+    # -- store nodes (the KV pool) -------------------------------------------------
+    @abstractmethod
+    def register_store(self, info: StoreInfo) -> None:
+        """Announce a store node (replaces an earlier record with the same name)."""
+
+    @abstractmethod
+    def deregister_store(self, name: str) -> None:
+        """Withdraw a store node we registered."""
+
+    @abstractmethod
+    def list_stores(self) -> list[StoreInfo]:
+        """The live store nodes, sorted by name (from the local cache, no network)."""
 
     def watch_instances(self, callback: InstanceCallback) -> Callable[[], None]:
         """Call `callback("put"|"delete", info)` on every change; returns an unsubscribe.

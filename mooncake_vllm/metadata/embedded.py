@@ -8,6 +8,8 @@ What it does:
   control channel (pyzmq) and calls `learn_segment(name, descriptor)` on the receiving side.
 - `list_instances` returns what was registered here: our own, the `instances` given at
   construction (a static topology), and peers the caller learned about and registered.
+- `register_store` / `list_stores`: store nodes of this process only (a store running inside
+  an instance's process, for a one-box set-up).
 - `watch_instances` callbacks fire for those local changes, synchronously.
 
 What it does not do: discovery across processes, leases, or noticing that a peer died. The
@@ -23,6 +25,7 @@ from typing import Any
 
 from .base import InstanceInfo, MetadataError, MetadataStore, encode_segment
 from .keys import check_namespace
+from .store_record import StoreInfo
 
 
 class EmbeddedMetadata(MetadataStore):
@@ -32,6 +35,7 @@ class EmbeddedMetadata(MetadataStore):
         self._lock = threading.Lock()
         self._own_segments: dict[str, dict[str, Any]] = {}
         self._instances: dict[str, InstanceInfo] = {i.instance_id: i for i in instances}
+        self._stores: dict[str, StoreInfo] = {}
         self._closed = False
 
     def publish_segment(self, name: str, descriptor: dict[str, Any]) -> None:
@@ -72,9 +76,23 @@ class EmbeddedMetadata(MetadataStore):
             snapshot = list(self._instances.values())
         return sorted((i for i in snapshot if i.serves(role)), key=lambda i: i.instance_id)
 
+    def register_store(self, info: StoreInfo) -> None:
+        with self._lock:
+            self._check_open()
+            self._stores[info.name] = info
+
+    def deregister_store(self, name: str) -> None:
+        with self._lock:
+            self._stores.pop(name, None)
+
+    def list_stores(self) -> list[StoreInfo]:
+        with self._lock:
+            return sorted(self._stores.values(), key=lambda s: s.name)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._stores.clear()
             self._own_segments.clear()
             self._learned.clear()
             self._instances.clear()

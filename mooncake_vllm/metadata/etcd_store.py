@@ -11,7 +11,8 @@ so we connect to one endpoint at a time, in order, and make a fresh client after
 
 How it behaves:
 
-- Keys: `/mooncake-vllm/<namespace>/instances/<id>` and `.../segments/<name>` (see `keys`),
+- Keys: `/mooncake-vllm/<namespace>/instances/<id>`, `.../segments/<name>` and
+  `.../stores/<name>` (see `keys`),
   all written with one lease of `ttl_s` seconds, renewed every `ttl_s / 3` by a background
   thread. A SIGKILLed process stops renewing: etcd deletes its keys within `ttl_s` and every
   watcher sees the deletes.
@@ -66,6 +67,7 @@ from .etcd_client import (
     watch_events,
 )
 from .keys import KeyLayout
+from .store_record import StoreInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class EtcdMetadata(MetadataStore):
         self._cache_cond = threading.Condition()  # guards _revision, signals its progress
         self._instances: dict[str, InstanceInfo] = {}
         self._segments: dict[str, dict[str, Any]] = {}
+        self._stores: dict[str, StoreInfo] = {}
         # Last descriptors of segments whose keys were deleted (see the module docstring).
         self._departed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._revision = 0
@@ -171,6 +174,15 @@ class EtcdMetadata(MetadataStore):
     def list_instances(self, role: str | None = None) -> list[InstanceInfo]:
         snapshot = list(self._instances.values())
         return sorted((i for i in snapshot if i.serves(role)), key=lambda i: i.instance_id)
+
+    def register_store(self, info: StoreInfo) -> None:
+        self._write(self._keys.store_key(info.name), info.to_json())
+
+    def deregister_store(self, name: str) -> None:
+        self._remove(self._keys.store_key(name))
+
+    def list_stores(self) -> list[StoreInfo]:
+        return sorted(self._stores.values(), key=lambda s: s.name)
 
     def wait_online(self, timeout_s: float) -> bool:
         return self._online.wait(timeout_s)
@@ -352,10 +364,13 @@ class EtcdMetadata(MetadataStore):
         """Replace the cache by a full listing; watchers get the difference."""
         instances: dict[str, InstanceInfo] = {}
         segments: dict[str, dict[str, Any]] = {}
+        stores: dict[str, StoreInfo] = {}
         for key, value, _lease in kvs:
             record = self._decode(key, value)
             if isinstance(record, InstanceInfo):
                 instances[record.instance_id] = record
+            elif isinstance(record, StoreInfo):
+                stores[record.name] = record
             elif record is not None:
                 segments[record[0]] = record[1]
         with self._dispatch_lock:
@@ -365,6 +380,7 @@ class EtcdMetadata(MetadataStore):
             with self._cache_cond:
                 self._keep_departed(segments)
                 self._instances, self._segments = instances, segments
+                self._stores = stores
                 self._revision = max(self._revision, revision)
                 self._cache_cond.notify_all()
             self._dispatch(changes)
@@ -384,12 +400,19 @@ class EtcdMetadata(MetadataStore):
         with self._dispatch_lock:
             changes: list[Change] = []
             instances, segments = dict(self._instances), dict(self._segments)
+            stores = dict(self._stores)
             for event, key, value in watch_events(response):
                 record = self._decode(key, value) if event == "put" else None
                 parsed = self._keys.parse(key)
                 if parsed is None:
                     continue
                 kind, name = parsed
+                if kind == "store":
+                    if isinstance(record, StoreInfo):
+                        stores[name] = record
+                    else:
+                        stores.pop(name, None)
+                    continue
                 if kind == "segment":
                     if isinstance(record, tuple):
                         segments[name] = record[1]
@@ -408,17 +431,24 @@ class EtcdMetadata(MetadataStore):
                 self._keep_departed(segments)
                 # Copy-on-write: lock-free readers always see a complete dict.
                 self._instances, self._segments = instances, segments
+                self._stores = stores
                 self._revision = max(self._revision, int(response.header.revision))
                 self._cache_cond.notify_all()
             self._dispatch(changes)
 
-    def _decode(self, key: str, value: bytes) -> InstanceInfo | tuple[str, dict[str, Any]] | None:
+    def _decode(self, key: str, value: bytes
+                ) -> InstanceInfo | StoreInfo | tuple[str, dict[str, Any]] | None:
         """The record under `key`, or None (with one warning per bad value) if unusable."""
         parsed = self._keys.parse(key)
         try:
             if parsed is None:
-                raise MalformedValueError("not an instances/<id> or segments/<name> key")
+                raise MalformedValueError("not an instances/, segments/ or stores/ key")
             kind, name = parsed
+            if kind == "store":
+                store = StoreInfo.from_json(value)
+                if store.name != name:
+                    raise MalformedValueError(f"store name {store.name!r} != key")
+                return store
             if kind == "instance":
                 info = InstanceInfo.from_json(value)
                 if info.instance_id != name:

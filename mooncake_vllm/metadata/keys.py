@@ -1,4 +1,4 @@
-"""Where records live in etcd: `/mooncake-vllm/<namespace>/{instances,segments}/<name>`.
+"""Where records live in etcd: `/mooncake-vllm/<namespace>/{instances,segments,stores}/<name>`.
 
 Names are percent-encoded into one key component, so any name (an engine's "host:port", a
 name with slashes) maps to exactly one key and back. The namespace ends with "/" in the prefix
@@ -15,8 +15,9 @@ from .base import MetadataConfigError
 
 ROOT = "/mooncake-vllm"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RecordKind = Literal["instance", "segment"]
-_DIRS: dict[str, RecordKind] = {"instances": "instance", "segments": "segment"}
+RecordKind = Literal["instance", "segment", "store"]
+_DIRS: dict[str, RecordKind] = {"instances": "instance", "segments": "segment",
+                              "stores": "store"}
 
 
 def check_namespace(namespace: str) -> str:
@@ -38,6 +39,9 @@ class KeyLayout:
 
     def segment_key(self, name: str) -> str:
         return f"{self.prefix}segments/{quote(name, safe='')}"
+
+    def store_key(self, name: str) -> str:
+        return f"{self.prefix}stores/{quote(name, safe='')}"
 
     def parse(self, key: str) -> tuple[RecordKind, str] | None:
         """(kind, name) of a key of ours, or None for a foreign key under the prefix."""

@@ -5,9 +5,11 @@ into a known record of this version is refused with a reason (the same rules as 
 connector's control records). Block data never travels here: a client reads and writes the
 addresses these records give with the transfer engine, one-sided.
 
-  client -> store  Lookup    "how many of these keys, from the first, do you hold?"
-  store -> client  Located
-  client -> store  Reserve   "give me slots to write these keys into" (for lease_s)
+  client -> store  Lookup    "how many of these keys, from the first, do you hold?" (sent to
+                             each key's primary owner, which counts it as a read of each key)
+  store -> client  Located   the count, and per key the copies it should have (hot spots)
+  client -> store  Reserve   "give me slots to write these keys into" (for lease_s); `replica`:
+                             copies of hot blocks, dropped by this node once they cool
   store -> client  Reserved  one address per key; 0: held or being written already (skip)
   client -> store  Commit    "written": the entries become visible; Abort: "not written"
   client -> store  Pin       "hold these for my reads" (for lease_s), leading held keys only
@@ -47,6 +49,9 @@ class Located(msgspec.Struct, tag="located", frozen=True):
     v: int
     id: Id
     held: Annotated[int, msgspec.Meta(ge=0, le=MAX_KEYS)]
+    # Per key asked: how many owners (in rendezvous order) should hold it (placement.HotSpots).
+    copies: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=16)]],
+                      msgspec.Meta(max_length=MAX_KEYS)] = []
 
 
 class Reserve(msgspec.Struct, tag="reserve", frozen=True):
@@ -54,6 +59,7 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     id: Id
     keys: Keys
     lease_s: Lease
+    replica: bool = False
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):

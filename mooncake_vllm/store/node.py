@@ -15,6 +15,10 @@ Failure rules (the only place they are stated for the store):
   pin (a read posted within the lease has landed by then).
 - Commit, Abort and Unpin are taken only from the client that reserved or pinned (by its
   channel identity and id); anything else is refused and logged. A repeated id is refused.
+- Hot spots (placement.py): a Lookup is sent to each key's primary owner, which counts it as
+  a read of each key asked and answers, per key, how many owners should hold it. A reader
+  that loaded a block that should have more copies writes it to the next owners, marked
+  `replica`; a replica no reader has pinned for two windows is dropped by its node.
 - What one client can hold open is bounded (`max_open` reservations and pins, each at most
   messages.MAX_KEYS keys); a pool full of pinned or reserved slots answers Reserved with
   fewer addresses and the reason. An error in one message is logged; the node goes on.
@@ -52,8 +56,9 @@ class StoreNode:
         self.lock = threading.Lock()
         self._open: dict[tuple[bytes, str], _Open] = {}
         self._per_client: dict[bytes, int] = {}
+        self._replicas: dict[bytes, float] = {}  # replica entry -> when last reserved or read
         self.stats = {"lookups": 0, "reserved": 0, "committed": 0, "expired": 0, "pins": 0,
-                      "refused": 0}
+                      "refused": 0, "replicas_written": 0, "replicas_dropped": 0}
 
     def on_message(self, sender: bytes, msg: m.Message, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -67,7 +72,11 @@ class StoreNode:
     def _handle(self, sender: bytes, msg: m.Message, now: float) -> None:
         if isinstance(msg, m.Lookup):
             self.stats["lookups"] += 1
-            self._send(sender, m.Located(V, msg.id, self.pool.lookup(msg.keys)))
+            copies = []
+            for key in msg.keys:
+                self.hot.read(key, now)
+                copies.append(self.hot.target(key, now))
+            self._send(sender, m.Located(V, msg.id, self.pool.lookup(msg.keys), copies))
         elif isinstance(msg, m.Reserve):
             if self._refused(sender, msg.id):
                 self._send(sender, m.Reserved(V, msg.id, [], "refused: id in use, or too "
@@ -83,6 +92,8 @@ class StoreNode:
                 addresses.append(address or 0)
                 if address:
                     held.append(key)
+                    if msg.replica:
+                        self._replicas[key] = now
             self._hold(sender, msg.id, _Open(False, held, now + msg.lease_s + self.landing_s))
             self.stats["reserved"] += len(held)
             self._send(sender, m.Reserved(V, msg.id, addresses, reason))
@@ -100,7 +111,8 @@ class StoreNode:
                     break
                 addresses.append(address)
                 held.append(key)
-                self.hot.read(key, now)
+                if key in self._replicas:
+                    self._replicas[key] = now
             self._hold(sender, msg.id, _Open(True, held, now + msg.lease_s + self.landing_s))
             self.stats["pins"] += len(held)
             self._send(sender, m.Pinned(V, msg.id, addresses))
@@ -141,8 +153,11 @@ class StoreNode:
                 self.pool.unpin(key)
             elif commit:
                 self.pool.commit(key)
+                if key in self._replicas:
+                    self.stats["replicas_written"] += 1
             else:
                 self.pool.abort(key)
+                self._replicas.pop(key, None)
         if commit:
             self.stats["committed"] += len(entry.keys)
 
@@ -157,6 +172,13 @@ class StoreNode:
                                 "pin" if entry.pinned else "reservation", rid, sender,
                                 len(entry.keys))
                     self._close(sender, rid)
+            cold = now - 2 * self.hot.window_s
+            for key, last in list(self._replicas.items()):
+                if last <= cold and self.pool.drop(key):
+                    del self._replicas[key]
+                    self.stats["replicas_dropped"] += 1
+                elif self.pool.where(key) is None and not self.pool.busy(key):
+                    del self._replicas[key]  # evicted meanwhile
 
     def open_count(self) -> int:
         with self.lock:

@@ -6,12 +6,15 @@ knows the live set (etcd leases) computes the same order with no server on the d
 a store joining or leaving moves only the keys it wins or held.
 
 Hot spots. One popular prefix (a system prompt, a shared document) would make its primary
-owner serve every reader. The primary counts reads of each block over a sliding window and
-keeps `1 + reads // hot_reads` copies (at most `max_replicas`) on the next owners in
-rendezvous order; readers spread over the copies by their own rendezvous order (each reader
-sticks to one copy, readers split evenly). A block that cools keeps its extra copies as long
-as the window before the current one still asked for them (no flapping), then the surplus is
-dropped, last owners first.
+owner serve every reader. Every reader looks a block up at its primary owner, which counts
+those lookups per block over a sliding window and answers that the block should have
+`1 + reads // hot_reads` copies (at most `max_replicas`; `HotSpots.target`) on the first
+owners in rendezvous order. A reader that has just loaded a block that should have more
+copies writes it to the next owners itself (it holds the bytes; no store-to-store traffic),
+marked as a replica; readers spread over the copies by their own rendezvous order (each
+reader sticks to one copy, readers split evenly), falling back to the primary when their copy
+is not there yet. A replica that no reader has pinned for two windows is dropped by the node
+holding it, so a block that cools returns to one copy without any coordination.
 """
 
 from __future__ import annotations

@@ -13,12 +13,17 @@ Rules:
   the SSD tier (written from the DRAM slot straight to the file, no copy through Python
   objects), or is gone where there is none; the SSD's least recently used entry is gone.
 - `lookup(keys)` counts how many leading keys are held, in either tier: a prefix walk.
+- The SSD tier keeps a checksum of every entry it holds (in memory) and checks it when the
+  entry is read back: a corrupted or truncated file is a miss (the entry is dropped), never
+  wrong KV.
 All methods are thread-safe (one lock): the store's control thread and transfer completions
 call them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -26,6 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _checksum(view: memoryview) -> bytes:
+    return hashlib.blake2b(view, digest_size=16).digest()
 
 
 class PoolFull(RuntimeError):
@@ -47,7 +58,7 @@ class Pool:
         self._reserved: dict[bytes, int] = {}
         self._pins: dict[bytes, int] = {}
         self._free = list(range(dram_slots - 1, -1, -1))
-        self._ssd: OrderedDict[bytes, int] = OrderedDict()
+        self._ssd: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()  # slot, checksum
         self._ssd_free = list(range(ssd_slots - 1, -1, -1))
         self._fd = -1
         self.ssd_path = ssd_path
@@ -57,7 +68,7 @@ class Pool:
             self._fd = os.open(ssd_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(self._fd, slot_bytes * ssd_slots)
         self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "writes": 0,
-                      "to_ssd": 0, "evicted": 0}
+                      "to_ssd": 0, "evicted": 0, "ssd_corrupt": 0, "dropped": 0}
 
     # ------------------------------------------------------------------ memory
     @property
@@ -108,9 +119,10 @@ class Pool:
                 self.stats["dram_hits"] += 1
             elif key in self._ssd:
                 slot = self._take_slot()
-                ssd_slot = self._ssd[key]
-                self._ssd.move_to_end(key)
-                os.preadv(self._fd, [self._slot_view(slot)], ssd_slot * self.slot_bytes)
+                if not self._read_back(key, slot):
+                    self._free.append(slot)
+                    self.stats["misses"] += 1
+                    return None
                 self._dram[key] = slot
                 self.stats["ssd_hits"] += 1
             else:
@@ -118,6 +130,47 @@ class Pool:
                 return None
             self._pins[key] = self._pins.get(key, 0) + 1
             return self._address(slot)
+
+    def _read_back(self, key: bytes, slot: int) -> bool:
+        """Read `key`'s SSD copy into DRAM `slot`; False (and the entry dropped) when the
+        file is short or the bytes are not those written (lock held)."""
+        ssd_slot, checksum = self._ssd[key]
+        view = self._slot_view(slot)
+        try:
+            got = os.preadv(self._fd, [view], ssd_slot * self.slot_bytes)
+        except OSError as e:
+            got, why = -1, str(e)
+        else:
+            why = f"{got} of {self.slot_bytes} bytes" if got != self.slot_bytes else "checksum"
+        if got == self.slot_bytes and _checksum(view) == checksum:
+            self._ssd.move_to_end(key)
+            return True
+        del self._ssd[key]
+        self._ssd_free.append(ssd_slot)
+        self.stats["ssd_corrupt"] += 1
+        log.error("store: SSD entry %s in %s is damaged (%s): dropped, read as a miss",
+                  key.hex()[:16], self.ssd_path, why)
+        return False
+
+    def busy(self, key: bytes) -> bool:
+        """Pinned or being written."""
+        with self._lock:
+            return key in self._pins or key in self._reserved
+
+    def drop(self, key: bytes) -> bool:
+        """Forget `key` in both tiers unless it is pinned or being written; True if gone."""
+        with self._lock:
+            if key in self._pins or key in self._reserved:
+                return False
+            slot = self._dram.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+            ssd = self._ssd.pop(key, None)
+            if ssd is not None:
+                self._ssd_free.append(ssd[0])
+            if slot is not None or ssd is not None:
+                self.stats["dropped"] += 1
+            return True
 
     def unpin(self, key: bytes) -> None:
         with self._lock:
@@ -170,10 +223,21 @@ class Pool:
         if self._ssd_free:
             ssd_slot = self._ssd_free.pop()
         else:
-            _, ssd_slot = self._ssd.popitem(last=False)
+            _, (ssd_slot, _) = self._ssd.popitem(last=False)
             self.stats["evicted"] += 1
-        os.pwritev(self._fd, [self._slot_view(slot)], ssd_slot * self.slot_bytes)
-        self._ssd[key] = ssd_slot
+        view = self._slot_view(slot)
+        try:
+            written = os.pwritev(self._fd, [view], ssd_slot * self.slot_bytes)
+        except OSError as e:  # a full or failing disk: the entry is gone, the pool goes on
+            written, why = -1, str(e)
+        else:
+            why = f"{written} of {self.slot_bytes} bytes written"
+        if written != self.slot_bytes:
+            self._ssd_free.append(ssd_slot)
+            self.stats["evicted"] += 1
+            log.error("store: could not move an entry to SSD (%s): dropped", why)
+            return
+        self._ssd[key] = (ssd_slot, _checksum(view))
         self.stats["to_ssd"] += 1
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from mooncake_vllm.store import messages as m
 from mooncake_vllm.store.node import StoreNode
+from mooncake_vllm.store.placement import HotSpots
 from mooncake_vllm.store.pool import Pool
 
 V = m.PROTOCOL_VERSION
@@ -138,3 +139,28 @@ def test_frames_that_are_not_records_of_this_protocol_are_refused(frame: bytes) 
 def test_a_record_round_trips() -> None:
     msg = m.Pin(V, "p", [key(1), key(2)], 12.5)
     assert m.decode(m.encode(msg)) == msg
+
+
+def test_the_primary_asks_for_copies_of_a_hot_block_and_cold_replicas_go() -> None:
+    n = Node(slots=4)
+    n.node.hot = HotSpots(hot_reads=2, max_replicas=3, window_s=10.0)
+    n.write(A, "w1", [key(0), key(1)], 1)
+    copies = [n.ask(B, m.Lookup(V, f"l{i}", [key(0)]), now=float(i)).copies for i in range(5)]
+    assert copies == [[1], [2], [2], [3], [3]]  # 1 + reads in the window // hot_reads
+    # On another owner, a reader writes a replica; read now and then, it stays.
+    r = Node(slots=4)
+    addresses = r.ask(A, m.Reserve(V, "w1", [key(0)], 10.0, replica=True), now=0.0).addresses
+    assert addresses[0]
+    r.node.on_message(A, m.Commit(V, "w1"), 0.0)
+    assert r.node.stats["replicas_written"] == 1
+    pinned = r.ask(B, m.Pin(V, "p1", [key(0)], 10.0), now=15.0)
+    r.node.on_message(B, m.Unpin(V, "p1"), 15.0)
+    assert len(pinned.addresses) == 1
+    r.node.tick(30.0)
+    assert r.pool.where(key(0)) == "dram"  # read 15 s ago: not two windows
+    r.node.tick(35.0)
+    assert r.pool.where(key(0)) is None and r.node.stats["replicas_dropped"] == 1
+    # An ordinary entry is never dropped for being cold.
+    r.write(A, "w2", [key(1)], 2, now=0.0)
+    r.node.tick(100.0)
+    assert r.pool.where(key(1)) == "dram"

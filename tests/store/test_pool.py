@@ -107,3 +107,37 @@ def test_bad_sizes_are_refused(tmp_path: Path) -> None:
             Pool(*args)
     with pytest.raises(ValueError, match="needs a file path"):
         Pool(SLOT, 1, None, ssd_slots=2)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_ssd_entry_is_a_miss_not_wrong_kv(tmp_path: Path, damage: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ssd.bin"
+    pool = Pool(SLOT, 1, path, ssd_slots=2)
+    _put(pool, b"a", 1)
+    _put(pool, b"b", 2)  # "a" moves to SSD
+    assert pool.where(b"a") == "ssd"
+    with path.open("r+b") as f:
+        if damage == "flip":
+            f.seek(SLOT // 2)  # "a" is in SSD slot 0
+            f.write(b"\xff")
+        else:
+            f.truncate(SLOT // 2)
+    assert pool.pin(b"a") is None
+    assert pool.where(b"a") is None and pool.stats["ssd_corrupt"] == 1
+    assert "is damaged" in caplog.text
+    assert pool.lookup([b"a"]) == 0
+    _put(pool, b"a", 3)  # the key can be written again
+    assert pool.where(b"a") == "dram"
+    pool.close()
+
+
+def test_drop_spares_pinned_and_reserved_entries() -> None:
+    pool = Pool(SLOT, 3)
+    _put(pool, b"a", 1)
+    assert pool.pin(b"a") is not None
+    assert pool.reserve(b"b") is not None
+    assert not pool.drop(b"a") and not pool.drop(b"b")
+    pool.unpin(b"a")
+    assert pool.drop(b"a") and pool.where(b"a") is None
+    assert pool.occupancy()["dram"]["used"] == 1  # only "b" (being written)
