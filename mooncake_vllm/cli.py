@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = {
     "doctor": ("mooncake_vllm.doctor", "this host's engine and RDMA, or a P/D cluster"),
     "proxy": ("mooncake_vllm.proxy.__main__", "the conductor: OpenAI-compatible P/D proxy"),
+    "store": ("mooncake_vllm.store.__main__", "a node of the cluster KV pool (DRAM, SSD)"),
     "demo": ("mooncake_vllm.demo", "run the whole stack on loopback and check its answers"),
     "bench": ("mooncake_vllm.bench.__main__", "benchmarks: transfer, layerwise, routing, serve"),
     "tiny-model": ("mooncake_vllm.testing.tiny_model", "write the hub-free tiny test model"),

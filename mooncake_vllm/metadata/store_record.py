@@ -19,7 +19,7 @@ class StoreInfo:
     name: str  # unique in the namespace; also the rendezvous identity
     control_endpoint: str  # the node's store channel (tcp://host:port)
     segment_name: str  # its engine segment: the pool's DRAM, one-sided READ and WRITE
-    slot_bytes: int  # one entry at most (KVSpace.entry_bytes must fit)
+    slot_bytes: int  # one entry at most (ShardSpace.entry_bytes must fit)
     dram_slots: int
     ssd_slots: int = 0
     status_url: str = ""  # its HTTP /status and /metrics

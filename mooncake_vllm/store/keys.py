@@ -2,10 +2,15 @@
 
 A full block of `block_size` tokens is addressed by a chained hash: the key of block i covers
 the tokens of blocks 0..i, so equal keys mean equal prefixes, and a lookup walks the chain
-until the first miss. The chain starts from the digest of a `KVSpace`, everything that makes
-one instance's KV unusable by another: the model, dtype, block size, the cache layout, and
-the tensor-parallel shard (a rank stores the heads it holds). A partial last block has no key:
-the pool holds full blocks only.
+until the first miss. A partial last block has no key: the pool holds full blocks only.
+
+Two steps, because the two halves of the connector know different things:
+- the scheduler knows the tokens and the model (`ModelSpace`: model, dtype, block size,
+  layers, heads, TP size) and computes the chain (`block_keys`);
+- each worker knows how its cache lays a block out and which TP shard it holds (`ShardSpace`)
+  and turns every chain key into the key of its shard's entry (`shard_keys`).
+So KV that one instance could not use as its own (another model, dtype, block size, cache
+layout, or another rank's heads) never shares a key with it.
 """
 
 from __future__ import annotations
@@ -20,9 +25,21 @@ import numpy as np
 KEY_BYTES = 32
 
 
+def _digest(label: bytes, obj: object) -> bytes:
+    text = json.dumps(asdict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(label + b"\0" + text.encode()).digest()
+
+
+def _require_positive(obj: object, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ValueError(f"{type(obj).__name__}.{name} must be >= 1, got "
+                             f"{getattr(obj, name)}")
+
+
 @dataclass(frozen=True)
-class KVSpace:
-    """What two instances must share for one's KV blocks to be the other's."""
+class ModelSpace:
+    """What the scheduler knows that two instances must share for KV to be exchangeable."""
 
     model: str
     dtype: str
@@ -30,19 +47,29 @@ class KVSpace:
     num_layers: int
     total_kv_heads: int
     head_size: int
-    block_bytes: int  # one block of one layer and plane, as the cache lays it out
-    planes: int  # per layer (K and V apart, or together)
     tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require_positive(self, ("block_size", "num_layers", "total_kv_heads", "head_size",
+                                 "tp_size"))
+
+    def digest(self) -> bytes:
+        return _digest(b"mooncake-vllm model space v1", self)
+
+
+@dataclass(frozen=True)
+class ShardSpace:
+    """What a worker adds: how its cache lays a block out, and which shard of heads it holds."""
+
+    block_bytes: int  # one block of one layer and plane
+    planes: int  # per layer (K and V apart, or together)
+    num_layers: int
     tp_rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_layers", "total_kv_heads", "head_size", "block_bytes",
-                     "planes", "tp_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"KVSpace.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"KVSpace.tp_rank {self.tp_rank} is not below tp_size "
-                             f"{self.tp_size}")
+        _require_positive(self, ("block_bytes", "planes", "num_layers"))
+        if self.tp_rank < 0:
+            raise ValueError(f"ShardSpace.tp_rank must be >= 0, got {self.tp_rank}")
 
     @property
     def entry_bytes(self) -> int:
@@ -50,11 +77,10 @@ class KVSpace:
         return self.block_bytes * self.planes * self.num_layers
 
     def digest(self) -> bytes:
-        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(b"mooncake-vllm kv space v1\0" + text.encode()).digest()
+        return _digest(b"mooncake-vllm shard space v1", self)
 
 
-def block_keys(space: KVSpace, token_ids: Sequence[int]) -> list[bytes]:
+def block_keys(space: ModelSpace, token_ids: Sequence[int]) -> list[bytes]:
     """One key per full block of `token_ids`, each chained on the one before."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 1 or (len(ids) and ids.min() < 0):
@@ -65,3 +91,9 @@ def block_keys(space: KVSpace, token_ids: Sequence[int]) -> list[bytes]:
         prev = hashlib.sha256(prev + block.astype("<i8").tobytes()).digest()
         keys.append(prev)
     return keys
+
+
+def shard_keys(shard: ShardSpace, keys: Sequence[bytes]) -> list[bytes]:
+    """The keys of this shard's entries for the chain keys `keys`."""
+    salt = shard.digest()
+    return [hashlib.sha256(salt + key).digest() for key in keys]

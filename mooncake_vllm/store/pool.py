@@ -2,7 +2,7 @@
 one-sided, with an SSD tier below.
 
 Rules:
-- An entry is one whole block (every layer and plane: `KVSpace.entry_bytes`) in one slot.
+- An entry is one whole block (every layer and plane: `ShardSpace.entry_bytes`) in one slot.
 - Writes: `reserve(key)` hands out a free DRAM slot's address for a peer's one-sided WRITE;
   the entry is invisible to lookups until `commit(key)`, and `abort(key)` frees the slot.
   A key already held is not reserved again (the writer skips it).

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 
-from mooncake_vllm.store.keys import KVSpace, block_keys
+from mooncake_vllm.store.keys import ModelSpace, ShardSpace, block_keys, shard_keys
 from mooncake_vllm.store.placement import HotSpots, owners, pick_replica, rendezvous
 
-SPACE = KVSpace(model="tiny", dtype="float32", block_size=4, num_layers=2, total_kv_heads=2,
-                head_size=8, block_bytes=256, planes=1)
+SPACE = ModelSpace(model="tiny", dtype="float32", block_size=4, num_layers=2,
+                   total_kv_heads=2, head_size=8)
+SHARD = ShardSpace(block_bytes=256, planes=1, num_layers=2)
 
 
 def test_keys_chain_over_the_prefix_and_skip_a_partial_block() -> None:
@@ -25,17 +26,23 @@ def test_keys_chain_over_the_prefix_and_skip_a_partial_block() -> None:
 
 
 @pytest.mark.parametrize("change", [{"model": "other"}, {"dtype": "bfloat16"},
-                                    {"block_size": 8}, {"tp_size": 2, "tp_rank": 1},
-                                    {"block_bytes": 512}])
+                                    {"block_size": 8}, {"tp_size": 2}, {"block_bytes": 512},
+                                    {"planes": 2}, {"tp_rank": 1}])
 def test_incompatible_kv_never_shares_a_key(change: dict) -> None:
-    other = dataclasses.replace(SPACE, **change)
+    model = {k: v for k, v in change.items() if hasattr(SPACE, k)}
+    shard = {k: v for k, v in change.items() if k not in model}
+    other_space = dataclasses.replace(SPACE, **model)
+    other_shard = dataclasses.replace(SHARD, **shard)
     tokens = list(range(16))
-    assert not set(block_keys(SPACE, tokens)) & set(block_keys(other, tokens))
+    ours = shard_keys(SHARD, block_keys(SPACE, tokens))
+    theirs = shard_keys(other_shard, block_keys(other_space, tokens))
+    assert len(ours) == 4 and not set(ours) & set(theirs)
+    assert shard_keys(SHARD, block_keys(SPACE, tokens)) == ours  # and equal KV always does
 
 
 def test_bad_spaces_and_tokens_are_refused() -> None:
-    with pytest.raises(ValueError, match="tp_rank 2 is not below tp_size 2"):
-        dataclasses.replace(SPACE, tp_size=2, tp_rank=2)
+    with pytest.raises(ValueError, match="tp_rank must be >= 0"):
+        dataclasses.replace(SHARD, tp_rank=-1)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         dataclasses.replace(SPACE, block_size=0)
     with pytest.raises(ValueError, match="non-negative"):
