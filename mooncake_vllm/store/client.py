@@ -1,0 +1,278 @@
+"""A client's side of the pool protocol: find, read and write entries on the live store nodes.
+
+Used by a connector worker, whose engine moves the bytes: entries are read into and written
+from memory the caller has registered with that engine (the worker's staging slots), one
+contiguous entry per key. Stores come from the metadata layer (`list_stores`, the etcd
+membership), owners by rendezvous hashing over them (placement.py): no server sits on the
+data path, and every client computes the same owners.
+
+Failure rules: every call is bounded (`ask_timeout_s` per question, the engine's timeout per
+transfer) and answers with how many leading entries it found, read or wrote; a store that is
+slow, full, gone or refuses is a miss for its keys, never an exception. A read's pins are
+released once its transfers have ended; a write whose transfer failed is not committed (the
+store takes the slots back after the lease and landing bound), so no reader sees half an entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mooncake_vllm.channel.control_channel import ControlChannel
+from mooncake_vllm.engine import TransferEngine, TransferError
+from mooncake_vllm.metadata import MetadataStore, StoreInfo
+from mooncake_vllm.store import messages as m
+from mooncake_vllm.store.placement import owners, pick_replica
+
+log = logging.getLogger("vllm.mooncake_vllm.store")
+V = m.PROTOCOL_VERSION
+
+
+@dataclass
+class Found:
+    held: int  # leading keys held in the pool
+    copies: list[int] = field(default_factory=list)  # per key: owners that should hold it
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    reply: Any = None
+
+
+class PoolClient:
+    def __init__(self, engine: TransferEngine, metadata: MetadataStore, *, hostname: str,
+                 token: str | None, reader: str, entry_bytes: int,
+                 ask_timeout_s: float = 1.0, lease_s: float = 10.0) -> None:
+        self.engine, self.metadata, self.reader = engine, metadata, reader
+        self.entry_bytes, self.ask_timeout_s, self.lease_s = entry_bytes, ask_timeout_s, lease_s
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiter] = {}
+        self._segments: dict[str, int] = {}
+        self._too_small: set[str] = set()
+        self.stats = {"lookups": 0, "lookup_s": 0.0, "hits": 0, "misses": 0, "read_entries": 0,
+                      "read_bytes": 0, "written_entries": 0, "written_bytes": 0,
+                      "replicas_written": 0, "failures": 0}
+        self.channel = ControlChannel(hostname, 0, self._on_reply, lambda: None, codec=m.CODEC,
+                                      tick_s=1.0, token=token)
+
+    # ------------------------------------------------------------------ membership
+    def live_stores(self) -> dict[str, StoreInfo]:
+        """The store nodes this client can use: alive in etcd, slots large enough."""
+        stores = {}
+        for info in self.metadata.list_stores():
+            if info.slot_bytes < self.entry_bytes:
+                if info.name not in self._too_small:
+                    self._too_small.add(info.name)
+                    log.warning("pool: store %s has %d-byte slots, an entry here is %d bytes: "
+                                "not used (start it with --slot-bytes %d or more)", info.name,
+                                info.slot_bytes, self.entry_bytes, self.entry_bytes)
+                continue
+            stores[info.name] = info
+        return stores
+
+    # ------------------------------------------------------------------ questions
+    def _on_reply(self, sender: bytes | str, msg: m.Message) -> None:
+        with self._lock:
+            waiter = self._waiting.get(msg.id)
+        if waiter is None or not isinstance(sender, str):
+            log.debug("pool: dropped an unasked %s from %r", type(msg).__name__, sender)
+            return
+        waiter.reply = msg
+        waiter.event.set()
+
+    def _ask_all(self, questions: Sequence[tuple[str, m.Message]]) -> dict[str, Any]:
+        """Send every (endpoint, question) at once; their replies by id (missing: none in
+        time)."""
+        waiters = {q.id: _Waiter() for _, q in questions}
+        with self._lock:
+            self._waiting.update(waiters)
+        try:
+            for endpoint, q in questions:
+                self.channel.send(endpoint, q)
+            deadline = time.monotonic() + self.ask_timeout_s
+            for w in waiters.values():
+                w.event.wait(max(0.0, deadline - time.monotonic()))
+            return {rid: w.reply for rid, w in waiters.items() if w.reply is not None}
+        finally:
+            with self._lock:
+                for rid in waiters:
+                    self._waiting.pop(rid, None)
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, keys: Sequence[bytes]) -> Found:
+        """How many leading `keys` the pool holds: one batched Lookup per primary owner."""
+        started = time.monotonic()
+        stores = self.live_stores()
+        if not keys or not stores:
+            return Found(0, [1] * len(keys))
+        names = sorted(stores)
+        by_owner: dict[str, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            by_owner[owners(key, names, 1)[0]].append(i)
+        asked = {name: m.Lookup(V, uuid.uuid4().hex, [keys[i] for i in idx])
+                 for name, idx in by_owner.items()}
+        replies = self._ask_all([(stores[n].control_endpoint, q) for n, q in asked.items()])
+        held, copies = len(keys), [1] * len(keys)
+        for name, idx in by_owner.items():
+            reply = replies.get(asked[name].id)
+            if not isinstance(reply, m.Located):
+                log.warning("pool: store %s did not answer a lookup within %.1fs: a miss",
+                            name, self.ask_timeout_s)
+                held = min(held, idx[0])
+                continue
+            if reply.held < len(idx):
+                held = min(held, idx[reply.held])
+            for i, c in zip(idx, reply.copies, strict=False):
+                copies[i] = c
+        self.stats["lookups"] += 1
+        self.stats["lookup_s"] += time.monotonic() - started
+        return Found(held, copies)
+
+    # ------------------------------------------------------------------ reads
+    def read(self, keys: Sequence[bytes], addresses: Sequence[int],
+             copies: Sequence[int] | None = None) -> int:
+        """Read the entries of `keys` into `addresses` (entry_bytes each, registered with the
+        engine); how many leading ones landed."""
+        stores = self.live_stores()
+        if not keys or not stores:
+            return 0
+        names = sorted(stores)
+        copies = list(copies) if copies is not None else [1] * len(keys)
+        source: dict[int, str] = {}
+        for i, key in enumerate(keys):
+            cands = owners(key, names, max(1, copies[i]))
+            source[i] = pick_replica(key, cands, self.reader) if len(cands) > 1 else cands[0]
+        landed = self._read_round(stores, keys, addresses, source)
+        # Keys whose replica was not there yet: from their primary owner.
+        retry = {i: owners(keys[i], names, 1)[0] for i in range(len(keys))
+                 if i not in landed and source[i] != owners(keys[i], names, 1)[0]}
+        if retry:
+            landed |= self._read_round(stores, keys, addresses, retry)
+        n = 0
+        while n in landed:
+            n += 1
+        self.stats["hits" if n else "misses"] += 1
+        self.stats["read_entries"] += n
+        self.stats["read_bytes"] += n * self.entry_bytes
+        return n
+
+    def _read_round(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
+                    addresses: Sequence[int], source: dict[int, str]) -> set[int]:
+        by_store: dict[str, list[int]] = defaultdict(list)
+        for i in sorted(source):
+            by_store[source[i]].append(i)
+        pins = {name: m.Pin(V, uuid.uuid4().hex, [keys[i] for i in idx], self.lease_s)
+                for name, idx in by_store.items()}
+        replies = self._ask_all([(stores[n].control_endpoint, q) for n, q in pins.items()])
+        landed: set[int] = set()
+        batches = []
+        for name, idx in by_store.items():
+            reply = replies.get(pins[name].id)
+            if not isinstance(reply, m.Pinned) or not reply.addresses:
+                continue
+            got = idx[:len(reply.addresses)]
+            batch = self._submit(stores[name], "read", [addresses[i] for i in got],
+                                 reply.addresses)
+            batches.append((name, pins[name].id, got, batch))
+        for name, pin_id, got, batch in batches:
+            if batch is not None and self._finish(stores[name], batch):
+                landed.update(got)
+            # Released only once the transfer has ended: eviction must not overwrite a slot
+            # that is still being read.
+            self.channel.send(stores[name].control_endpoint, m.Unpin(V, pin_id))
+        # Pins a store granted after we stopped waiting are released by its lease.
+        return landed
+
+    # ------------------------------------------------------------------ writes
+    def write(self, keys: Sequence[bytes], addresses: Sequence[int],
+              copies: Sequence[int] | None = None) -> int:
+        """Store the entries at `addresses` under `keys` on their owners (and on the next
+        owners where `copies` asks for replicas); how many entries were written (keys a
+        store already held count as done)."""
+        stores = self.live_stores()
+        if not keys or not stores:
+            return 0
+        names = sorted(stores)
+        copies = list(copies) if copies is not None else [1] * len(keys)
+        targets: dict[tuple[str, bool], list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            for rank, name in enumerate(owners(key, names, max(1, copies[i]))):
+                targets[(name, rank > 0)].append(i)
+        asks = {t: m.Reserve(V, uuid.uuid4().hex, [keys[i] for i in idx], self.lease_s,
+                             replica=t[1]) for t, idx in targets.items()}
+        replies = self._ask_all([(stores[t[0]].control_endpoint, q) for t, q in asks.items()])
+        written, pending = 0, []
+        for t, idx in targets.items():
+            reply = replies.get(asks[t].id)
+            if not isinstance(reply, m.Reserved):
+                continue
+            if reply.reason:
+                log.info("pool: store %s reserved %d of %d: %s", t[0], len(reply.addresses),
+                         len(idx), reply.reason)
+            pairs = [(addresses[i], a) for i, a in zip(idx, reply.addresses, strict=False) if a]
+            if not pairs:
+                self.channel.send(stores[t[0]].control_endpoint, m.Commit(V, asks[t].id))
+                continue
+            batch = self._submit(stores[t[0]], "write", [p[0] for p in pairs],
+                                 [p[1] for p in pairs])
+            pending.append((t, len(pairs), batch))
+        for (name, replica), count, batch in pending:
+            if batch is not None and self._finish(stores[name], batch):
+                self.channel.send(stores[name].control_endpoint, m.Commit(V, asks[(name,
+                                  replica)].id))
+                written += count
+                if replica:
+                    self.stats["replicas_written"] += count
+        self.stats["written_entries"] += written
+        self.stats["written_bytes"] += written * self.entry_bytes
+        return written
+
+    # ------------------------------------------------------------------ transfers
+    def _segment(self, info: StoreInfo) -> int | None:
+        seg = self._segments.get(info.segment_name)
+        if seg is None:
+            desc = self.metadata.get_segment(info.segment_name)
+            if desc is None:
+                log.warning("pool: store %s's segment %s is not in the metadata store",
+                            info.name, info.segment_name)
+                return None
+            try:
+                seg = self._segments[info.segment_name] = self.engine.open_segment(desc)
+            except Exception as e:  # the native engine's errors: this store is a miss
+                log.warning("pool: cannot open store %s's segment: %s", info.name, e)
+                return None
+        return seg
+
+    def _submit(self, info: StoreInfo, op: str, local: Sequence[int],
+                remote: Sequence[int]) -> int | None:
+        seg = self._segment(info)
+        if seg is None:
+            return None
+        try:
+            return self.engine.submit(seg, op, list(local), list(remote),
+                                      [self.entry_bytes] * len(local))
+        except Exception as e:  # the native engine's errors: this store is a miss
+            self.stats["failures"] += 1
+            log.warning("pool: %s with store %s could not start: %s", op, info.name, e)
+            return None
+
+    def _finish(self, info: StoreInfo, batch: int) -> bool:
+        try:
+            self.engine.wait(batch)
+            return True
+        except TransferError as e:
+            self.stats["failures"] += 1
+            log.warning("pool: transfer with store %s failed: %s", info.name, e)
+            return False
+        finally:
+            self.engine.release(batch)
+
+    def close(self) -> None:
+        self.channel.close()
