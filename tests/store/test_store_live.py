@@ -111,7 +111,7 @@ def test_a_hot_block_is_replicated_and_reads_spread(cluster: tuple) -> None:
         want = readers[0].arena[:ENTRY].copy()
         assert readers[0].pool.write(hot, [readers[0].addr(0)]) == 1
         before = {n: s.status()["pool"]["dram_hits"] for n, s in stores.items()}
-        for round_ in range(3):
+        for _ in range(3):
             for r in readers:
                 found = r.pool.lookup(hot)
                 assert found.held == 1
