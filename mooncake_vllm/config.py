@@ -83,6 +83,14 @@ class ConnectorConfig:
     # device and the transport cannot read device memory).
     staging: str = "auto"  # "auto" | "on" | "off"
     staging_buffer_mb: int = 256
+    # The cluster KV pool (store/, `mooncake-vllm store` nodes found in etcd): before a
+    # prefill, the prompt's blocks beyond the local prefix cache are read from the pool; after
+    # it, new full blocks are written there. Entries pass through a host buffer of
+    # `pool_buffer_mb`, so pool I/O never touches blocks vLLM may free or reuse; a pool slower
+    # than `pool_lookup_timeout_s`, full, or missing a node is a miss and a recompute.
+    pool: bool = False
+    pool_buffer_mb: int = 256
+    pool_lookup_timeout_s: float = 1.0
 
     def last_write_landing_s(self, wait_s: float) -> float:
         """From D's registration (asking P to write for `wait_s`) to the moment no write of this
@@ -162,6 +170,7 @@ class ConnectorConfig:
             "pipeline_silence_timeout_s",
             "engine_timeout_s",
             "metadata_ttl_s",
+            "pool_lookup_timeout_s",
         ):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number of seconds")
@@ -169,6 +178,11 @@ class ConnectorConfig:
             raise bad("connections_per_peer", "must be >= 1")
         if self.staging_buffer_mb < 1:
             raise bad("staging_buffer_mb", "must be >= 1")
+        if self.pool_buffer_mb < 1:
+            raise bad("pool_buffer_mb", "must be >= 1")
+        if self.pool and not self.uses_etcd:
+            raise bad("pool", "the pool's store nodes are found in etcd: set metadata_server "
+                      "to etcd://HOST:PORT")
         if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
             raise bad("advertise_url", "expected an http:// or https:// URL")
         if not self.hostname:

@@ -34,8 +34,9 @@ logger = logging.getLogger("vllm.mooncake_vllm.connector")
 
 @dataclass
 class GateReport(KVConnectorWorkerMetadata):
-    """D worker -> D scheduler, once per step: transfers whose head P has started, and
-    transfers P said are still queued (alive)."""
+    """A worker -> its scheduler, once per step (vLLM merges the ranks' reports): on D,
+    transfers whose head P has started and transfers P said are still queued (alive); on any
+    instance, the pool prefetches that ended."""
 
     started: set[str] = field(default_factory=set)
     alive: set[str] = field(default_factory=set)
@@ -45,15 +46,19 @@ class GateReport(KVConnectorWorkerMetadata):
     # until every rank that reported one has reported it settled (ranks' feeders differ).
     unsettled: set[tuple[str, int]] = field(default_factory=set)
     settled: set[tuple[str, int]] = field(default_factory=set)
+    # The KV pool: (request id, rank, entries prefetched), one per rank and prefetch.
+    prefetched: set[tuple[str, int, int]] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> GateReport:
         if not isinstance(other, GateReport):
             return self
         return GateReport(self.started | other.started, self.alive | other.alive,
-                          self.unsettled | other.unsettled, self.settled | other.settled)
+                          self.unsettled | other.unsettled, self.settled | other.settled,
+                          self.prefetched | other.prefetched)
 
     def __bool__(self) -> bool:
-        return bool(self.started or self.alive or self.unsettled or self.settled)
+        return bool(self.started or self.alive or self.unsettled or self.settled
+                    or self.prefetched)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mooncake_vllm.config import ConnectorConfig
 from mooncake_vllm.connector.pipeline_gate import GateReport, Gates
+from mooncake_vllm.connector.pool_plan import PoolPlanner, model_space
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec, SaveSpec
 from mooncake_vllm.remote_control import remote_control_problem
 from mooncake_vllm.security import transfer_params_refusal
@@ -114,6 +115,10 @@ class MooncakeScheduler:
         # kept until it finishes: a signature that expires while the request runs must not
         # turn it into a plain request half-way (its blocks would be freed under P's writes).
         self._checked: dict[str, dict[str, Any]] = {}
+        # The KV pool (pool_plan.py): requests that prefill here, by id.
+        self.pool = (PoolPlanner(model_space(vllm_config), config.pool_lookup_timeout_s)
+                     if config.pool else None)
+        self._pool_reqs: dict[str, Request] = {}
 
     def _params(self, request: Request) -> dict[str, Any]:
         """The request's kv_transfer_params when they may drive a transfer, else {}."""
@@ -162,8 +167,11 @@ class MooncakeScheduler:
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         p = self._params(request)
-        if (not self.is_consumer or not p.get("do_remote_prefill")
-                or request.request_id in self._d_handled):
+        if not (self.is_consumer and p.get("do_remote_prefill")):  # prefilled here
+            if self.pool is not None and not p.get("probe"):
+                return self.pool.matched(request, num_computed_tokens), False
+            return 0, False
+        if request.request_id in self._d_handled:
             return 0, False
         self._d_local_hit[request.request_id] = num_computed_tokens
         head = self._pipeline_head(request)
@@ -193,6 +201,9 @@ class MooncakeScheduler:
                                  num_external_tokens: int) -> None:
         p = self._params(request)
         rid = request.request_id
+        if self.pool is not None and not (self.is_consumer and p.get("do_remote_prefill")):
+            self.pool.allocated(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+            self._pool_reqs[rid] = request
         if self.is_producer and p.get("do_remote_decode") and not p.get("probe"):
             self._p_reqs[rid] = request
             logger.debug("prefill request %s: transfer %s", rid, p.get("transfer_id"))
@@ -228,6 +239,13 @@ class MooncakeScheduler:
                                 held=self._pending_held, watches=self._gates.take_watches(),
                                 idle=self.idle_step(out))
         self._pending_recvs, self._pending_releases, self._pending_held = [], [], {}
+        if self.pool is not None:
+            self.pool.fill(meta)
+            if self._pool_reqs:
+                assert self.kv_cache_manager is not None
+                kvm = self.kv_cache_manager
+                meta.pool_saves = self.pool.saves(out, self._pool_reqs,
+                                                  lambda rid: kvm.get_block_ids(rid)[0])
         for rid in getattr(out, "preempted_req_ids", None) or ():
             req = self._p_reqs.get(rid)
             if req is not None:
@@ -260,6 +278,9 @@ class MooncakeScheduler:
 
         p = self._params(request)
         rid = request.request_id
+        if self.pool is not None:
+            self.pool.finished(rid)
+            self._pool_reqs.pop(rid, None)
         asked = self._d_local_hit.pop(rid, None) is not None  # D saw it and allocated nothing
         self._gates.forget(rid)
         self._checked.pop(rid, None)
@@ -316,6 +337,8 @@ class MooncakeScheduler:
             self._gates.on_report(report, time.monotonic())
             self._d_unsettled -= report.settled
             self._d_unsettled |= {u for u in report.unsettled if u[0] in self._d_pipelined}
+            if self.pool is not None and report.prefetched:
+                self.pool.on_prefetched(report.prefetched)
 
     def has_pending_block_frees(self) -> bool:
         """True while a running pipelined request's load was given up and P's writes may still
@@ -327,7 +350,8 @@ class MooncakeScheduler:
         # Keeps the engine stepping (so workers get polled) while blocks are held for a
         # transfer or a message is still to be handed to the workers.
         return bool(self._p_held or self._d_delayed or self._pending_held or self._pending_recvs
-                    or self._pending_releases or self._gates.has_pending())
+                    or self._pending_releases or self._gates.has_pending()
+                    or (self.pool is not None and self.pool.has_pending()))
 
     def shutdown(self) -> None:
         if self._metadata is not None:

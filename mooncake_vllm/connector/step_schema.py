@@ -37,6 +37,34 @@ class RecvSpec:
 
 
 @dataclass
+class PoolPrefetch:
+    """Any instance: read these prompt blocks from the pool into the workers' pool buffer
+    (chain keys, from the prompt's block `first` on); each worker reports how many landed."""
+
+    req_id: str
+    keys: list[bytes]
+    first: int
+
+
+@dataclass
+class PoolPlace:
+    """Copy the request's prefetched entries into these blocks (before this step's forward
+    pass, which counts their tokens as computed), then free the buffer."""
+
+    req_id: str
+    block_ids: list[int]
+
+
+@dataclass
+class PoolSave:
+    """After this step's forward pass: the prompt blocks it completed, to write to the pool."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
 class MooncakeMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     # P: requests whose blocks the scheduler now holds for the workers: req_id -> finished ok
@@ -54,3 +82,8 @@ class MooncakeMetadata(KVConnectorMetadata):
     # for a transfer to finish or fail instead of returning at once, so that the engine's
     # loop does not spin while it waits for remote KV.
     idle: bool = False
+    # The KV pool (pool_plan.py, pool_io.py).
+    pool_prefetches: list[PoolPrefetch] = field(default_factory=list)
+    pool_places: list[PoolPlace] = field(default_factory=list)
+    pool_saves: list[PoolSave] = field(default_factory=list)
+    pool_drops: list[str] = field(default_factory=list)  # prefetched entries nobody placed

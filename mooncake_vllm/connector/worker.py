@@ -36,6 +36,7 @@ from mooncake_vllm.connector.decode_side import DecodeSide
 from mooncake_vllm.connector.doctor_probe import DoctorProbe
 from mooncake_vllm.connector.layout import KVLayout, memory_regions
 from mooncake_vllm.connector.pipeline_gate import GateReport
+from mooncake_vllm.connector.pool_io import PoolWorker
 from mooncake_vllm.connector.prefill_side import PrefillSide
 from mooncake_vllm.connector.staging import StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats
@@ -103,6 +104,7 @@ class MooncakeWorker:
         self.unhealthy = ""  # why this worker cannot serve transfers; "" when it can
         self.cores: CoreRegistry | None = None  # CPU platform: our record of cores in use
         self.doctor: DoctorProbe | None = None
+        self.pool: PoolWorker | None = None  # the KV pool (pool_io.py), when configured
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ setup
@@ -146,6 +148,11 @@ class MooncakeWorker:
 
             self.metadata = open_store(c)
             self.metadata.publish_segment(self.segment_name, self.engine.descriptor())
+            if c.pool:
+                with widened_affinity():  # its thread waits on the network, not the model
+                    self.pool = PoolWorker(self.engine, self.metadata, self.layout, c,
+                                           reader=f"{c.instance_id}-tp{self.tp_rank}",
+                                           stats=self.stats, lock=self.lock)
         self.prefill = PrefillSide(
             engine=self.engine, send=self._send, config=c, layout=self.layout,
             block_size=self.block_size, tp_rank=self.tp_rank, stats=self.stats, lock=self.lock,
@@ -210,6 +217,9 @@ class MooncakeWorker:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if self.metadata is not None:
             try:
                 self.metadata.close()
@@ -270,6 +280,8 @@ class MooncakeWorker:
         assert self.prefill is not None and self.decode is not None
         self.prefill.bind(meta, time.monotonic())
         self.decode.bind(meta)
+        if self.pool is not None:
+            self.pool.bind(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Called as each attention layer starts.
@@ -317,6 +329,8 @@ class MooncakeWorker:
         meta = self._meta
         if meta is not None and meta.saves and self.prefill is not None:
             self.prefill.end_forward(meta, time.monotonic())
+        if meta is not None and meta.pool_saves and self.pool is not None:
+            self.pool.after_forward(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         assert self.prefill is not None and self.decode is not None
@@ -331,7 +345,12 @@ class MooncakeWorker:
         return self.decode.take_load_errors() if self.decode is not None else set()
 
     def take_gate_report(self) -> GateReport | None:
-        return self.decode.take_gate_report() if self.decode is not None else None
+        report = self.decode.take_gate_report() if self.decode is not None else None
+        prefetched = self.pool.take_reports() if self.pool is not None else set()
+        if prefetched:
+            report = report or GateReport()
+            report.prefetched |= prefetched
+        return report
 
     def take_stats(self) -> MooncakeStats | None:
         with self.lock:

@@ -1,0 +1,221 @@
+"""The KV pool, worker half: prefetching entries into a host buffer, placing them in blocks,
+and saving completed blocks (pool_plan.py says when each happens).
+
+Every entry passes through this worker's pool buffer (registered with the engine), so pool
+I/O never touches a KV block that vLLM may free or reuse meanwhile:
+- prefetch (background): look the shard's keys up, read the entries found into buffer slots,
+  report how many landed; they wait there for PoolPlace or PoolDrop;
+- place (before the forward pass): copy the entries into the request's blocks, a local copy
+  that cannot fail, so vLLM may count the tokens as computed; entries of hot blocks are then
+  written to their next owners as replicas before their slots are freed;
+- save (after the forward pass): copy the blocks the step completed into slots, then write
+  them to the pool in the background.
+A full buffer, a slow or failed pool: fewer entries, a miss, never an error. The background
+thread survives any one failed job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mooncake_vllm.config import ConnectorConfig
+from mooncake_vllm.connector.layout import KVLayout
+from mooncake_vllm.connector.stats import MooncakeStats
+from mooncake_vllm.connector.step_schema import MooncakeMetadata, PoolPlace
+from mooncake_vllm.engine import TransferEngine
+from mooncake_vllm.metadata import MetadataStore
+from mooncake_vllm.store.client import PoolClient
+from mooncake_vllm.store.keys import ShardSpace, shard_keys
+
+logger = logging.getLogger("vllm.mooncake_vllm.connector")
+MIB = 1 << 20
+
+
+@dataclass
+class _Staged:
+    slots: list[int]
+    copies: list[int]
+    keys: list[bytes]
+
+
+class PoolWorker:
+    def __init__(self, engine: TransferEngine, metadata: MetadataStore, layout: KVLayout,
+                 config: ConnectorConfig, reader: str, stats: MooncakeStats,
+                 lock: threading.RLock) -> None:
+        self.layout, self.rank = layout, layout.tp_rank
+        self._stats, self._stats_lock = stats, lock  # the worker's, exported by vLLM
+        self.shard = ShardSpace(layout.block_bytes, len(layout.planes[0]),
+                                len(layout.layer_names), layout.tp_rank)
+        self.entry = self.shard.entry_bytes
+        slots = max(1, config.pool_buffer_mb * MIB // self.entry)
+        self.buffer = np.zeros(slots * self.entry, np.uint8)
+        self.base = int(self.buffer.ctypes.data)
+        self.engine = engine
+        engine.register(self.base, self.buffer.nbytes)
+        self.client = PoolClient(engine, metadata, hostname=config.hostname,
+                                 token=config.cluster_token, reader=reader,
+                                 entry_bytes=self.entry, ask_timeout_s=config.pool_lookup_timeout_s)
+        self._lock = threading.Lock()
+        self._free = list(range(slots - 1, -1, -1))
+        self._staged: dict[str, _Staged] = {}
+        self._dropped: set[str] = set()  # dropped while their prefetch was still running
+        self._running: set[str] = set()
+        self._reports: set[tuple[str, int, int]] = set()
+        # (byte offset in an entry, layer, plane) of each chunk, in entry order.
+        self._chunks = [(i * layout.block_bytes, layer, plane)
+                        for i, (layer, plane) in enumerate(
+                            (la, pl) for la in range(len(layout.planes))
+                            for pl in range(len(layout.planes[la])))]
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mooncake-pool", daemon=True)
+        self._thread.start()
+
+    def _count(self, lookup_s: float | None = None, **counts: int) -> None:
+        with self._stats_lock:
+            self._stats.add(**counts)
+            if lookup_s is not None:
+                self._stats.observe("pool_lookup_s", lookup_s)
+
+    # ------------------------------------------------------------------ buffer
+    def _take(self, n: int) -> list[int]:
+        with self._lock:
+            got = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        if len(got) < n:
+            self._count(pool_buffer_full=1)
+        return got
+
+    def _give(self, slots: list[int]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+
+    def _addr(self, slot: int) -> int:
+        return self.base + slot * self.entry
+
+    def _copy(self, slot: int, block: int, into_block: bool) -> None:
+        for offset, layer, plane in self._chunks:
+            p = self.layout.planes[layer][plane]
+            kv, buf = p.base + block * p.stride, self._addr(slot) + offset
+            if into_block:
+                ctypes.memmove(kv, buf, self.layout.block_bytes)
+            else:
+                ctypes.memmove(buf, kv, self.layout.block_bytes)
+
+    # ------------------------------------------------------------------ steps
+    def bind(self, meta: MooncakeMetadata) -> None:
+        """Before the forward pass."""
+        for rid in meta.pool_drops:
+            self._drop(rid)
+        for pf in meta.pool_prefetches:
+            keys = shard_keys(self.shard, pf.keys)
+            with self._lock:
+                self._running.add(pf.req_id)
+            self._jobs.put(lambda rid=pf.req_id, keys=keys: self._prefetch(rid, keys))
+        for place in meta.pool_places:
+            self._place(place)
+
+    def after_forward(self, meta: MooncakeMetadata) -> None:
+        """After the forward pass: copy out the blocks it completed, write them later."""
+        for save in meta.pool_saves:
+            slots = self._take(len(save.keys))
+            if not slots:
+                continue
+            for slot, block in zip(slots, save.block_ids, strict=False):
+                self._copy(slot, block, into_block=False)
+            keys = shard_keys(self.shard, save.keys[:len(slots)])
+            self._jobs.put(lambda keys=keys, slots=slots: self._write(keys, slots, None))
+
+    def take_reports(self) -> set[tuple[str, int, int]]:
+        with self._lock:
+            reports, self._reports = self._reports, set()
+        return reports
+
+    # ------------------------------------------------------------------ the three moves
+    def _prefetch(self, rid: str, keys: list[bytes]) -> None:
+        n, slots, copies = 0, [], []
+        started = time.monotonic()
+        try:
+            found = self.client.lookup(keys)
+            self._count(time.monotonic() - started, pool_lookups=1,
+                        pool_hits=1 if found.held else 0)
+            slots = self._take(found.held)
+            if slots:
+                n = self.client.read(keys[:len(slots)], [self._addr(s) for s in slots],
+                                     found.copies[:len(slots)])
+                copies = found.copies[:n]
+        except Exception:  # the client bounds and absorbs pool failures: this is a bug
+            logger.exception("pool: prefetch for request %s failed: a miss", rid)
+            n = 0
+        self._give(slots[n:])
+        with self._lock:
+            self._running.discard(rid)
+            if rid in self._dropped:
+                self._dropped.discard(rid)
+                self._free.extend(slots[:n])
+                return
+            # Always reported, a miss included: the scheduler waits for every rank.
+            self._staged[rid] = _Staged(slots[:n], copies, keys[:n])
+            self._reports.add((rid, self.rank, n))
+
+    def _place(self, place: PoolPlace) -> None:
+        with self._lock:
+            staged = self._staged.pop(place.req_id, None)
+        if staged is None or len(staged.slots) < len(place.block_ids):
+            # The scheduler places only what every rank reported staged: a bug, said loudly.
+            raise RuntimeError(f"pool: request {place.req_id} has {len(place.block_ids)} "
+                               f"blocks to place but {0 if staged is None else len(staged.slots)}"
+                               " entries staged")
+        n = len(place.block_ids)
+        for slot, block in zip(staged.slots, place.block_ids, strict=False):
+            self._copy(slot, block, into_block=True)
+        self._count(pool_blocks_loaded=n, pool_bytes_read=n * self.entry)
+        self._give(staged.slots[n:])
+        hot = [i for i in range(n) if staged.copies[i] > 1]
+        self._give([staged.slots[i] for i in range(n) if staged.copies[i] <= 1])
+        if hot:
+            keys = [staged.keys[i] for i in hot]
+            slots = [staged.slots[i] for i in hot]
+            copies = [staged.copies[i] for i in hot]
+            self._jobs.put(lambda: self._write(keys, slots, copies))
+
+    def _write(self, keys: list[bytes], slots: list[int], copies: list[int] | None) -> None:
+        try:
+            n = self.client.write(keys, [self._addr(s) for s in slots], copies)
+        finally:
+            self._give(slots)
+        if copies is None:
+            self._count(pool_blocks_saved=n, pool_bytes_written=n * self.entry)
+        else:
+            self._count(pool_replicas_written=n, pool_bytes_written=n * self.entry)
+
+    def _drop(self, rid: str) -> None:
+        with self._lock:
+            staged = self._staged.pop(rid, None)
+            if staged is not None:
+                self._free.extend(staged.slots)
+            elif rid in self._running:
+                self._dropped.add(rid)
+
+    # ------------------------------------------------------------------ thread
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # one failed job must not end pool I/O
+                logger.exception("pool: a background job failed")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        self.client.close()
+        self.engine.unregister(self.base)

@@ -1,0 +1,69 @@
+"""The cluster KV pool on real vLLM: a prompt prefilled on one instance is saved to a real
+store process and loaded by another instance that never saw it, with output equal to
+computing it; a pool that is gone is a miss and a recompute, never an error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mooncake_vllm.testing.etcd_server import EtcdServer
+from mooncake_vllm.testing.store_process import StoreProcess
+from mooncake_vllm.testing.vllm_server import VllmServer, free_port
+
+from .pd import assert_same_greedy, completion, kv_config, metrics, prompt_ids, start_all, wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.etcd]
+NS = "pool-test"
+
+
+def loaded(server: VllmServer) -> float:
+    return metrics(server).get("vllm:mooncake_pool_blocks_loaded_total", 0.0)
+
+
+@pytest.fixture(scope="module")
+def pool_pair(tiny_model: Path, logs_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("pool")
+    etcd = EtcdServer(tmp / "etcd").start()
+    store = StoreProcess(etcd.url, name="store-1", dram_mib=64, slot_bytes=1 << 20,
+                         args=["--namespace", NS], log_path=logs_dir / "pool-store.log")
+    servers = []
+    for name in ("a", "b"):
+        port = free_port()
+        servers.append(VllmServer(
+            tiny_model, port=port, name=f"pool-{name}", log_path=logs_dir / f"pool-{name}.log",
+            kv_transfer_config=kv_config(
+                "kv_both", advertise_url=f"http://127.0.0.1:{port}", metadata_server=etcd.url,
+                namespace=NS, pool=True, pool_buffer_mb=32)))
+    try:
+        store.start()
+        start_all(*servers)
+        yield servers[0], servers[1], store
+    finally:
+        for s in servers:
+            s.stop()
+        store.stop()
+        etcd.stop()
+
+
+@pytest.mark.parametrize("n", [100, 600], ids=["short", "chunked"])
+def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple,
+                                                                 n: int) -> None:
+    a, b, store = pool_pair
+    prompt = prompt_ids(n, seed=3000 + n)
+    committed = store.status()["node"]["committed"]
+    before_loaded = loaded(b)
+    ref = completion(a, prompt, 8)
+    blocks = (n - 1) // 32  # whole blocks, the last token left to compute
+    # A writes after its forward passes, in the background (its counters reach vLLM's
+    # metrics only with a later step: the store says when the blocks are in).
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= n // 32, 30,
+             "A's blocks saved to the pool")
+    got = completion(b, prompt, 8)
+    assert_same_greedy(ref, got)
+    assert loaded(b) - before_loaded == blocks
+    status = store.status()
+    assert status["node"]["committed"] >= n // 32 and status["pool"]["dram_hits"] >= blocks
