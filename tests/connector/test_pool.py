@@ -67,3 +67,28 @@ def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple
     assert loaded(b) - before_loaded == blocks
     status = store.status()
     assert status["node"]["committed"] >= n // 32 and status["pool"]["dram_hits"] >= blocks
+
+
+def test_a_store_gone_is_a_miss_and_a_recompute_and_it_rejoins(pool_pair: tuple) -> None:
+    """Last in the module: it kills the store (and restarts it)."""
+    a, b, store = pool_pair
+    prompt = prompt_ids(300, seed=3999)
+    committed = store.status()["node"]["committed"]
+    ref = completion(a, prompt, 8)
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= 9, 30,
+             "A's blocks saved to the pool")
+    store.kill()
+    before = loaded(b)
+    got = completion(b, prompt, 8, timeout_s=60)  # its etcd record lingers: lookups time out
+    assert_same_greedy(ref, got)
+    assert loaded(b) == before  # computed, not loaded
+    assert "did not answer a lookup" in b.log_path.read_text(errors="replace")
+    store.start()  # an empty pool under the same name, back in etcd
+    prompt2 = prompt_ids(200, seed=4000)
+    committed = store.status()["node"]["committed"]
+    ref2 = completion(a, prompt2, 8)
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= 6, 30,
+             "A's blocks saved to the restarted store")
+    got2 = completion(b, prompt2, 8)
+    assert_same_greedy(ref2, got2)
+    wait_for(lambda: loaded(b) - before >= 6, 10, "B loading from the restarted store")

@@ -132,13 +132,18 @@ def test_a_store_killed_or_gone_is_a_miss_and_it_rejoins(cluster: tuple, client:
     keys = [key(i, "kill") for i in range(12)]
     client.fill(range(12), seed=3)
     assert client.pool.write(keys, [client.addr(i) for i in range(12)]) == 12
+    found = client.pool.lookup(keys)
+    assert found.held == 12
     victim = stores["s2"]
-    victim.kill()
+    victim.kill()  # between the lookup and the read: s2's entries cannot be read
     started = time.monotonic()
-    found = client.pool.lookup(keys)  # s2 is still in etcd: its keys time out as misses
-    got = client.pool.read(keys, [client.addr(20 + i) for i in range(12)])
+    got = client.pool.read(keys, [client.addr(20 + i) for i in range(12)], found.copies)
+    assert got < 12  # s2 owns some of the 12: the chain ends at its first
+    assert np.array_equal(client.arena[20 * ENTRY:(20 + got) * ENTRY],
+                          client.arena[:got * ENTRY])
+    # While s2's record lasts in etcd, its keys are misses at the lookup's bound.
+    assert client.pool.lookup(keys).held < 12
     assert time.monotonic() - started < 15
-    assert found.held < 12 and got <= found.held  # s2's keys (some of the 12) are misses
     wait_for(lambda: len(md.list_stores()) == 2, 15, "the killed store's lease to lapse")
     # Owners are now the two left: their keys still read, the rest are misses.
     client.pool.lookup(keys)
