@@ -10,6 +10,7 @@ BENCHMARKS = {
     "layerwise": "exposed vs non-overlapped KV transfer time for one long prefill",
     "routing": "cache-aware vs round-robin routing on a multi-turn workload",
     "serve": "goodput under TTFT and ITL SLOs: P/D vs one instance vs vLLM's MooncakeConnector",
+    "pool": "the cluster KV pool on a multi-turn shared-document workload: none, DRAM, SSD",
 }
 
 

@@ -123,6 +123,8 @@ class PoolWorker:
 
     def after_forward(self, meta: MooncakeMetadata) -> None:
         """After the forward pass: copy out the blocks it completed, write them later."""
+        if not self.client.live_stores():
+            return  # no store to write to: no copy either
         for save in meta.pool_saves:
             slots = self._take(len(save.keys))
             if not slots:

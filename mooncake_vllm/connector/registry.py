@@ -59,6 +59,27 @@ def kv_events_endpoint(vllm_config: Any, hostname: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def pool_identity(vllm_config: Any, layout: dict[str, Any]) -> dict[str, str]:
+    """What a conductor needs to compute the pool keys of rank 0's entries from a prompt's
+    token ids (store/keys.py): the chain's seed and the shard's salt, as hex digests."""
+    from mooncake_vllm.connector.pool_plan import model_space
+    from mooncake_vllm.store.keys import ShardSpace
+
+    shard = ShardSpace(block_bytes=int(layout["block_bytes"]), planes=int(layout["planes"]),
+                       num_layers=int(layout["num_layers"]), tp_rank=0)
+    return {"space": model_space(vllm_config).digest().hex(), "shard": shard.digest().hex()}
+
+
+def _extra(config: ConnectorConfig, vllm_config: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    events = kv_events_endpoint(vllm_config, config.hostname)
+    if events:
+        extra["kv_events"] = events
+    if config.pool:
+        extra["pool"] = pool_identity(vllm_config, layout)
+    return extra
+
+
 def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
                       remote_control: dict[str, Any], rank0: Any, model: str) -> Any:
     """Publish this instance so a proxy can find it; returns the open store (close to leave)."""
@@ -75,8 +96,7 @@ def register_instance(config: ConnectorConfig, vllm_config: Any, *, role: str,
                            dtype=lay["dtype"], num_kv_heads=lay["num_kv_heads"],
                            head_size=lay["head_size"], tp_rank=0, tp_size=lay["tp_size"]),
         remote_control=remote_control, model_shape=model_shape(vllm_config),
-        extra={"kv_events": events} if (events := kv_events_endpoint(
-            vllm_config, config.hostname)) else {})
+        extra=_extra(config, vllm_config, lay))
     store.register_instance(info)
     logger.info("MooncakeVllmConnector: registered instance %s (%s) at %s in %s",
                 config.instance_id, role, info.http_url, config.metadata_server)

@@ -180,8 +180,9 @@ class MooncakeWorker:
         info = self.layout.info()
         self.handshake = WorkerHandshake(
             control=self.control.endpoint, segment_name=self.segment_name, tp_rank=self.tp_rank,
-            layout={k: getattr(info, k) for k in ("model", "block_size", "dtype", "num_kv_heads",
-                                                  "head_size", "num_layers", "tp_size")})
+            layout={**{k: getattr(info, k) for k in (
+                "model", "block_size", "dtype", "num_kv_heads", "head_size", "num_layers",
+                "tp_size", "block_bytes")}, "planes": len(info.planes[0])})
         logger.info("MooncakeVllmConnector worker tp%d: %d layers, %d blocks of %d B/plane, "
                     "control %s, engine %s, %s", self.tp_rank, len(self.layout.layer_names),
                     self.layout.num_blocks, self.layout.block_bytes, self.control.endpoint,

@@ -6,6 +6,7 @@ One object, owned by the aiohttp app, started and stopped with it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .metrics import ProxyMetrics
 from .model_shape import attention_tokens
 from .path_shares import LOG_INTERVAL_S, PathShares
 from .planner import Prediction, choose, options
+from .pool_view import PoolView
 from .prompt import PromptHasher, PromptKey
 from .request_id import RequestIds
 from .routing import Policy, PrefillChoice, assess, make_policy
@@ -67,6 +69,7 @@ class Conductor:
         self.checks: aiohttp.ClientSession | None = None  # health checks and load scraping
         self.health: HealthChecker | None = None
         self.discovery: Discovery | None = None
+        self.pool_view: PoolView | None = None  # with discovery: the KV pool's members
         self.probe_locks: dict[str, asyncio.Lock] = {}
         # Measured per P-D pair (EWMA): D's first token after P's answer (the handoff).
         self.handoff_s: dict[tuple[str, str], float] = {}
@@ -113,6 +116,7 @@ class Conductor:
                 await self.session.close()  # stop() will not run for a failed start
                 await self.checks.close()
                 raise
+            self.pool_view = PoolView(self.discovery.store, cfg.cluster_token)
         self.health = HealthChecker(self.registry, self.checks, self.metrics,
                                     cfg.health_interval_s, cfg.health_timeout_s,
                                     cluster_token=cfg.cluster_token)
@@ -177,11 +181,29 @@ class Conductor:
             await self.warmups.stop()
         if self.health is not None:
             await self.health.stop()
+        if self.pool_view is not None:
+            await asyncio.to_thread(self.pool_view.close)
         if self.discovery is not None:
             await asyncio.to_thread(self.discovery.close)
         for session in (self.session, self.checks):
             if session is not None:
                 await session.close()
+
+    async def with_pool(self, key: PromptKey) -> PromptKey:
+        """`key` with the tokens of its prefix the KV pool holds, per pool identity of the
+        instances that could prefill it (exact token ids needed; bounded by the view)."""
+        if self.pool_view is None or key.token_ids is None or not self.pool_view.has_stores():
+            return key
+        shapes = {i.pool_identity: i.model_shape for i in self.registry
+                  if i.healthy and i.pool_identity is not None and i.model_shape is not None}
+        if not shapes:
+            return key
+        held = []
+        for identity, shape in shapes.items():
+            tokens = await asyncio.to_thread(self.pool_view.held_tokens, identity,
+                                             shape.block_size, key.token_ids)
+            held.append((identity, tokens))
+        return dataclasses.replace(key, pool_tokens=tuple(held))
 
     def route(self, key: PromptKey, exclude: set[str], pipelinable: bool = False,
               one_sequence: bool = True, policy: Policy | None = None,

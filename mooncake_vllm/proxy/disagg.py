@@ -390,6 +390,7 @@ async def serve(c: Conductor, request: web.Request, path: str, body: dict[str, A
     single = one_sequence(body)
     if can_pipeline and key.token_ids is None and c.would_pipeline(key):
         key = await exact_key(c, body, key, client_auth(request))
+    key = await c.with_pool(key)
     rechecked = False
     alone = False  # the decode instance failed its half of a P/D attempt: retry it there alone
     for attempt in range(c.config.max_attempts):

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from mooncake_vllm.remote_control import endpoint_problem, remote_control_problem
 
+from .pool_view import identity_of
 from .upstreams import Registry
 from .validation import http_url_problem
 
@@ -46,6 +47,10 @@ def record_problem(info: Any) -> str | None:
         problem = endpoint_problem(events)
         if problem:
             return f"extra.kv_events {events!r:.120}: {problem}"
+    try:
+        identity_of(info.extra)
+    except ValueError as e:
+        return str(e)
     if info.remote_control:  # empty: learned later from a probe of the instance itself
         problem = remote_control_problem(info.remote_control)
         if problem:
@@ -86,7 +91,13 @@ class Discovery:
         self.registry.upsert(info.instance_id, info.http_url, info.role, "discovery",
                              model=info.model, remote_control=info.remote_control or None,
                              model_shape=getattr(info, "model_shape", None),
-                             kv_events=str((info.extra or {}).get("kv_events", "")))
+                             kv_events=str((info.extra or {}).get("kv_events", "")),
+                             pool_identity=identity_of(info.extra))
+
+    @property
+    def store(self) -> Any:
+        """The open metadata store (None before start): the pool view reads its members."""
+        return self._store
 
     def close(self) -> None:
         if self._unsubscribe is not None:

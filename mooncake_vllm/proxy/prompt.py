@@ -38,6 +38,12 @@ class PromptKey:
     # The exact token ids, when the conductor tokenized (or was given) them; None when the
     # prompt was hashed as text. A pipelined prefill needs them to cut the prompt.
     token_ids: tuple[int, ...] | None = None
+    # Tokens of the prefix the KV pool holds, per pool identity (pool_view.py): every prefill
+    # instance of that identity can fetch them.
+    pool_tokens: tuple[tuple[tuple[bytes, bytes], int], ...] = ()
+
+    def pool_tokens_for(self, identity: tuple[bytes, bytes] | None) -> int:
+        return next((n for i, n in self.pool_tokens if i == identity), 0) if identity else 0
 
     def head(self, num_tokens: int) -> PromptKey:
         """The key of the prompt's first `num_tokens` tokens (a whole number of blocks)."""

@@ -7,10 +7,11 @@ policy, so that policies can be compared on equal terms.
 - `RoundRobin`: the baseline that ignores everything.
 - `LeastLoaded`: prefill by queued prefill tokens, decode by load.
 - `CacheAware` (Mooncake's conductor): for every prefill candidate, the tokens it would have to
-  compute are the queued prefill tokens ahead plus the prompt minus the prefix it is believed
-  to hold; the instance's own fitted TTFT model turns that into seconds; the smallest predicted
-  TTFT wins. A long cached prefix thus attracts a request until the queue there costs more than
-  recomputing the prefix elsewhere. Decode by load.
+  compute are the queued prefill tokens ahead plus the prompt minus the prefix it holds (its
+  own cache, or the cluster KV pool's, which every candidate can fetch); the instance's own
+  fitted TTFT model turns that into seconds, plus the time to fetch what comes from the pool;
+  the smallest predicted TTFT wins. A long cached prefix thus attracts a request until the
+  queue there costs more than recomputing (or fetching) the prefix elsewhere. Decode by load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .pool_view import FETCH_BYTES_PER_S
 from .prompt import PromptKey
 from .ttft_model import TtftModel
 from .upstreams import Instance
@@ -34,10 +36,25 @@ class PrefillChoice:
 def assess(inst: Instance, key: PromptKey, model: TtftModel | None = None) -> PrefillChoice:
     """What `inst` would compute for this prompt and when its first token would come, by its
     own TTFT model unless another (`model`) is given."""
-    cached = min(inst.prefix.match(key.block_hashes) * key.tokens_per_block, key.num_tokens)
+    local = min(inst.prefix.match(key.block_hashes) * key.tokens_per_block, key.num_tokens)
+    pooled = min(key.pool_tokens_for(inst.pool_identity), key.num_tokens)
+    cached = max(local, pooled)
     new = max(key.num_tokens - cached, 1)  # the last token is always computed
     predicted = (model or inst.ttft).predict(inst.queued_prefill_tokens + new)
+    if pooled > local:
+        predicted += pool_fetch_s(inst, pooled - local)
     return PrefillChoice(inst, cached, new, predicted)
+
+
+def pool_fetch_s(inst: Instance, tokens: int) -> float:
+    """Time to fetch `tokens` of KV from the pool: their bytes (from the published model
+    shape) at pool_view.FETCH_BYTES_PER_S."""
+    shape = inst.model_shape
+    if shape is None:
+        return 0.0
+    width = 1 if shape.dtype.startswith(("float8", "int8")) else 2 if "16" in shape.dtype else 4
+    per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * width
+    return tokens * per_token / FETCH_BYTES_PER_S
 
 
 class Policy:

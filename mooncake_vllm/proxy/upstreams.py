@@ -60,6 +60,8 @@ class Instance:
     # `prefix` to what vLLM reports (kv_events.py).
     kv_events_endpoint: str = ""
     kv_events: KVEventFeed | None = None
+    # The KV pool's keys for this instance's entries (pool_view.py), when it uses the pool.
+    pool_identity: tuple[bytes, bytes] | None = None
     # This instance's own prefill time (seconds = overhead + tokens / rate), and its decode ITL.
     ttft: TtftModel = field(default_factory=TtftModel)
     itl: ItlModel = field(default_factory=ItlModel)
@@ -172,7 +174,8 @@ class Registry:
 
     def upsert(self, instance_id: str, url: str, role: str, source: str, model: str = "",
                remote_control: dict[str, Any] | None = None,
-               model_shape: ModelShape | None = None, kv_events: str = "") -> Instance:
+               model_shape: ModelShape | None = None, kv_events: str = "",
+               pool_identity: tuple[bytes, bytes] | None = None) -> Instance:
         if role not in ROLES:
             raise ValueError(f"instance {instance_id}: role {role!r} is not one of {ROLES}")
         url = url.rstrip("/")
@@ -184,6 +187,7 @@ class Registry:
             old.model = model or old.model
             old.model_shape = model_shape or old.model_shape
             old.kv_events_endpoint = kv_events or old.kv_events_endpoint
+            old.pool_identity = pool_identity or old.pool_identity
             for cb in self.listeners:
                 cb("put", old)
             return old
@@ -192,6 +196,7 @@ class Registry:
             remote_control=dict(remote_control) if remote_control else None,
             prefix=PrefixIndex(self._capacity), ttft=self._ttft_factory(),
             model_shape=model_shape, kv_events_endpoint=kv_events,
+            pool_identity=pool_identity,
         )
         self._by_id[instance_id] = inst
         log.info("instance %s (%s) at %s: added (%s)", instance_id, role, url, source)

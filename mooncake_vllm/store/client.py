@@ -46,21 +46,26 @@ class _Waiter:
     reply: Any = None
 
 
-class PoolClient:
-    def __init__(self, engine: TransferEngine, metadata: MetadataStore, *, hostname: str,
-                 token: str | None, reader: str, entry_bytes: int,
-                 ask_timeout_s: float = 1.0, lease_s: float = 10.0) -> None:
-        self.engine, self.metadata, self.reader = engine, metadata, reader
-        self.entry_bytes, self.ask_timeout_s, self.lease_s = entry_bytes, ask_timeout_s, lease_s
+class PoolLookup:
+    """Membership and lookups only (no engine): what a conductor needs to know where blocks
+    are. `count_reads`: whether the stores count these lookups as reads (hot spots); a
+    conductor's do not, since the instance it routes to looks the blocks up again."""
+
+    def __init__(self, metadata: MetadataStore, *, hostname: str, token: str | None,
+                 entry_bytes: int = 1, ask_timeout_s: float = 1.0,
+                 count_reads: bool = True) -> None:
+        self.metadata, self.entry_bytes, self.ask_timeout_s = metadata, entry_bytes, ask_timeout_s
+        self.count_reads = count_reads
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiter] = {}
-        self._segments: dict[str, int] = {}
         self._too_small: set[str] = set()
         self.stats = {"lookups": 0, "lookup_s": 0.0, "hits": 0, "misses": 0, "read_entries": 0,
                       "read_bytes": 0, "written_entries": 0, "written_bytes": 0,
                       "replicas_written": 0, "failures": 0}
+        # The default tick: a question to a store not connected yet waits for the channel
+        # thread's next turn once the connection is up.
         self.channel = ControlChannel(hostname, 0, self._on_reply, lambda: None, codec=m.CODEC,
-                                      tick_s=1.0, token=token)
+                                      token=token)
 
     # ------------------------------------------------------------------ membership
     def live_stores(self) -> dict[str, StoreInfo]:
@@ -116,7 +121,7 @@ class PoolClient:
         by_owner: dict[str, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             by_owner[owners(key, names, 1)[0]].append(i)
-        asked = {name: m.Lookup(V, uuid.uuid4().hex, [keys[i] for i in idx])
+        asked = {name: m.Lookup(V, uuid.uuid4().hex, [keys[i] for i in idx], self.count_reads)
                  for name, idx in by_owner.items()}
         replies = self._ask_all([(stores[n].control_endpoint, q) for n, q in asked.items()])
         held, copies = len(keys), [1] * len(keys)
@@ -134,6 +139,21 @@ class PoolClient:
         self.stats["lookups"] += 1
         self.stats["lookup_s"] += time.monotonic() - started
         return Found(held, copies)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class PoolClient(PoolLookup):
+    """Lookups, and reads and writes of entries through the caller's engine."""
+
+    def __init__(self, engine: TransferEngine, metadata: MetadataStore, *, hostname: str,
+                 token: str | None, reader: str, entry_bytes: int,
+                 ask_timeout_s: float = 1.0, lease_s: float = 10.0) -> None:
+        super().__init__(metadata, hostname=hostname, token=token, entry_bytes=entry_bytes,
+                         ask_timeout_s=ask_timeout_s)
+        self.engine, self.reader, self.lease_s = engine, reader, lease_s
+        self._segments: dict[str, int] = {}
 
     # ------------------------------------------------------------------ reads
     def read(self, keys: Sequence[bytes], addresses: Sequence[int],
@@ -273,6 +293,3 @@ class PoolClient:
             return False
         finally:
             self.engine.release(batch)
-
-    def close(self) -> None:
-        self.channel.close()

@@ -82,18 +82,24 @@ class ShardSpace:
 
 def block_keys(space: ModelSpace, token_ids: Sequence[int]) -> list[bytes]:
     """One key per full block of `token_ids`, each chained on the one before."""
+    return chain_keys(space.digest(), space.block_size, token_ids)
+
+
+def chain_keys(seed: bytes, block_size: int, token_ids: Sequence[int]) -> list[bytes]:
+    """`block_keys` from the space's digest (what an instance publishes for conductors)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 1 or (len(ids) and ids.min() < 0):
         raise ValueError("token ids must be a flat sequence of non-negative integers")
-    keys, prev = [], space.digest()
-    for i in range(len(ids) // space.block_size):
-        block = ids[i * space.block_size:(i + 1) * space.block_size]
+    keys, prev = [], seed
+    for i in range(len(ids) // block_size):
+        block = ids[i * block_size:(i + 1) * block_size]
         prev = hashlib.sha256(prev + block.astype("<i8").tobytes()).digest()
         keys.append(prev)
     return keys
 
 
-def shard_keys(shard: ShardSpace, keys: Sequence[bytes]) -> list[bytes]:
-    """The keys of this shard's entries for the chain keys `keys`."""
-    salt = shard.digest()
+def shard_keys(shard: ShardSpace | bytes, keys: Sequence[bytes]) -> list[bytes]:
+    """The keys of a shard's entries for the chain keys `keys` (`shard`: the space, or its
+    digest as an instance publishes it)."""
+    salt = shard if isinstance(shard, bytes) else shard.digest()
     return [hashlib.sha256(salt + key).digest() for key in keys]

@@ -43,6 +43,7 @@ class Lookup(msgspec.Struct, tag="lookup", frozen=True):
     v: int
     id: Id
     keys: Keys
+    count: bool = True  # a read of each key for the hot-spot rule (a conductor's is not)
 
 
 class Located(msgspec.Struct, tag="located", frozen=True):

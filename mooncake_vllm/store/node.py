@@ -74,7 +74,8 @@ class StoreNode:
             self.stats["lookups"] += 1
             copies = []
             for key in msg.keys:
-                self.hot.read(key, now)
+                if msg.count:
+                    self.hot.read(key, now)
                 copies.append(self.hot.target(key, now))
             self._send(sender, m.Located(V, msg.id, self.pool.lookup(msg.keys), copies))
         elif isinstance(msg, m.Reserve):

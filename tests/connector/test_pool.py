@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mooncake_vllm.metadata import open_metadata
+from mooncake_vllm.proxy.pool_view import PoolView, identity_of
 from mooncake_vllm.testing.etcd_server import EtcdServer
 from mooncake_vllm.testing.store_process import StoreProcess
 from mooncake_vllm.testing.vllm_server import VllmServer, free_port
@@ -41,7 +43,7 @@ def pool_pair(tiny_model: Path, logs_dir: Path,
     try:
         store.start()
         start_all(*servers)
-        yield servers[0], servers[1], store
+        yield servers[0], servers[1], store, etcd
     finally:
         for s in servers:
             s.stop()
@@ -52,7 +54,7 @@ def pool_pair(tiny_model: Path, logs_dir: Path,
 @pytest.mark.parametrize("n", [100, 600], ids=["short", "chunked"])
 def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple,
                                                                  n: int) -> None:
-    a, b, store = pool_pair
+    a, b, store, _ = pool_pair
     prompt = prompt_ids(n, seed=3000 + n)
     committed = store.status()["node"]["committed"]
     before_loaded = loaded(b)
@@ -69,9 +71,41 @@ def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple
     assert status["node"]["committed"] >= n // 32 and status["pool"]["dram_hits"] >= blocks
 
 
+def test_the_conductor_sees_what_the_pool_holds_from_the_published_identity(
+        pool_pair: tuple) -> None:
+    """The keys a conductor derives from an instance's record (extra.pool) are the keys its
+    workers wrote: what the routing cost counts is what an instance would load."""
+    a, _, store, etcd = pool_pair
+    prompt = prompt_ids(200, seed=3500)
+    committed = store.status()["node"]["committed"]
+    completion(a, prompt, 2)
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= 6, 30,
+             "A's blocks saved to the pool")
+    md = open_metadata(etcd.url, namespace=NS)
+    view = None
+    try:
+        record = wait_for(lambda: md.get_instance(instance_id(md, a)), 10, "A's record")
+        identity = identity_of(record.extra)
+        assert identity is not None
+        view = PoolView(md, None, timeout_s=2.0)
+        assert view.held_tokens(identity, 32, tuple(prompt)) == 6 * 32
+        assert view.held_tokens(identity, 32, tuple(prompt_ids(200, seed=3501))) == 0
+    finally:
+        if view is not None:
+            view.close()
+        md.close()
+
+
+def instance_id(md: object, server: VllmServer) -> str | None:
+    for info in md.list_instances():  # type: ignore[attr-defined]
+        if info.http_url == server.url:
+            return str(info.instance_id)
+    return None
+
+
 def test_a_store_gone_is_a_miss_and_a_recompute_and_it_rejoins(pool_pair: tuple) -> None:
     """Last in the module: it kills the store (and restarts it)."""
-    a, b, store = pool_pair
+    a, b, store, _ = pool_pair
     prompt = prompt_ids(300, seed=3999)
     committed = store.status()["node"]["committed"]
     ref = completion(a, prompt, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,7 @@ def test_least_loaded_prefers_short_queue() -> None:
 def test_cache_aware_follows_prefix_until_queue_outweighs_it() -> None:
     reg = _registry(2)
     p0, p1 = reg.get("p0"), reg.get("p1")
+    assert p0 is not None and p1 is not None
     assert p0 is not None and p1 is not None
     h = PromptHasher(None, chars_per_block=32)
     long_prefix = SYSTEM * 4
@@ -281,3 +283,43 @@ def test_pipeline_cut_balances_compute_not_tokens() -> None:
     p = c.registry.get("p")
     assert p is not None
     assert c.pipeline_head(PromptHasher(None, 32).key(False, {"prompt": [9] * 1900}), p) == 1152
+
+
+def test_a_prefix_in_the_pool_counts_for_every_candidate_at_its_fetch_cost() -> None:
+    from mooncake_vllm.metadata import ModelShape
+    from mooncake_vllm.proxy.pool_view import FETCH_BYTES_PER_S, identity_of
+    from mooncake_vllm.proxy.routing import assess
+
+    reg = _registry(2)
+    shape = ModelShape(num_layers=32, num_heads=32, head_dim=128, num_kv_heads=8,
+                       hidden_size=4096, intermediate_size=14336, dtype="bfloat16",
+                       block_size=16)
+    identity = identity_of({"pool": {"space": "ab" * 32, "shard": "cd" * 32}})
+    p0, p1 = reg.get("p0"), reg.get("p1")
+    assert p0 is not None and p1 is not None
+    for p in (p0, p1):
+        p.model_shape, p.pool_identity = shape, identity
+        p.ttft = TtftModel(prior_overhead_s=0.01, prior_tokens_per_s=2000)
+    h = PromptHasher(None, tokens_per_block=16)
+    key = h.key(False, {"prompt": list(range(4000))})
+    p0.prefix.insert(key.block_hashes[:50])  # p0 holds 800 tokens itself
+    plain = assess(p1, key)
+    assert plain.cached_tokens == 0 and plain.new_tokens == 4000
+    pooled = dataclasses.replace(key, pool_tokens=((identity, 3200),))
+    a0, a1 = assess(p0, pooled), assess(p1, pooled)
+    assert a0.cached_tokens == a1.cached_tokens == 3200 and a1.new_tokens == 800
+    per_token = 2 * 32 * 8 * 128 * 2
+    fetch1 = 3200 * per_token / FETCH_BYTES_PER_S
+    assert a1.predicted_ttft_s == pytest.approx(p1.ttft.predict(800) + fetch1)
+    # p0 fetches only what it lacks, so it is predicted faster; the pool made both beat
+    # recomputing.
+    assert a0.predicted_ttft_s < a1.predicted_ttft_s < plain.predicted_ttft_s
+    # Where recomputing is faster than fetching (1 GB/s for 128 KiB per token here), the
+    # prediction says so: the pool is a cost, not a free hit.
+    p1.ttft = TtftModel(prior_overhead_s=0.01, prior_tokens_per_s=20_000)
+    assert assess(p1, pooled).predicted_ttft_s > assess(p1, key).predicted_ttft_s
+    # An instance of another KV space gets nothing from this pool.
+    p1.pool_identity = identity_of({"pool": {"space": "ef" * 32, "shard": "cd" * 32}})
+    assert assess(p1, pooled).cached_tokens == 0
+    with pytest.raises(ValueError, match="extra.pool.shard"):
+        identity_of({"pool": {"space": "ab" * 32, "shard": "xyz"}})

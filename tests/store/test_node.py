@@ -164,3 +164,11 @@ def test_the_primary_asks_for_copies_of_a_hot_block_and_cold_replicas_go() -> No
     r.write(A, "w2", [key(1)], 2, now=0.0)
     r.node.tick(100.0)
     assert r.pool.where(key(1)) == "dram"
+
+
+def test_a_lookup_that_does_not_count_leaves_hot_spots_alone() -> None:
+    n = Node()
+    n.node.hot = HotSpots(hot_reads=1, max_replicas=3, window_s=10.0)
+    for i in range(5):
+        assert n.ask(B, m.Lookup(V, f"c{i}", [key(0)], count=False)).copies == [1]
+    assert n.node.hot.reads(key(0), 0.0) == 0
