@@ -49,9 +49,11 @@ class _Staged:
 class PoolWorker:
     def __init__(self, engine: TransferEngine, metadata: MetadataStore, layout: KVLayout,
                  config: ConnectorConfig, reader: str, stats: MooncakeStats,
-                 lock: threading.RLock) -> None:
+                 news: threading.Condition) -> None:
         self.layout, self.rank = layout, layout.tp_rank
-        self._stats, self._stats_lock = stats, lock  # the worker's, exported by vLLM
+        # The worker's stats (exported by vLLM) and its condition (on its lock), which an idle
+        # step waits on: a finished prefetch wakes it.
+        self._stats, self._news = stats, news
         self.shard = ShardSpace(layout.block_bytes, len(layout.planes[0]),
                                 len(layout.layer_names), layout.tp_rank)
         self.entry = self.shard.entry_bytes
@@ -79,7 +81,7 @@ class PoolWorker:
         self._thread.start()
 
     def _count(self, lookup_s: float | None = None, **counts: int) -> None:
-        with self._stats_lock:
+        with self._news:
             self._stats.add(**counts)
             if lookup_s is not None:
                 self._stats.observe("pool_lookup_s", lookup_s)
@@ -134,6 +136,9 @@ class PoolWorker:
             keys = shard_keys(self.shard, save.keys[:len(slots)])
             self._jobs.put(lambda keys=keys, slots=slots: self._write(keys, slots, None))
 
+    def has_news(self) -> bool:
+        return bool(self._reports)
+
     def take_reports(self) -> set[tuple[str, int, int]]:
         with self._lock:
             reports, self._reports = self._reports, set()
@@ -165,6 +170,8 @@ class PoolWorker:
             # Always reported, a miss included: the scheduler waits for every rank.
             self._staged[rid] = _Staged(slots[:n], copies, keys[:n])
             self._reports.add((rid, self.rank, n))
+        with self._news:
+            self._news.notify_all()
 
     def _place(self, place: PoolPlace) -> None:
         with self._lock:

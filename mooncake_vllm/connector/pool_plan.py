@@ -1,15 +1,18 @@
 """The KV pool, scheduler half: which prompt blocks to fetch from the pool, and which to save.
 
 Fetching (any request that prefills here; not D's loads from P, which P's KV covers):
-1. `matched` (vLLM's get_num_new_matched_tokens) computes the prompt's chain keys, asks the
-   workers to prefetch the blocks beyond the local prefix cache into their pool buffer, and
-   answers None ("ask again") until every rank has reported how many entries it holds, or
-   `pool_lookup_timeout_s` has passed (then: no hit).
-2. The hit is the fewest entries any rank holds, in whole blocks, always leaving the prompt's
+1. `matched` (vLLM's get_num_new_matched_tokens) computes the prompt's chain keys and looks the
+   blocks beyond the local prefix cache up in the pool itself (rank 0's keys, on a thread of
+   its own; a few milliseconds are waited for inline, then None, "ask again"). With no store
+   node, or nothing held, it answers 0 at once: a miss costs the workers nothing.
+2. On a hit it asks the workers to read the blocks held into their pool buffer (PoolPrefetch)
+   and answers None until every rank has reported how many entries it holds, or
+   `pool_lookup_timeout_s` has passed since the lookup began (then: no hit).
+3. The hit is the fewest entries any rank holds, in whole blocks, always leaving the prompt's
    last token to compute. It is reported as a *synchronous* external hit: the workers copy
    the entries into the request's blocks before the forward pass of the step that schedules
    it (`allocated` -> PoolPlace), so a load can no longer fail once vLLM counts it.
-3. Entries prefetched but not placed (no hit, fewer blocks, request gone) are dropped.
+4. Entries prefetched but not placed (no hit, fewer blocks, request gone) are dropped.
 
 Saving: after each step, the prompt blocks that step completed (whole blocks only) go to the
 workers as PoolSave; they copy them into their buffer after the forward pass and write them to
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, PoolPlace, PoolPrefetch, PoolSave
-from mooncake_vllm.store.keys import ModelSpace, block_keys
+from mooncake_vllm.store.keys import ModelSpace, block_keys, shard_keys
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -49,11 +54,20 @@ def model_space(vllm_config: Any) -> ModelSpace:
         tp_size=int(vllm_config.parallel_config.tensor_parallel_size))
 
 
+# How long `matched` waits inline for its lookup before answering "ask again": a lookup on a
+# healthy pool is a network round trip, and a request that is asked again waits a step.
+INLINE_LOOKUP_S = 0.005
+# (rank 0's entry keys) -> leading keys the pool holds; store.client.PoolLookup.lookup's count.
+Lookup = Callable[[list[bytes]], int]
+
+
 @dataclass
 class _Fetch:
     first: int  # the prompt's first block asked for
-    asked: int  # blocks asked for
+    keys: list[bytes]  # the chain keys asked for
     started: float
+    lookup: Future[int] | None = None
+    asked: int = 0  # blocks the workers were asked to read (0: not yet)
     reports: dict[int, int] = field(default_factory=dict)  # rank -> entries held
     hit: int | None = None  # blocks, once decided
 
@@ -62,6 +76,11 @@ class PoolPlanner:
     def __init__(self, space: ModelSpace, timeout_s: float) -> None:
         self.space, self.timeout_s = space, timeout_s
         self.block_size = space.block_size
+        # Set once the workers said how their caches lay blocks out (attach).
+        self._lookup: Lookup | None = None
+        self._has_stores: Callable[[], bool] = lambda: False
+        self._shard = b""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mooncake-pool-lookup")
         self._keys: dict[str, list[bytes]] = {}  # request -> its prompt's chain keys
         self._fetch: dict[str, _Fetch] = {}
         self._prefetches: list[PoolPrefetch] = []
@@ -76,6 +95,11 @@ class PoolPlanner:
             keys = self._keys[request.request_id] = block_keys(self.space, tokens)
         return keys
 
+    def attach(self, lookup: Lookup, has_stores: Callable[[], bool], shard_salt: bytes) -> None:
+        """Start looking up: `lookup` asks the stores for rank 0's entries, whose keys are
+        salted with `shard_salt` (its ShardSpace digest)."""
+        self._lookup, self._has_stores, self._shard = lookup, has_stores, shard_salt
+
     # ------------------------------------------------------------------ fetching
     def matched(self, request: Request, num_computed: int, now: float | None = None
                 ) -> int | None:
@@ -87,36 +111,61 @@ class PoolPlanner:
         if fetch is None:
             # Whole blocks, leaving the prompt's last token to compute.
             last = (request.num_prompt_tokens - 1) // self.block_size
-            if last <= first:
+            if last <= first or self._lookup is None or not self._has_stores():
                 return 0
-            keys = self._chain(request)[first:last]
-            self._fetch[rid] = _Fetch(first, len(keys), now)
-            self._prefetches.append(PoolPrefetch(rid, keys, first))
+            fetch = self._fetch[rid] = _Fetch(first, self._chain(request)[first:last], now)
+            lookup, salted = self._lookup, shard_keys(self._shard, fetch.keys)
+            fetch.lookup = self._pool.submit(lambda: lookup(salted))
             self.counts["lookups"] += 1
+            wait([fetch.lookup], INLINE_LOOKUP_S)
+        if fetch.hit is None and not self._decide(rid, fetch, now):
             return None
-        if fetch.hit is None:
-            if len(fetch.reports) < self.space.tp_size:
-                if now - fetch.started < self.timeout_s:
-                    return None
-                self.counts["timeouts"] += 1
-                logger.warning("request %s: the pool did not answer within %.1fs: computing "
-                               "the prompt", rid, self.timeout_s)
-                fetch.hit = 0
-            else:
-                fetch.hit = min(fetch.reports.values())
-            if fetch.hit:
-                self.counts["hits"] += 1
-                self.counts["hit_blocks"] += fetch.hit
+        assert fetch.hit is not None
         if fetch.first != first:  # the local cache changed meanwhile: the entries don't fit
             return 0
         return fetch.hit * self.block_size
+
+    def _decide(self, rid: str, fetch: _Fetch, now: float) -> bool:
+        """Move the fetch on; True once its hit is known."""
+        if not fetch.asked:
+            assert fetch.lookup is not None
+            if fetch.lookup.done():
+                try:
+                    held = fetch.lookup.result()
+                except Exception:  # the lookup's own bounds absorb pool failures: a bug
+                    logger.exception("request %s: pool lookup failed: a miss", rid)
+                    held = 0
+                if not held:
+                    fetch.hit = 0
+                    return True
+                fetch.asked = held
+                self._prefetches.append(PoolPrefetch(rid, fetch.keys[:held], fetch.first))
+            elif now - fetch.started < self.timeout_s:
+                return False
+        if fetch.asked and len(fetch.reports) >= self.space.tp_size:
+            fetch.hit = min(fetch.reports.values())
+            if fetch.hit:
+                self.counts["hits"] += 1
+                self.counts["hit_blocks"] += fetch.hit
+            return True
+        if now - fetch.started < self.timeout_s:
+            return False
+        self.counts["timeouts"] += 1
+        logger.warning("request %s: the pool did not answer within %.1fs: computing the "
+                       "prompt", rid, self.timeout_s)
+        fetch.hit = 0
+        return True
+
+    def waiting(self) -> bool:
+        """A fetch waits for the pool: an idle step may wait for news instead of spinning."""
+        return any(f.hit is None for f in self._fetch.values())
 
     def on_prefetched(self, reports: set[tuple[str, int, int]]) -> None:
         for rid, rank, n in reports:
             fetch = self._fetch.get(rid)
             if fetch is None:
                 self._drops.append(rid)  # the request went meanwhile
-            elif fetch.hit is None:
+            elif fetch.hit is None and fetch.asked:
                 fetch.reports[rank] = min(n, fetch.asked)
 
     def allocated(self, request: Request, block_ids: list[int], num_external: int) -> None:
@@ -165,5 +214,8 @@ class PoolPlanner:
         meta.pool_drops, self._drops = self._drops, []
 
     def has_pending(self) -> bool:
-        return bool(self._prefetches or self._places or self._drops
-                    or any(f.hit is None for f in self._fetch.values()))
+        return bool(self._prefetches or self._places or self._drops or self.waiting())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+

@@ -59,15 +59,21 @@ def kv_events_endpoint(vllm_config: Any, hostname: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def shard_space(layout: dict[str, Any]) -> Any:
+    """Rank 0's ShardSpace (store/keys.py) from the layout its worker handed the scheduler."""
+    from mooncake_vllm.store.keys import ShardSpace
+
+    return ShardSpace(block_bytes=int(layout["block_bytes"]), planes=int(layout["planes"]),
+                      num_layers=int(layout["num_layers"]), tp_rank=0)
+
+
 def pool_identity(vllm_config: Any, layout: dict[str, Any]) -> dict[str, str]:
     """What a conductor needs to compute the pool keys of rank 0's entries from a prompt's
     token ids (store/keys.py): the chain's seed and the shard's salt, as hex digests."""
     from mooncake_vllm.connector.pool_plan import model_space
-    from mooncake_vllm.store.keys import ShardSpace
 
-    shard = ShardSpace(block_bytes=int(layout["block_bytes"]), planes=int(layout["planes"]),
-                       num_layers=int(layout["num_layers"]), tp_rank=0)
-    return {"space": model_space(vllm_config).digest().hex(), "shard": shard.digest().hex()}
+    return {"space": model_space(vllm_config).digest().hex(),
+            "shard": shard_space(layout).digest().hex()}
 
 
 def _extra(config: ConnectorConfig, vllm_config: Any, layout: dict[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class MooncakeScheduler:
         self.pool = (PoolPlanner(model_space(vllm_config), config.pool_lookup_timeout_s)
                      if config.pool else None)
         self._pool_reqs: dict[str, Request] = {}
+        self._pool_lookup: Any = None
 
     def _params(self, request: Request) -> dict[str, Any]:
         """The request's kv_transfer_params when they may drive a transfer, else {}."""
@@ -148,6 +149,23 @@ class MooncakeScheduler:
         logger.info("MooncakeVllmConnector: remote_control=%s", self.remote_control)
         if self.config.uses_etcd:
             self._register_instance(per_rank[ranks[0]])
+        if self.pool is not None and self._metadata is not None:
+            self._attach_pool(per_rank[ranks[0]].layout)
+
+    def _attach_pool(self, layout: dict[str, Any]) -> None:
+        """Look the pool up from here (rank 0's entries), as pool_plan.py describes."""
+        from mooncake_vllm.connector.registry import shard_space
+        from mooncake_vllm.store.client import PoolLookup
+
+        assert self.pool is not None
+        shard = shard_space(layout)
+        c = self.config
+        self._pool_lookup = PoolLookup(self._metadata, hostname=c.hostname,
+                                       token=c.cluster_token, entry_bytes=shard.entry_bytes,
+                                       ask_timeout_s=c.pool_lookup_timeout_s)
+        lookup = self._pool_lookup
+        self.pool.attach(lambda keys: lookup.lookup(keys).held,
+                         lambda: bool(lookup.live_stores()), shard.digest())
 
     def _register_instance(self, rank0: Any) -> None:
         from mooncake_vllm.connector.registry import register_instance
@@ -270,7 +288,8 @@ class MooncakeScheduler:
         """Nothing to compute this step, and requests wait on transfers (D: KV to arrive; P:
         blocks held until D has them): the workers may wait for one instead of spinning."""
         return out.total_num_scheduled_tokens == 0 and bool(
-            self._d_awaiting or self._p_held or self._pending_held or self._d_delayed)
+            self._d_awaiting or self._p_held or self._pending_held or self._d_delayed
+            or (self.pool is not None and self.pool.waiting()))
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -354,6 +373,10 @@ class MooncakeScheduler:
                     or (self.pool is not None and self.pool.has_pending()))
 
     def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self._pool_lookup is not None:
+            self._pool_lookup.close()
         if self._metadata is not None:
             try:
                 self._metadata.close()

@@ -56,12 +56,12 @@ HEALTH_INTERVAL_S = 5.0
 IDLE_STEP_WAIT_S = 0.02
 
 
-def wait_for_news(news: threading.Condition, prefill: PrefillSide, decode: DecodeSide,
-                  timeout_s: float) -> bool:
-    """An idle step: wait until either side has something for vLLM (a transfer finished or
-    failed, blocks to free, a gate report), at most `timeout_s`; True when it has."""
+def wait_for_news(news: threading.Condition, sides: list[Any], timeout_s: float) -> bool:
+    """An idle step: wait until a side has something for vLLM (a transfer finished or failed,
+    blocks to free, a gate report, a pool prefetch done), at most `timeout_s`; True when it
+    has."""
     with news:
-        return news.wait_for(lambda: prefill.has_news() or decode.has_news(), timeout_s)
+        return news.wait_for(lambda: any(side.has_news() for side in sides), timeout_s)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class MooncakeWorker:
                 with widened_affinity():  # its thread waits on the network, not the model
                     self.pool = PoolWorker(self.engine, self.metadata, self.layout, c,
                                            reader=f"{c.instance_id}-tp{self.tp_rank}",
-                                           stats=self.stats, lock=self.lock)
+                                           stats=self.stats, news=self.news)
         self.prefill = PrefillSide(
             engine=self.engine, send=self._send, config=c, layout=self.layout,
             block_size=self.block_size, tp_rank=self.tp_rank, stats=self.stats, lock=self.lock,
@@ -337,7 +337,8 @@ class MooncakeWorker:
         assert self.prefill is not None and self.decode is not None
         meta = self._meta
         if meta is not None and meta.idle and not finished_req_ids:
-            wait_for_news(self.news, self.prefill, self.decode, IDLE_STEP_WAIT_S)
+            sides = [self.prefill, self.decode, *([self.pool] if self.pool else [])]
+            wait_for_news(self.news, sides, IDLE_STEP_WAIT_S)
         sending = self.prefill.take_finished()
         freed, recving = self.decode.get_finished(finished_req_ids)
         return sending | freed, recving

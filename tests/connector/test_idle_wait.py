@@ -41,7 +41,7 @@ class Waiter:
 
     def _run(self, news: threading.Condition, pair: Pair, timeout_s: float) -> None:
         t0 = time.monotonic()
-        self.result = wait_for_news(news, pair.p, pair.d, timeout_s)
+        self.result = wait_for_news(news, [pair.p, pair.d], timeout_s)
         self.waited_s = time.monotonic() - t0
 
     def join(self) -> None:
@@ -91,6 +91,7 @@ def test_prefill_idle_wait_ends_when_its_blocks_are_free(shared: Pair) -> None:
 
 def test_scheduler_marks_steps_idle_only_while_transfers_are_awaited() -> None:
     sched = MooncakeScheduler.__new__(MooncakeScheduler)
+    sched.pool = None
     sched._d_awaiting, sched._p_held, sched._pending_held, sched._d_delayed = \
         set(), set(), {}, set()
     nothing = SimpleNamespace(total_num_scheduled_tokens=0)
