@@ -4,7 +4,8 @@ shared-document workload whose working set is larger than the instances' KV cach
 Set-up: the tiny model on CPU; 2 prefill + 1 decode instances with the MooncakeVllmConnector
 (`pool=true`, etcd), each in a cpuset (prefill instances a core each, the decode instance
 both cores on a two-core machine, as `bench routing` lays them out), with KV caches of
-`--cache-blocks` blocks (`--num-gpu-blocks-override`); the conductor as a user starts it
+`--cache-blocks` blocks (`--num-gpu-blocks-override`; the decode instance
+`--decode-cache-blocks`, enough for the requests it runs at once); the conductor as a user starts it
 (`--metadata-server etcd://.. --namespace ..`, its defaults: it finds the instances and the
 store nodes there). Three store nodes (`mooncake-vllm
 store`) float over all cores.
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV cache blocks per instance (32 tokens each): below the working "
                     "set, and one more than --max-model-len tokens fill (vLLM keeps one)")
     ap.add_argument("--max-model-len", type=int, default=2560)
+    ap.add_argument("--decode-cache-blocks", type=int, default=160,
+                    help="the decode instance's: enough for --concurrency requests at once "
+                    "(it holds the running requests' KV), still below the working set")
     ap.add_argument("--store-mib", type=float, default=64, help="per store node")
     ap.add_argument("--ssd-dram-slots", type=int, default=8)
     ap.add_argument("--slot-bytes", type=int, default=1 << 17)
@@ -235,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         ports = {name: free_port() for name in cores_of}
 
         def server(name: str, role: str) -> VllmServer:
+            blocks = args.decode_cache_blocks if role == "kv_consumer" else args.cache_blocks
             return VllmServer(
                 model, name=name, port=ports[name], cpus=cores_of[name], pin_process=True,
                 env={"VLLM_SERVER_DEV_MODE": "1"}, log_path=args.logdir / f"{name}.log",
-                extra_args=["--num-gpu-blocks-override", str(args.cache_blocks),
+                extra_args=["--num-gpu-blocks-override", str(blocks),
                             "--max-model-len", str(args.max_model_len)],
                 kv_transfer_config={
                     "kv_connector": "MooncakeVllmConnector", "kv_role": role,
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         r["outputs_equal"] = sum(t == ref for t, ref in zip(texts, reference, strict=True))
     verdicts = _verdicts(results)
     report = {"cores": cores_of, "confinement": confinement, "cache_blocks": args.cache_blocks,
+              "decode_cache_blocks": args.decode_cache_blocks,
               "workload": {k: getattr(args, k) for k in (
                   "documents", "doc_tokens", "conversations", "turns", "concurrency",
                   "max_tokens", "seed", "max_model_len")},

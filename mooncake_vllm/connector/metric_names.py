@@ -10,12 +10,13 @@ COUNTERS = (
     # Decode side, one per request whose KV comes from a prefill instance, by path; and each
     # failed load by what vLLM's kv_load_failure_policy then does with the request.
     "remote_prefills", "pipelined_prefills", "failed_loads_recomputed", "failed_loads_failed",
-    # The KV pool, per worker: prefix lookups and those that found blocks (the hit rate),
-    # entries read into the cache and written to the pool, with their bytes.
+    # The KV pool: prefix lookups and those that found blocks (the hit rate; the scheduler's,
+    # reported by rank 0), entries read into the cache and written to the pool per worker,
+    # with their bytes.
     "pool_lookups", "pool_hits", "pool_blocks_loaded", "pool_bytes_read",
     "pool_blocks_saved", "pool_bytes_written", "pool_replicas_written", "pool_buffer_full",
 )
-SERIES = ("transfer_s", "exposed_s", "non_overlapped_s", "pool_lookup_s")
+SERIES = ("transfer_s", "exposed_s", "non_overlapped_s", "pool_read_s")
 
 
 def counter_name(key: str) -> str:

@@ -3,8 +3,8 @@ and saving completed blocks (pool_plan.py says when each happens).
 
 Every entry passes through this worker's pool buffer (registered with the engine), so pool
 I/O never touches a KV block that vLLM may free or reuse meanwhile:
-- prefetch (background): look the shard's keys up, read the entries found into buffer slots,
-  report how many landed; they wait there for PoolPlace or PoolDrop;
+- prefetch (background): read the entries the scheduler found (its lookup) into buffer
+  slots, report how many landed; they wait there for PoolPlace or PoolDrop;
 - place (before the forward pass): copy the entries into the request's blocks, a local copy
   that cannot fail, so vLLM may count the tokens as computed; entries of hot blocks are then
   written to their next owners as replicas before their slots are freed;
@@ -76,15 +76,21 @@ class PoolWorker:
                         for i, (layer, plane) in enumerate(
                             (la, pl) for la in range(len(layout.planes))
                             for pl in range(len(layout.planes[la])))]
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="mooncake-pool", daemon=True)
-        self._thread.start()
+        # Reads (a request waits for them) and writes (nobody waits) on threads of their own,
+        # so that a slow write never holds a read up.
+        self._reads: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._writes: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=name, daemon=True)
+                         for q, name in ((self._reads, "mooncake-pool-read"),
+                                         (self._writes, "mooncake-pool-write"))]
+        for t in self._threads:
+            t.start()
 
-    def _count(self, lookup_s: float | None = None, **counts: int) -> None:
+    def _count(self, read_s: float | None = None, **counts: int) -> None:
         with self._news:
             self._stats.add(**counts)
-            if lookup_s is not None:
-                self._stats.observe("pool_lookup_s", lookup_s)
+            if read_s is not None:
+                self._stats.observe("pool_read_s", read_s)
 
     # ------------------------------------------------------------------ buffer
     def _take(self, n: int) -> list[int]:
@@ -113,13 +119,16 @@ class PoolWorker:
     # ------------------------------------------------------------------ steps
     def bind(self, meta: MooncakeMetadata) -> None:
         """Before the forward pass."""
+        if self.rank == 0 and meta.pool_lookups:
+            self._count(pool_lookups=meta.pool_lookups, pool_hits=meta.pool_hits)
         for rid in meta.pool_drops:
             self._drop(rid)
         for pf in meta.pool_prefetches:
             keys = shard_keys(self.shard, pf.keys)
             with self._lock:
                 self._running.add(pf.req_id)
-            self._jobs.put(lambda rid=pf.req_id, keys=keys: self._prefetch(rid, keys))
+            self._reads.put(lambda rid=pf.req_id, keys=keys, copies=pf.copies:
+                            self._prefetch(rid, keys, copies))
         for place in meta.pool_places:
             self._place(place)
 
@@ -134,7 +143,7 @@ class PoolWorker:
             for slot, block in zip(slots, save.block_ids, strict=False):
                 self._copy(slot, block, into_block=False)
             keys = shard_keys(self.shard, save.keys[:len(slots)])
-            self._jobs.put(lambda keys=keys, slots=slots: self._write(keys, slots, None))
+            self._writes.put(lambda keys=keys, slots=slots: self._write(keys, slots, None))
 
     def has_news(self) -> bool:
         return bool(self._reports)
@@ -145,18 +154,15 @@ class PoolWorker:
         return reports
 
     # ------------------------------------------------------------------ the three moves
-    def _prefetch(self, rid: str, keys: list[bytes]) -> None:
-        n, slots, copies = 0, [], []
+    def _prefetch(self, rid: str, keys: list[bytes], copies: list[int]) -> None:
+        n, slots = 0, []
         started = time.monotonic()
         try:
-            found = self.client.lookup(keys)
-            self._count(time.monotonic() - started, pool_lookups=1,
-                        pool_hits=1 if found.held else 0)
-            slots = self._take(found.held)
+            slots = self._take(len(keys))
             if slots:
                 n = self.client.read(keys[:len(slots)], [self._addr(s) for s in slots],
-                                     found.copies[:len(slots)])
-                copies = found.copies[:n]
+                                     copies[:len(slots)] or None)
+            self._count(time.monotonic() - started)
         except Exception:  # the client bounds and absorbs pool failures: this is a bug
             logger.exception("pool: prefetch for request %s failed: a miss", rid)
             n = 0
@@ -168,7 +174,7 @@ class PoolWorker:
                 self._free.extend(slots[:n])
                 return
             # Always reported, a miss included: the scheduler waits for every rank.
-            self._staged[rid] = _Staged(slots[:n], copies, keys[:n])
+            self._staged[rid] = _Staged(slots[:n], (copies + [1] * n)[:n], keys[:n])
             self._reports.add((rid, self.rank, n))
         with self._news:
             self._news.notify_all()
@@ -192,7 +198,7 @@ class PoolWorker:
             keys = [staged.keys[i] for i in hot]
             slots = [staged.slots[i] for i in hot]
             copies = [staged.copies[i] for i in hot]
-            self._jobs.put(lambda: self._write(keys, slots, copies))
+            self._writes.put(lambda: self._write(keys, slots, copies))
 
     def _write(self, keys: list[bytes], slots: list[int], copies: list[int] | None) -> None:
         try:
@@ -213,9 +219,10 @@ class PoolWorker:
                 self._dropped.add(rid)
 
     # ------------------------------------------------------------------ thread
-    def _run(self) -> None:
+    @staticmethod
+    def _run(jobs: queue.Queue[Callable[[], None] | None]) -> None:
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is None:
                 return
             try:
@@ -224,7 +231,9 @@ class PoolWorker:
                 logger.exception("pool: a background job failed")
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
+        for q in (self._reads, self._writes):
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
         self.client.close()
         self.engine.unregister(self.base)

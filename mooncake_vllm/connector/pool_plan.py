@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, PoolPlace, PoolPrefetch, PoolSave
+from mooncake_vllm.store.client import Found
 from mooncake_vllm.store.keys import ModelSpace, block_keys, shard_keys
 
 if TYPE_CHECKING:
@@ -57,8 +58,8 @@ def model_space(vllm_config: Any) -> ModelSpace:
 # How long `matched` waits inline for its lookup before answering "ask again": a lookup on a
 # healthy pool is a network round trip, and a request that is asked again waits a step.
 INLINE_LOOKUP_S = 0.005
-# (rank 0's entry keys) -> leading keys the pool holds; store.client.PoolLookup.lookup's count.
-Lookup = Callable[[list[bytes]], int]
+# (rank 0's entry keys) -> what the pool holds (store.client.PoolLookup.lookup).
+Lookup = Callable[[list[bytes]], Found]
 
 
 @dataclass
@@ -66,7 +67,7 @@ class _Fetch:
     first: int  # the prompt's first block asked for
     keys: list[bytes]  # the chain keys asked for
     started: float
-    lookup: Future[int] | None = None
+    lookup: Future[Found] | None = None
     asked: int = 0  # blocks the workers were asked to read (0: not yet)
     reports: dict[int, int] = field(default_factory=dict)  # rank -> entries held
     hit: int | None = None  # blocks, once decided
@@ -87,6 +88,7 @@ class PoolPlanner:
         self._places: list[PoolPlace] = []
         self._drops: list[str] = []
         self.counts = {"lookups": 0, "hits": 0, "hit_blocks": 0, "timeouts": 0}
+        self._reported = {"lookups": 0, "hits": 0}  # what fill() has passed on
 
     def _chain(self, request: Request) -> list[bytes]:
         keys = self._keys.get(request.request_id)
@@ -131,15 +133,16 @@ class PoolPlanner:
             assert fetch.lookup is not None
             if fetch.lookup.done():
                 try:
-                    held = fetch.lookup.result()
+                    found = fetch.lookup.result()
                 except Exception:  # the lookup's own bounds absorb pool failures: a bug
                     logger.exception("request %s: pool lookup failed: a miss", rid)
-                    held = 0
-                if not held:
+                    found = Found(0)
+                if not found.held:
                     fetch.hit = 0
                     return True
-                fetch.asked = held
-                self._prefetches.append(PoolPrefetch(rid, fetch.keys[:held], fetch.first))
+                fetch.asked = found.held
+                self._prefetches.append(PoolPrefetch(rid, fetch.keys[:found.held], fetch.first,
+                                                     found.copies[:found.held]))
             elif now - fetch.started < self.timeout_s:
                 return False
         if fetch.asked and len(fetch.reports) >= self.space.tp_size:
@@ -209,6 +212,9 @@ class PoolPlanner:
             self._drops.append(rid)
 
     def fill(self, meta: MooncakeMetadata) -> None:
+        meta.pool_lookups = self.counts["lookups"] - self._reported["lookups"]
+        meta.pool_hits = self.counts["hits"] - self._reported["hits"]
+        self._reported = {"lookups": self.counts["lookups"], "hits": self.counts["hits"]}
         meta.pool_prefetches, self._prefetches = self._prefetches, []
         meta.pool_places, self._places = self._places, []
         meta.pool_drops, self._drops = self._drops, []

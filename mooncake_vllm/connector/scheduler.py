@@ -164,7 +164,7 @@ class MooncakeScheduler:
                                        token=c.cluster_token, entry_bytes=shard.entry_bytes,
                                        ask_timeout_s=c.pool_lookup_timeout_s)
         lookup = self._pool_lookup
-        self.pool.attach(lambda keys: lookup.lookup(keys).held,
+        self.pool.attach(lookup.lookup,
                          lambda: bool(lookup.live_stores()), shard.digest())
 
     def _register_instance(self, rank0: Any) -> None:

@@ -44,6 +44,7 @@ class PoolPrefetch:
     req_id: str
     keys: list[bytes]
     first: int
+    copies: list[int] = field(default_factory=list)  # per key: owners that should hold it
 
 
 @dataclass
@@ -87,3 +88,7 @@ class MooncakeMetadata(KVConnectorMetadata):
     pool_places: list[PoolPlace] = field(default_factory=list)
     pool_saves: list[PoolSave] = field(default_factory=list)
     pool_drops: list[str] = field(default_factory=list)  # prefetched entries nobody placed
+    # The scheduler's pool lookups since the last step, and those that found blocks: rank 0
+    # counts them in the exported stats (vLLM exports the workers' stats only).
+    pool_lookups: int = 0
+    pool_hits: int = 0

@@ -225,17 +225,37 @@ class PoolClient(PoolLookup):
         for i, key in enumerate(keys):
             for rank, name in enumerate(owners(key, names, max(1, copies[i]))):
                 targets[(name, rank > 0)].append(i)
+        written = 0
+        # A store with few free DRAM slots (an SSD-heavy one) reserves fewer than asked: what
+        # it took is written and committed (then free to move to SSD), and the rest asked
+        # again, while each round makes progress.
+        while targets:
+            done, targets = self._write_round(stores, keys, addresses, targets)
+            written += done
+            if not done:
+                break
+        self.stats["written_entries"] += written
+        self.stats["written_bytes"] += written * self.entry_bytes
+        return written
+
+    def _write_round(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
+                     addresses: Sequence[int], targets: dict[tuple[str, bool], list[int]]
+                     ) -> tuple[int, dict[tuple[str, bool], list[int]]]:
+        """One Reserve per target, the writes, the commits; (entries written, what is left
+        to ask again)."""
         asks = {t: m.Reserve(V, uuid.uuid4().hex, [keys[i] for i in idx], self.lease_s,
                              replica=t[1]) for t, idx in targets.items()}
         replies = self._ask_all([(stores[t[0]].control_endpoint, q) for t, q in asks.items()])
-        written, pending = 0, []
+        written, pending, left = 0, [], {}
         for t, idx in targets.items():
             reply = replies.get(asks[t].id)
             if not isinstance(reply, m.Reserved):
                 continue
             if reply.reason:
-                log.info("pool: store %s reserved %d of %d: %s", t[0], len(reply.addresses),
-                         len(idx), reply.reason)
+                log.debug("pool: store %s reserved %d of %d: %s", t[0], len(reply.addresses),
+                          len(idx), reply.reason)
+                if reply.addresses:
+                    left[t] = idx[len(reply.addresses):]
             pairs = [(addresses[i], a) for i, a in zip(idx, reply.addresses, strict=False) if a]
             if not pairs:
                 self.channel.send(stores[t[0]].control_endpoint, m.Commit(V, asks[t].id))
@@ -243,16 +263,15 @@ class PoolClient(PoolLookup):
             batch = self._submit(stores[t[0]], "write", [p[0] for p in pairs],
                                  [p[1] for p in pairs])
             pending.append((t, len(pairs), batch))
-        for (name, replica), count, batch in pending:
-            if batch is not None and self._finish(stores[name], batch):
-                self.channel.send(stores[name].control_endpoint, m.Commit(V, asks[(name,
-                                  replica)].id))
+        for t, count, batch in pending:
+            if batch is not None and self._finish(stores[t[0]], batch):
+                self.channel.send(stores[t[0]].control_endpoint, m.Commit(V, asks[t].id))
                 written += count
-                if replica:
+                if t[1]:
                     self.stats["replicas_written"] += count
-        self.stats["written_entries"] += written
-        self.stats["written_bytes"] += written * self.entry_bytes
-        return written
+            else:
+                left.pop(t, None)  # a store whose writes fail is not asked again now
+        return written, left
 
     # ------------------------------------------------------------------ transfers
     def _segment(self, info: StoreInfo) -> int | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from mooncake_vllm.connector.pool_plan import PoolPlanner
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
+from mooncake_vllm.store.client import Found
 from mooncake_vllm.store.keys import ModelSpace, block_keys, shard_keys
 
 SPACE = ModelSpace(model="tiny", dtype="float32/auto", block_size=4, num_layers=2,
@@ -29,10 +30,11 @@ class Pool:
         self.gate = threading.Event()
         self.gate.set()
 
-    def lookup(self, keys: list[bytes]) -> int:
+    def lookup(self, keys: list[bytes]) -> Found:
         self.asked.append(keys)
         self.gate.wait(5)
-        return min(self.held, len(keys))
+        held = min(self.held, len(keys))
+        return Found(held, [2] + [1] * (len(keys) - 1))  # the first block is hot
 
 
 def planner(pool: Pool, timeout_s: float = 5.0) -> PoolPlanner:
@@ -64,6 +66,7 @@ def test_a_hit_is_read_by_every_rank_and_counts_the_fewest() -> None:
     assert pool.asked == [shard_keys(SALT, chain[2:10])]
     [pf] = meta(p).pool_prefetches
     assert (pf.req_id, pf.first, pf.keys) == ("r", 2, chain[2:8])
+    assert pf.copies == [2, 1, 1, 1, 1, 1]  # the workers replicate hot blocks they read
     assert p.matched(r, 8) is None and p.waiting()
     p.on_prefetched({("r", 0, 6)})
     assert p.matched(r, 8) is None  # rank 1 has not reported

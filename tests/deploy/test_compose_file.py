@@ -35,7 +35,7 @@ TOKEN_ENV = "MOONCAKE_VLLM_CLUSTER_TOKEN"
 # The secrets compose.yaml must refuse to start without (no default can be right for them).
 REQUIRED = (TOKEN_ENV, "MOONCAKE_VLLM_ADMIN_TOKEN", "MOONCAKE_VLLM_ETCD_PASSWORD",
             "ETCD_ROOT_PASSWORD", "ETCD_TLS_DIR")
-SERVING = ("prefill", "decode", "conductor")
+SERVING = ("prefill", "decode", "store", "conductor")
 # Values for every required variable, as deploy/compose/init-secrets.sh would write them.
 FULL_ENV = {TOKEN_ENV: "a" * 64, "MOONCAKE_VLLM_ADMIN_TOKEN": "b" * 64,
             "MOONCAKE_VLLM_ETCD_PASSWORD": "c" * 48, "ETCD_ROOT_PASSWORD": "d" * 48,
@@ -235,3 +235,16 @@ def test_vllm_services_carry_a_connector_config_the_connector_accepts() -> None:
     rdma_cfg = ConnectorConfig.from_sources(
         {}, env={"MOONCAKE_VLLM_PROTOCOL": rdma_env["MOONCAKE_VLLM_PROTOCOL"]})
     assert rdma_cfg.protocol == "rdma"
+
+
+def test_the_store_service_runs_a_command_the_store_accepts() -> None:
+    from mooncake_vllm.store.__main__ import _parser
+
+    command = _load(MAIN)["services"]["store"]["command"]
+    assert command[:2] == ["mooncake-vllm", "store"]
+    args = [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", a) for a in command[2:]]
+    parsed = _parser().parse_args(args)
+    assert parsed.metadata_server.startswith("etcds://") and not parsed.insecure
+    for name in ("prefill", "decode"):
+        extra = _kv_transfer_config(_services()[name])["kv_connector_extra_config"]
+        assert extra.get("pool") is True, name

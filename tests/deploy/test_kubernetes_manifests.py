@@ -43,7 +43,7 @@ KNOWN_ENV |= set(METADATA_ENV_VARS.values())
 CONDUCTOR_ENV = {v for k, v in vars(proxy_main).items() if k.startswith("ENV_")}
 KNOWN_ENV |= CONDUCTOR_ENV
 
-SERVING = ("vllm-prefill", "vllm-decode", "conductor")
+SERVING = ("vllm-prefill", "vllm-decode", "mooncake-store", "conductor")
 INSTANCES = ("vllm-prefill", "vllm-decode")
 TOKEN_ENV = "MOONCAKE_VLLM_CLUSTER_TOKEN"
 ETCD_CLIENT_PORT = 2379
@@ -70,7 +70,7 @@ def _by_kind(kind: str) -> list[dict[str, Any]]:
 
 
 def _workloads() -> list[dict[str, Any]]:
-    return _by_kind("Deployment") + _by_kind("StatefulSet")
+    return _by_kind("Deployment") + _by_kind("StatefulSet") + _by_kind("DaemonSet")
 
 
 def _workload(name: str) -> dict[str, Any]:
@@ -395,6 +395,32 @@ def test_network_policies_admit_only_serving_pods_to_engine_control_and_etcd() -
     assert sources == set(SERVING), f"etcd:{ETCD_CLIENT_PORT} admits {sources}"
     assert _admitted_sources("etcd", etcd_ports["peer"]) == {"etcd"}
     assert _admitted_sources("etcd", etcd_ports["metrics"]) == set()
+
+
+def test_store_nodes_admit_the_instances_and_listen_with_the_token() -> None:
+    """The pool's nodes: the channel from the instances and the conductor, the engine from
+    the instances only (their one-sided reads and writes), nothing else; they listen on the
+    pod IP with the cluster token and reach etcd like the instances."""
+    ports = _container_ports("mooncake-store")
+    assert _admitted_sources("mooncake-store", ports["control"]) == {*INSTANCES, "conductor"}
+    assert _admitted_sources("mooncake-store", ports["engine"]) == set(INSTANCES)
+    assert _admitted_sources("mooncake-store", ports["status"]) == set()
+    (container,) = _containers(_workload("mooncake-store"))
+    assert container["command"] == ["mooncake-vllm", "store"]
+    args = container["args"]
+    assert "--metadata-server=etcds://etcd:2379" in args and "--hostname=$(POD_IP)" in args
+    assert f"--control-port={ports['control']}" in args
+    assert f"--engine-port={ports['engine']}" in args
+    assert f"--status-port={ports['status']}" in args
+    assert "--insecure" not in args
+    for role, cfg in _role_configs().items():
+        assert cfg["kv_connector_extra_config"].get("pool") is True, role
+    # The store's command line refuses what it does not know: these flags all exist.
+    from mooncake_vllm.store.__main__ import _parser
+
+    parsed = _parser().parse_args([a.replace("$(POD_IP)", "10.1.2.3").replace(
+        "$(NODE_NAME)", "node-1") for a in args])
+    assert parsed.hostname == "10.1.2.3" and parsed.slot_bytes >= 1 << 20
 
 
 def test_conductor_port_is_open_to_clients() -> None:
