@@ -36,6 +36,7 @@ from typing import Any
 from mooncake_vllm.demo_report import (
     Completion,
     DemoResult,
+    PoolHit,
     Row,
     TransferLog,
     print_report,
@@ -46,7 +47,8 @@ from mooncake_vllm.testing.launcher import LaunchError
 from mooncake_vllm.testing.ports import free_port
 from mooncake_vllm.testing.prometheus import chosen_path, path_counts, scrape
 from mooncake_vllm.testing.startup import Progress, stop_in_parallel, wait_all_ready
-from mooncake_vllm.testing.vllm_server import VllmServer
+from mooncake_vllm.testing.store_process import StoreProcess
+from mooncake_vllm.testing.vllm_server import VllmServer, reset_prefix_caches
 
 LONG_PROMPT = "Layer by layer, " + " ".join(
     f"block {i} of the cache moves from the prefill instance to the decode instance."
@@ -111,6 +113,12 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
             stack.callback(etcd.stop)
             progress.say(f"etcd ready at {etcd.url}")
             connector_extra["metadata_server"] = etcd.url
+            connector_extra["pool"] = True
+            store = StoreProcess(etcd.url, name="demo-store", dram_mib=256,
+                                 log_path=workdir / "store.log")
+            stack.callback(store.stop)
+            store.start()
+            progress.say(f"store ready at {store.url} (mooncake-vllm store: the KV pool)")
         layout = core_layout()
 
         def instance(name: str, role: str | None) -> VllmServer:
@@ -121,8 +129,10 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
                 kv = {"kv_connector": CONNECTOR, "kv_role": role,
                       "kv_connector_extra_config": extra}
             cpus = layout[name]
+            # Dev mode: /reset_prefix_cache, which the pool step uses.
             return VllmServer(model, port=port, kv_transfer_config=kv, name=name, cpus=cpus,
-                              pin_process=cpus is not None, log_path=workdir / f"{name}.log")
+                              pin_process=cpus is not None, log_path=workdir / f"{name}.log",
+                              env={"VLLM_SERVER_DEV_MODE": "1"})
 
         prefill = instance("prefill", "kv_producer")
         decode = instance("decode", "kv_consumer")
@@ -188,13 +198,39 @@ def run_demo(model: str, workdir: Path, *, prompts: Sequence[str], max_tokens: i
         strays = _threads_off_their_cores(servers)  # while the connector's threads still run
         sent = sum(t.bytes for row in rows for t in row.transfers)
         received = _wait_bytes_received(decode, received_before + sent, timeout_s=15)
+        pool = None
+        if metadata == "etcd":
+            progress.say("KV pool: the last prompt again, with both instances' caches emptied")
+            pool = _pool_hit(prefill, decode, conductors["always P/D"].url, model,
+                             prompts_of["always P/D"][-1], refs["always P/D"][-1], max_tokens,
+                             request_timeout_s, transfer_log)
         return DemoResult(rows, received - received_before, _cores_in_words(servers),
-                          pd_cpu, reference_cpu, reference_run_s, pd_run_s, *strays)
+                          pd_cpu, reference_cpu, reference_run_s, pd_run_s, *strays,
+                          pool=pool)
     finally:
         progress.say("stopping everything")
         with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
             stack.close()
         progress.say("stopped")
+
+
+def _pool_hit(prefill: VllmServer, decode: VllmServer, conductor_url: str, model: str,
+              prompt: str, ref: Completion, max_tokens: int, timeout_s: float,
+              transfer_log: TransferLog) -> PoolHit:
+    """Ask `prompt` again once P's and D's prefix caches are empty: P reads it from the pool."""
+    reset_prefix_caches([prefill.url, decode.url])
+    before = _pool_blocks_loaded(prefill)
+    got = stream_completion(conductor_url, model, prompt, max_tokens, timeout_s)
+    moved = transfer_log.wait_new(1, timeout_s=2.0)
+    after = _pool_blocks_loaded(prefill)
+    block = 32  # the tiny model's (testing.vllm_server's --block-size)
+    return PoolHit(Row(prompt, got, ref, "disaggregated", moved, conductor="always P/D"),
+                   int(after - before) * block)
+
+
+def _pool_blocks_loaded(server: VllmServer) -> float:
+    return sum(v for k, v in scrape(server.url).items()
+               if k.partition("{")[0] == "vllm:mooncake_pool_blocks_loaded_total")
 
 
 def _threads_off_their_cores(servers: Sequence[VllmServer]) -> tuple[int, list[str]]:

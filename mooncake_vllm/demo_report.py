@@ -172,6 +172,14 @@ class Row:
 
 
 @dataclass
+class PoolHit:
+    """The KV pool step: a prompt answered again after both instances' caches were emptied."""
+
+    row: Row
+    tokens_loaded: int  # prompt tokens the prefill instance read from the pool
+
+
+@dataclass
 class DemoResult:
     rows: list[Row]
     kv_bytes_received: float  # decode's counter: what arrived, to set beside what P sent
@@ -182,10 +190,12 @@ class DemoResult:
     pd_run_s: float
     threads_checked: int = 0  # threads of the confined instances, looked at after the run
     threads_off_their_cores: list[str] = field(default_factory=list)
+    pool: PoolHit | None = None
 
     @property
     def all_match(self) -> bool:
-        return all(r.match[0] for r in self.rows)
+        rows = self.rows + ([self.pool.row] if self.pool is not None else [])
+        return all(r.match[0] for r in rows)
 
 
 def _ms(seconds: float) -> str:
@@ -246,6 +256,12 @@ def print_report(result: DemoResult, stream: Any = sys.stdout) -> None:
           f"{result.threads_checked}" + "".join(f"\n  {s}" for s in strays))
     n_ok = sum(r.match[0] for r in result.rows)
     p(f"{n_ok}/{len(result.rows)} answers match the single vLLM instance")
+    if result.pool is not None:
+        hit = result.pool
+        p(f"KV pool: prompt of {hit.row.got.prompt_tokens} tokens asked again with both "
+          f"instances' prefix caches emptied: {hit.tokens_loaded} tokens of its KV read back "
+          f"from the pool (one store node), TTFT {_ms(hit.row.got.ttft_s)}, answer "
+          f"{'MATCH' if hit.row.match[0] else 'MISMATCH'} ({hit.row.match[1]})")
     p()
     for paragraph in explain(result):
         p(paragraph)
@@ -293,6 +309,13 @@ def explain(result: DemoResult) -> list[str]:
             "when the forward pass ended first (the 'before decode asked' part above), and for "
             "the threads that post, receive and acknowledge the writes to get their turn on "
             "the one core (and the Python interpreter) that each instance's engine uses too.")
+    if result.pool is not None:
+        lines.append(
+            "- KV pool: the instances saved every full block they computed to a store node "
+            "(`mooncake-vllm store`: DRAM, read and written one-sided by the transfer engine). "
+            "With their own prefix caches emptied, the prefill instance read the prompt's "
+            "blocks back from it instead of computing them; the last block, and the last "
+            "token, are always computed.")
     if not any(row.transfers for row in result.rows):
         lines.append("  No request moved KV here: every prompt was served on the decode "
                      "instance alone.")

@@ -50,13 +50,12 @@ import aiohttp
 
 from mooncake_vllm.bench import results as kept
 from mooncake_vllm.bench.routing import layout
-from mooncake_vllm.bench.serve_systems import reset_prefix_caches
 from mooncake_vllm.bench.workload import FIRST_ORDINARY_TOKEN, percentile
 from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.etcd_server import EtcdServer
 from mooncake_vllm.testing.store_process import StoreProcess
 from mooncake_vllm.testing.tiny_model import default_model_dir, make_tiny_model
-from mooncake_vllm.testing.vllm_server import VllmServer, free_port
+from mooncake_vllm.testing.vllm_server import VllmServer, free_port, reset_prefix_caches
 
 SYSTEMS = ("no_pool", "pool", "pool_ssd")
 NAMESPACE = "bench-pool"
@@ -204,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--documents", type=int, default=3)
+    ap.add_argument("--documents", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=1536)
-    ap.add_argument("--conversations", type=int, default=6)
+    ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=4)
@@ -265,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         conductor = stack.enter_context(ConductorProcess(
             flags, cpus=cores, log_path=args.logdir / "conductor.log"))
         conductor.wait_healthy(timeout_s=60)
-        asyncio.run(replay(conductor.url, model, trace[:1], args.concurrency, 1))  # warm-up
+        # Warm-up: the whole trace once, unmeasured and with no store, so that no system pays
+        # an engine's first-request costs (kernel selection and allocator growth for each
+        # prompt length) for the others; every system then starts from empty caches.
+        asyncio.run(replay(conductor.url, model, trace, args.concurrency, 1))
         for system in systems:
             results[system] = run_system(system, etcd, servers, conductor.url, model, trace,
                                          args)

@@ -43,7 +43,7 @@ import aiohttp
 from mooncake_vllm.bench import results as kept
 from mooncake_vllm.testing.conductor_process import ConductorProcess
 from mooncake_vllm.testing.tiny_model import default_model_dir, make_tiny_model
-from mooncake_vllm.testing.vllm_server import VllmServer
+from mooncake_vllm.testing.vllm_server import VllmServer, reset_prefix_caches
 
 POLICIES = ("cache_aware", "round_robin", "least_loaded")
 
@@ -107,13 +107,6 @@ def _counters(url: str) -> tuple[float, float]:
     return hits, queries
 
 
-def _reset_prefix_cache(url: str) -> None:
-    req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        if r.status != 200:
-            raise RuntimeError(f"{url}/reset_prefix_cache answered {r.status}")
-
-
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str,
                max_tokens: int) -> Outcome:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -149,8 +142,7 @@ async def replay(url: str, model: str, trace: list[list[str]], concurrency: int,
 def run_policy(policy: str, prefill: list[VllmServer], decode: list[VllmServer], model: str,
                trace: list[list[str]], args: argparse.Namespace,
                conductor_cores: list[int]) -> dict[str, Any]:
-    for s in prefill + decode:
-        _reset_prefix_cache(s.url)
+    reset_prefix_caches([s.url for s in prefill + decode])
     before = [_counters(s.url) for s in prefill + decode]
     if decode:
         inst_args = [a for s in prefill for a in ("--prefill", s.url)]

@@ -43,7 +43,6 @@ from mooncake_vllm.bench.serve_systems import (
     PREFILL_CORES,
     SYSTEMS,
     conductor_flags,
-    reset_prefix_caches,
     start_conductor,
     start_system,
 )
@@ -63,6 +62,7 @@ from mooncake_vllm.testing.prometheus import (
     prediction_accuracy,
 )
 from mooncake_vllm.testing.startup import Progress
+from mooncake_vllm.testing.vllm_server import reset_prefix_caches
 
 SCENARIOS = ("prompt_1900", "prompt_1", "concurrent8_500")
 PARTS = ("scenarios", "sweep")  # what a system is measured on: the fixed scenarios, the sweep

@@ -17,7 +17,6 @@ cores.
 from __future__ import annotations
 
 import contextlib
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,14 +50,6 @@ def conductor_flags(slos: Slos) -> dict[str, dict[str, list[str]]]:
     return {"mooncake_vllm": {"scenarios": [], "sweep": slo_flags(slos)},
             "mooncake_vllm_always_pd": {"scenarios": [*ALWAYS_PD_FLAGS],
                                         "sweep": [*slo_flags(slos), *ALWAYS_PD_FLAGS]}}
-
-
-def reset_prefix_caches(urls: Sequence[str]) -> None:
-    for url in urls:
-        req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            if r.status != 200:
-                raise RuntimeError(f"{url}/reset_prefix_cache answered {r.status}")
 
 
 @dataclass

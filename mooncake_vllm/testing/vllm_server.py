@@ -188,6 +188,15 @@ class VllmServer:
         self.stop()
 
 
+def reset_prefix_caches(urls: Sequence[str]) -> None:
+    """Empty each instance's prefix cache (vLLM's dev-mode route: VLLM_SERVER_DEV_MODE=1)."""
+    for url in urls:
+        req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{url}/reset_prefix_cache answered {r.status}")
+
+
 def post_json(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
     """POST a JSON body and return the decoded answer; errors carry the server's message."""
     req = urllib.request.Request(

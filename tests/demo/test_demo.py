@@ -81,6 +81,10 @@ def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> N
                      r"[\d.]+ ms before decode asked for the KV, [\d.]+ ms with writes under way",
                      stdout), out[-3000:]
     assert "random weights" in stdout and "What this shows:" in stdout
+    # The KV pool: asked again with both caches emptied, P read the prompt back from it.
+    pool = re.search(r"KV pool: prompt of (\d+) tokens .*: (\d+) tokens of its KV read back "
+                     r".* answer MATCH", stdout)
+    assert pool is not None and 0 < int(pool[2]) < int(pool[1]), out[-3000:]
 
     # Each instance on its own core(s), in a cpuset where this host has them.
     if len(os.sched_getaffinity(0)) >= 2 and cpuset.unavailable_reason() is None:
@@ -93,8 +97,9 @@ def test_demo_runs_end_to_end_and_matches_a_single_instance(tmp_path: Path) -> N
 
     # Clean shutdown: every server it announced is gone, no process uses its work dir, and
     # its cpusets are removed.
-    urls = re.findall(r"(?:prefill|decode|single|conductor) ready at (http://[\d.:]+)", out)
-    assert len(urls) == 5, out[-3000:]  # three vLLM instances, two conductors
+    urls = re.findall(r"(?:prefill|decode|single|conductor|store) ready at (http://[\d.:]+)",
+                      out)
+    assert len(urls) == 6, out[-3000:]  # three vLLM instances, two conductors, a store
     assert [u for u in urls if _listening(u)] == []
     assert _processes_mentioning(str(workdir)) == []
     assert list(cpuset.CPUSET_ROOT.glob(f"mooncake-vllm-{proc.pid}-*")) == []
