@@ -119,7 +119,7 @@ class PoolWorker:
     # ------------------------------------------------------------------ steps
     def bind(self, meta: MooncakeMetadata) -> None:
         """Before the forward pass."""
-        if self.rank == 0 and meta.pool_lookups:
+        if self.rank == 0 and (meta.pool_lookups or meta.pool_hits):
             self._count(pool_lookups=meta.pool_lookups, pool_hits=meta.pool_hits)
         for rid in meta.pool_drops:
             self._drop(rid)

@@ -64,9 +64,11 @@ def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple
     # metrics only with a later step: the store says when the blocks are in).
     wait_for(lambda: store.status()["node"]["committed"] - committed >= n // 32, 30,
              "A's blocks saved to the pool")
+    hits_before = metrics(b).get("vllm:mooncake_pool_hits_total", 0.0)
     got = completion(b, prompt, 8)
     assert_same_greedy(ref, got)
     assert loaded(b) - before_loaded == blocks
+    assert metrics(b).get("vllm:mooncake_pool_hits_total", 0.0) - hits_before == 1
     status = store.status()
     assert status["node"]["committed"] >= n // 32 and status["pool"]["dram_hits"] >= blocks
 
