@@ -16,7 +16,7 @@ COUNTERS = (
     "pool_lookups", "pool_hits", "pool_blocks_loaded", "pool_bytes_read",
     "pool_blocks_saved", "pool_bytes_written", "pool_replicas_written", "pool_buffer_full",
 )
-SERIES = ("transfer_s", "exposed_s", "non_overlapped_s", "pool_read_s")
+SERIES = ("transfer_s", "exposed_s", "non_overlapped_s", "pool_lookup_s", "pool_read_s")
 
 
 def counter_name(key: str) -> str:

@@ -119,8 +119,11 @@ class PoolWorker:
     # ------------------------------------------------------------------ steps
     def bind(self, meta: MooncakeMetadata) -> None:
         """Before the forward pass."""
-        if self.rank == 0 and (meta.pool_lookups or meta.pool_hits):
+        if self.rank == 0 and (meta.pool_lookups or meta.pool_hits or meta.pool_lookup_s):
             self._count(pool_lookups=meta.pool_lookups, pool_hits=meta.pool_hits)
+            with self._news:
+                for seconds in meta.pool_lookup_s:
+                    self._stats.observe("pool_lookup_s", seconds)
         for rid in meta.pool_drops:
             self._drop(rid)
         for pf in meta.pool_prefetches:

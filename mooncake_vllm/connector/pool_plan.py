@@ -89,6 +89,7 @@ class PoolPlanner:
         self._drops: list[str] = []
         self.counts = {"lookups": 0, "hits": 0, "hit_blocks": 0, "timeouts": 0}
         self._reported = {"lookups": 0, "hits": 0}  # what fill() has passed on
+        self._lookup_s: list[float] = []  # lookup durations not yet passed on
 
     def _chain(self, request: Request) -> list[bytes]:
         keys = self._keys.get(request.request_id)
@@ -116,8 +117,17 @@ class PoolPlanner:
             if last <= first or self._lookup is None or not self._has_stores():
                 return 0
             fetch = self._fetch[rid] = _Fetch(first, self._chain(request)[first:last], now)
-            lookup, salted = self._lookup, shard_keys(self._shard, fetch.keys)
-            fetch.lookup = self._pool.submit(lambda: lookup(salted))
+            lookup, spent = self._lookup, self._lookup_s
+            salted = shard_keys(self._shard, fetch.keys)
+
+            def timed() -> Found:
+                t0 = time.monotonic()
+                try:
+                    return lookup(salted)
+                finally:
+                    spent.append(time.monotonic() - t0)  # list.append: atomic
+
+            fetch.lookup = self._pool.submit(timed)
             self.counts["lookups"] += 1
             wait([fetch.lookup], INLINE_LOOKUP_S)
         if fetch.hit is None and not self._decide(rid, fetch, now):
@@ -215,6 +225,8 @@ class PoolPlanner:
         meta.pool_lookups = self.counts["lookups"] - self._reported["lookups"]
         meta.pool_hits = self.counts["hits"] - self._reported["hits"]
         self._reported = {"lookups": self.counts["lookups"], "hits": self.counts["hits"]}
+        n = len(self._lookup_s)
+        meta.pool_lookup_s, self._lookup_s[:n] = self._lookup_s[:n], []
         meta.pool_prefetches, self._prefetches = self._prefetches, []
         meta.pool_places, self._places = self._places, []
         meta.pool_drops, self._drops = self._drops, []

@@ -110,6 +110,7 @@ class MooncakePromMetrics(KVConnectorPromMetrics):
             "transfer_s": "first write posted to last write complete, per request",
             "exposed_s": "end of the prefill forward pass to decode holding every layer",
             "non_overlapped_s": "the same bytes sent after the forward pass (benchmark mode)",
+            "pool_lookup_s": "a prompt's KV pool lookup, from asking to every owner's answer",
             "pool_read_s": "reading a request's entries from the KV pool into the buffer",
         }
         self.histograms = {

@@ -92,3 +92,4 @@ class MooncakeMetadata(KVConnectorMetadata):
     # counts them in the exported stats (vLLM exports the workers' stats only).
     pool_lookups: int = 0
     pool_hits: int = 0
+    pool_lookup_s: list[float] = field(default_factory=list)

@@ -169,12 +169,12 @@ class PoolClient(PoolLookup):
         for i, key in enumerate(keys):
             cands = owners(key, names, max(1, copies[i]))
             source[i] = pick_replica(key, cands, self.reader) if len(cands) > 1 else cands[0]
-        landed = self._read_round(stores, keys, addresses, source)
+        landed = self._read_rounds(stores, keys, addresses, source)
         # Keys whose replica was not there yet: from their primary owner.
         retry = {i: owners(keys[i], names, 1)[0] for i in range(len(keys))
                  if i not in landed and source[i] != owners(keys[i], names, 1)[0]}
         if retry:
-            landed |= self._read_round(stores, keys, addresses, retry)
+            landed |= self._read_rounds(stores, keys, addresses, retry)
         n = 0
         while n in landed:
             n += 1
@@ -182,6 +182,21 @@ class PoolClient(PoolLookup):
         self.stats["read_entries"] += n
         self.stats["read_bytes"] += n * self.entry_bytes
         return n
+
+    def _read_rounds(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
+                     addresses: Sequence[int], source: dict[int, str]) -> set[int]:
+        """Rounds of `_read_round`: a store that pinned fewer than asked (an SSD-heavy node
+        has few DRAM slots to read entries back into) is asked for the rest once the round's
+        pins are released, while each round makes progress."""
+        landed: set[int] = set()
+        while source:
+            got = self._read_round(stores, keys, addresses, source)
+            if not got:
+                break
+            landed |= got
+            progressed = {source[j] for j in got}
+            source = {i: n for i, n in source.items() if i not in landed and n in progressed}
+        return landed
 
     def _read_round(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
                     addresses: Sequence[int], source: dict[int, str]) -> set[int]:

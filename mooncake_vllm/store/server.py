@@ -58,6 +58,13 @@ class StoreServer:
     def __init__(self, settings: StoreSettings, metadata: MetadataStore) -> None:
         s = self.settings = settings
         self.metadata = metadata
+        # The HTTP port first: a fixed one must not be taken by the engine's or the channel's
+        # ephemeral ports below. It answers once the node is built (serve_forever, at the end).
+        self.http: ThreadingHTTPServer | None = None
+        status_url = ""
+        if s.status_port >= 0:
+            self.http = ThreadingHTTPServer((s.hostname, s.status_port), _handler(self))
+            status_url = f"http://{_url_host(s.hostname)}:{self.http.server_address[1]}"
         self.pool = Pool(s.slot_bytes, s.dram_bytes // s.slot_bytes, s.ssd_path,
                          s.ssd_bytes // s.slot_bytes)
         self.engine = TransferEngine(s.hostname, "auto", s.engine_port, s.cluster_token,
@@ -71,18 +78,14 @@ class StoreServer:
         self.channel = ControlChannel(s.hostname, s.control_port, self.node.on_message,
                                       self.node.tick, codec=m.CODEC, tick_s=0.5,
                                       token=s.cluster_token)
-        self.http: ThreadingHTTPServer | None = None
-        status_url = ""
-        if s.status_port >= 0:
-            self.http = ThreadingHTTPServer((s.hostname, s.status_port), _handler(self))
-            status_url = f"http://{_url_host(s.hostname)}:{self.http.server_address[1]}"
-            threading.Thread(target=self.http.serve_forever, name="mooncake-store-http",
-                             daemon=True).start()
         self.info = StoreInfo(s.name, self.channel.endpoint, self.engine.name,
                               self.pool.slot_bytes, self.pool.dram_slots, self.pool.ssd_slots,
                               status_url)
         metadata.publish_segment(self.engine.name, self.engine.descriptor())
         metadata.register_store(self.info)
+        if self.http is not None:
+            threading.Thread(target=self.http.serve_forever, name="mooncake-store-http",
+                             daemon=True).start()
         log.info("store %s: %d DRAM slots and %d SSD slots of %d bytes; channel %s, engine %s, "
                  "status %s", s.name, self.pool.dram_slots, self.pool.ssd_slots,
                  self.pool.slot_bytes, self.channel.endpoint, self.engine.name,

@@ -10,21 +10,12 @@ in-process; this is a process running it.)
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mooncake_vllm.testing.launcher import Launched, answers_any
+from mooncake_vllm.testing.launcher import Launched, answers_any, cli_command
 from mooncake_vllm.testing.ports import free_port
-
-
-def conductor_command() -> list[str]:
-    """`mooncake-vllm proxy` from this interpreter's environment (what users type)."""
-    script = Path(sys.executable).parent / "mooncake-vllm"
-    if script.exists():
-        return [str(script), "proxy"]
-    return [sys.executable, "-m", "mooncake_vllm.cli", "proxy"]
 
 
 class ConductorProcess:
@@ -37,7 +28,7 @@ class ConductorProcess:
         self.port = port or free_port()
         self.args = list(args)
         self.log_path = Path(log_path or f"/tmp/mooncake-conductor-{self.port}.log")
-        command = [*conductor_command(), "--host", "127.0.0.1", "--port", str(self.port),
+        command = [*cli_command("proxy"), "--host", "127.0.0.1", "--port", str(self.port),
                    *self.args]
         self.process = Launched(command, name="conductor", log_path=self.log_path, env=env,
                                 cpus=cpus)

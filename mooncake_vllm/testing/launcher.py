@@ -19,6 +19,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,14 @@ from mooncake_vllm.testing.procfs import (
     exiting,
     stat_fields,
 )
+
+
+def cli_command(subcommand: str) -> list[str]:
+    """`mooncake-vllm SUBCOMMAND` from this interpreter's environment (what users type)."""
+    script = Path(sys.executable).parent / "mooncake-vllm"
+    if script.exists():
+        return [str(script), subcommand]
+    return [sys.executable, "-m", "mooncake_vllm.cli", subcommand]
 
 
 class LaunchError(RuntimeError):

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mooncake_vllm.testing.launcher import Launched
+from mooncake_vllm.testing.launcher import Launched, LaunchError, cli_command
 from mooncake_vllm.testing.ports import free_port
-
-
-def store_command() -> list[str]:
-    script = Path(sys.executable).parent / "mooncake-vllm"
-    if script.exists():
-        return [str(script), "store"]
-    return [sys.executable, "-m", "mooncake_vllm.cli", "store"]
 
 
 class StoreProcess:
@@ -36,7 +29,7 @@ class StoreProcess:
         self.name = name
         self.status_port = status_port or free_port()
         self.log_path = Path(log_path or f"/tmp/mooncake-store-{name}-{self.status_port}.log")
-        command = [*store_command(), "--metadata-server", metadata_url, "--name", name,
+        command = [*cli_command("store"), "--metadata-server", metadata_url, "--name", name,
                    "--hostname", "127.0.0.1", "--dram-gib", str(dram_mib / 1024),
                    "--slot-bytes", str(slot_bytes), "--status-port", str(self.status_port),
                    *args]
@@ -53,6 +46,14 @@ class StoreProcess:
         self.process.start()
         try:
             self.process.wait_http(self.url + "/health", timeout_s)
+            # The port was free when picked; the node's own "ready" line says that it is the
+            # one answering there (not another process that took the port meanwhile).
+            deadline = time.monotonic() + timeout_s
+            while f"ready: {self.url}" not in self.log_tail(400):
+                if time.monotonic() > deadline or not self.process.running:
+                    raise LaunchError(f"store {self.name}: no 'ready: {self.url}' line in "
+                                      f"{self.log_path}:\n{self.log_tail()}")
+                time.sleep(0.05)
         except BaseException:
             self.stop()
             raise

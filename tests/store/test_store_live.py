@@ -199,3 +199,26 @@ def test_etcd_restarted_loses_no_store(cluster: tuple, client: Client) -> None:
     etcd.restart(down_s=1.0)
     wait_for(lambda: len(md.list_stores()) == 3, 30, "the stores back in etcd")
     assert client.pool.lookup(keys).held == 4
+
+
+def test_an_ssd_heavy_store_is_read_and_written_in_rounds(tmp_path: Path,
+                                                          cluster: tuple) -> None:
+    """Two DRAM slots in front of an SSD tier: a read or write of six entries goes through
+    them two at a time, and all six arrive intact."""
+    etcd = cluster[0]
+    md = open_metadata(etcd.url, namespace="rounds", ttl_s=3)
+    store = StoreProcess(etcd.url, name="r1", dram_mib=2 * ENTRY / 2**20, slot_bytes=ENTRY,
+                         ssd_path=tmp_path / "ssd.bin", ssd_mib=16 * ENTRY / 2**20,
+                         args=["--namespace", "rounds"], log_path=tmp_path / "r1.log").start()
+    c = Client(md, "reader-rounds")
+    try:
+        wait_for(lambda: len(md.list_stores()) == 1, 15, "the store in etcd")
+        keys = [key(i, "rounds") for i in range(6)]
+        c.fill(range(6), seed=21)
+        assert c.pool.write(keys, [c.addr(i) for i in range(6)]) == 6
+        assert c.pool.read(keys, [c.addr(10 + i) for i in range(6)]) == 6
+        assert np.array_equal(c.arena[10 * ENTRY:16 * ENTRY], c.arena[:6 * ENTRY])
+    finally:
+        c.close()
+        store.stop()
+        md.close()
