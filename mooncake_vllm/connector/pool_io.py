@@ -71,6 +71,7 @@ class PoolWorker:
         self._dropped: set[str] = set()  # dropped while their prefetch was still running
         self._running: set[str] = set()
         self._reports: set[tuple[str, int, int]] = set()
+        self.load_errors: set[int] = set()  # blocks that could not be placed (worker.py)
         # (byte offset in an entry, layer, plane) of each chunk, in entry order.
         self._chunks = [(i * layout.block_bytes, layer, plane)
                         for i, (layer, plane) in enumerate(
@@ -186,10 +187,16 @@ class PoolWorker:
         with self._lock:
             staged = self._staged.pop(place.req_id, None)
         if staged is None or len(staged.slots) < len(place.block_ids):
-            # The scheduler places only what every rank reported staged: a bug, said loudly.
-            raise RuntimeError(f"pool: request {place.req_id} has {len(place.block_ids)} "
-                               f"blocks to place but {0 if staged is None else len(staged.slots)}"
-                               " entries staged")
+            # The scheduler places only what every rank reported staged, so this is a bug:
+            # said loudly, and the blocks reported as failed loads (vLLM's policy applies),
+            # never a worker brought down or KV left unwritten.
+            logger.error("pool: request %s has %d blocks to place but %d entries staged: "
+                         "reported as a failed load", place.req_id, len(place.block_ids),
+                         0 if staged is None else len(staged.slots))
+            self.load_errors.update(place.block_ids)
+            if staged is not None:
+                self._give(staged.slots)
+            return
         n = len(place.block_ids)
         for slot, block in zip(staged.slots, place.block_ids, strict=False):
             self._copy(slot, block, into_block=True)

@@ -344,7 +344,11 @@ class MooncakeWorker:
         return sending | freed, recving
 
     def take_load_errors(self) -> set[int]:
-        return self.decode.take_load_errors() if self.decode is not None else set()
+        errors = self.decode.take_load_errors() if self.decode is not None else set()
+        if self.pool is not None and self.pool.load_errors:
+            errors |= self.pool.load_errors
+            self.pool.load_errors = set()
+        return errors
 
     def take_gate_report(self) -> GateReport | None:
         report = self.decode.take_gate_report() if self.decode is not None else None

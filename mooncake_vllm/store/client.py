@@ -8,7 +8,10 @@ data path, and every client computes the same owners.
 
 Failure rules: every call is bounded (`ask_timeout_s` per question, the engine's timeout per
 transfer) and answers with how many leading entries it found, read or wrote; a store that is
-slow, full, gone or refuses is a miss for its keys, never an exception. A read's pins are
+slow, full, gone or refuses is a miss for its keys, never an exception. A store that did not
+answer in time is not asked again for `SILENT_S` (its keys are misses meanwhile, and owners
+do not move): a dead node whose etcd record has not lapsed yet costs one wait, not one per
+request. A read's pins are
 released once its transfers have ended; a write whose transfer failed is not committed (the
 store takes the slots back after the lease and landing bound), so no reader sees half an entry.
 """
@@ -32,6 +35,7 @@ from mooncake_vllm.store.placement import owners, pick_replica
 
 log = logging.getLogger("vllm.mooncake_vllm.store")
 V = m.PROTOCOL_VERSION
+SILENT_S = 5.0
 
 
 @dataclass
@@ -59,6 +63,9 @@ class PoolLookup:
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiter] = {}
         self._too_small: set[str] = set()
+        # Control endpoint -> until when it is not asked (a restarted node has a new one).
+        self._silent: dict[str, float] = {}
+        self._endpoints: dict[str, str] = {}  # store name -> its control endpoint, as last seen
         self.stats = {"lookups": 0, "lookup_s": 0.0, "hits": 0, "misses": 0, "read_entries": 0,
                       "read_bytes": 0, "written_entries": 0, "written_bytes": 0,
                       "replicas_written": 0, "failures": 0}
@@ -80,7 +87,26 @@ class PoolLookup:
                                 info.slot_bytes, self.entry_bytes, self.entry_bytes)
                 continue
             stores[info.name] = info
+            self._endpoints[info.name] = info.control_endpoint
         return stores
+
+    def _asked(self, name: str) -> bool:
+        """Whether `name` is asked at all (not silent lately)."""
+        endpoint = self._endpoints.get(name, "")
+        until = self._silent.get(endpoint)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        self._silent.pop(endpoint, None)
+        return True
+
+    def _went_silent(self, name: str, what: str) -> None:
+        endpoint = self._endpoints.get(name, "")
+        if endpoint not in self._silent:
+            log.warning("pool: store %s did not answer a %s within %.1fs: its keys are misses "
+                        "for %.0fs", name, what, self.ask_timeout_s, SILENT_S)
+        self._silent[endpoint] = time.monotonic() + SILENT_S
 
     # ------------------------------------------------------------------ questions
     def _on_reply(self, sender: bytes | str, msg: m.Message) -> None:
@@ -122,14 +148,14 @@ class PoolLookup:
         for i, key in enumerate(keys):
             by_owner[owners(key, names, 1)[0]].append(i)
         asked = {name: m.Lookup(V, uuid.uuid4().hex, [keys[i] for i in idx], self.count_reads)
-                 for name, idx in by_owner.items()}
+                 for name, idx in by_owner.items() if self._asked(name)}
         replies = self._ask_all([(stores[n].control_endpoint, q) for n, q in asked.items()])
         held, copies = len(keys), [1] * len(keys)
         for name, idx in by_owner.items():
-            reply = replies.get(asked[name].id)
+            reply = replies.get(asked[name].id) if name in asked else None
             if not isinstance(reply, m.Located):
-                log.warning("pool: store %s did not answer a lookup within %.1fs: a miss",
-                            name, self.ask_timeout_s)
+                if name in asked:
+                    self._went_silent(name, "lookup")
                 held = min(held, idx[0])
                 continue
             if reply.held < len(idx):
@@ -204,12 +230,16 @@ class PoolClient(PoolLookup):
         for i in sorted(source):
             by_store[source[i]].append(i)
         pins = {name: m.Pin(V, uuid.uuid4().hex, [keys[i] for i in idx], self.lease_s)
-                for name, idx in by_store.items()}
+                for name, idx in by_store.items() if self._asked(name)}
         replies = self._ask_all([(stores[n].control_endpoint, q) for n, q in pins.items()])
         landed: set[int] = set()
         batches = []
         for name, idx in by_store.items():
+            if name not in pins:
+                continue
             reply = replies.get(pins[name].id)
+            if reply is None:
+                self._went_silent(name, "read")
             if not isinstance(reply, m.Pinned) or not reply.addresses:
                 continue
             got = idx[:len(reply.addresses)]
@@ -259,11 +289,15 @@ class PoolClient(PoolLookup):
         """One Reserve per target, the writes, the commits; (entries written, what is left
         to ask again)."""
         asks = {t: m.Reserve(V, uuid.uuid4().hex, [keys[i] for i in idx], self.lease_s,
-                             replica=t[1]) for t, idx in targets.items()}
+                             replica=t[1]) for t, idx in targets.items() if self._asked(t[0])}
         replies = self._ask_all([(stores[t[0]].control_endpoint, q) for t, q in asks.items()])
         written, pending, left = 0, [], {}
         for t, idx in targets.items():
+            if t not in asks:
+                continue
             reply = replies.get(asks[t].id)
+            if reply is None:
+                self._went_silent(t[0], "reservation")
             if not isinstance(reply, m.Reserved):
                 continue
             if reply.reason:

@@ -176,10 +176,19 @@ def test_tp1_into_tp2_splits_the_heads(servers: tuple[VllmServer, ...]) -> None:
     got = pd_completion(tp1, d, rc, prompt, max_tokens=10, pipeline_tokens=256)
     assert_same_greedy(completion(tp1, prompt, 10), got)
     # Each decode rank counts its own load: three requests, two ranks. The workers' counts
-    # reach vLLM's metrics with a step: one more request on D makes sure there is one.
-    completion(d, prompt_ids(3, seed=16_999), 1)
-    wait_for(lambda: metrics(d).get("vllm:mooncake_transfers_received_total", 0.0) - received
-             == 6, 10, "each decode rank's loads counted")
+    # reach vLLM's metrics with a step after they are made (a rank may finish its part of the
+    # last load after D's last step): each look makes D step once more first.
+    seen: list[float] = []
+
+    def counted() -> bool:
+        completion(d, prompt_ids(3, seed=16_999), 1)
+        seen.append(metrics(d).get("vllm:mooncake_transfers_received_total", 0.0) - received)
+        return seen[-1] == 6
+
+    try:
+        wait_for(counted, 30, "each decode rank's loads counted")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; counts seen: {seen}") from None
 
 
 def test_tp1_into_tp2_through_the_conductor(servers: tuple[VllmServer, ...],
