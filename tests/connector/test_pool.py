@@ -105,6 +105,28 @@ def instance_id(md: object, server: VllmServer) -> str | None:
     return None
 
 
+def test_etcd_restarted_loses_nothing(pool_pair: tuple) -> None:
+    """etcd goes away and comes back: the store's and the instances' records return (their
+    leases are granted again), and what the pool held is still read, with equal output."""
+    a, b, store, etcd = pool_pair
+    prompt = prompt_ids(250, seed=3700)
+    committed = store.status()["node"]["committed"]
+    ref = completion(a, prompt, 8)
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= 7, 30,
+             "A's blocks saved to the pool")
+    etcd.restart(down_s=1.0)
+    md = open_metadata(etcd.url, namespace=NS)
+    try:
+        wait_for(lambda: len(md.list_stores()) == 1 and len(md.list_instances()) == 2, 30,
+                 "the store's and the instances' records back in etcd")
+    finally:
+        md.close()
+    before = loaded(b)
+    got = completion(b, prompt, 8)
+    assert_same_greedy(ref, got)
+    assert loaded(b) - before == 7
+
+
 def test_a_store_gone_is_a_miss_and_a_recompute_and_it_rejoins(pool_pair: tuple) -> None:
     """Last in the module: it kills the store (and restarts it)."""
     a, b, store, _ = pool_pair
