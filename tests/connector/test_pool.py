@@ -25,6 +25,18 @@ def loaded(server: VllmServer) -> float:
     return metrics(server).get("vllm:mooncake_pool_blocks_loaded_total", 0.0)
 
 
+def computed_and_saved(a: VllmServer, store: StoreProcess, prompt: list[int],
+                       max_tokens: int = 8) -> dict:
+    """A's answer to `prompt`, once its full blocks are in the pool: A writes them after its
+    forward passes, in the background, and its counters reach vLLM's metrics only with a
+    later step, so the store says when they are in."""
+    committed = store.status()["node"]["committed"]
+    ref = completion(a, prompt, max_tokens)
+    wait_for(lambda: store.status()["node"]["committed"] - committed >= len(prompt) // 32, 30,
+             "A's blocks saved to the pool")
+    return ref
+
+
 @pytest.fixture(scope="module")
 def pool_pair(tiny_model: Path, logs_dir: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
@@ -56,14 +68,9 @@ def test_a_prefix_computed_on_one_instance_is_loaded_by_another(pool_pair: tuple
                                                                  n: int) -> None:
     a, b, store, _ = pool_pair
     prompt = prompt_ids(n, seed=3000 + n)
-    committed = store.status()["node"]["committed"]
     before_loaded = loaded(b)
-    ref = completion(a, prompt, 8)
+    ref = computed_and_saved(a, store, prompt)
     blocks = (n - 1) // 32  # whole blocks, the last token left to compute
-    # A writes after its forward passes, in the background (its counters reach vLLM's
-    # metrics only with a later step: the store says when the blocks are in).
-    wait_for(lambda: store.status()["node"]["committed"] - committed >= n // 32, 30,
-             "A's blocks saved to the pool")
     hits_before = metrics(b).get("vllm:mooncake_pool_hits_total", 0.0)
     got = completion(b, prompt, 8)
     assert_same_greedy(ref, got)
@@ -79,10 +86,7 @@ def test_the_conductor_sees_what_the_pool_holds_from_the_published_identity(
     workers wrote: what the routing cost counts is what an instance would load."""
     a, _, store, etcd = pool_pair
     prompt = prompt_ids(200, seed=3500)
-    committed = store.status()["node"]["committed"]
-    completion(a, prompt, 2)
-    wait_for(lambda: store.status()["node"]["committed"] - committed >= 6, 30,
-             "A's blocks saved to the pool")
+    computed_and_saved(a, store, prompt, 2)
     md = open_metadata(etcd.url, namespace=NS)
     view = None
     try:
@@ -110,10 +114,7 @@ def test_etcd_restarted_loses_nothing(pool_pair: tuple) -> None:
     leases are granted again), and what the pool held is still read, with equal output."""
     a, b, store, etcd = pool_pair
     prompt = prompt_ids(250, seed=3700)
-    committed = store.status()["node"]["committed"]
-    ref = completion(a, prompt, 8)
-    wait_for(lambda: store.status()["node"]["committed"] - committed >= 7, 30,
-             "A's blocks saved to the pool")
+    ref = computed_and_saved(a, store, prompt)
     etcd.restart(down_s=1.0)
     md = open_metadata(etcd.url, namespace=NS)
     try:
@@ -131,10 +132,7 @@ def test_a_store_gone_is_a_miss_and_a_recompute_and_it_rejoins(pool_pair: tuple)
     """Last in the module: it kills the store (and restarts it)."""
     a, b, store, _ = pool_pair
     prompt = prompt_ids(300, seed=3999)
-    committed = store.status()["node"]["committed"]
-    ref = completion(a, prompt, 8)
-    wait_for(lambda: store.status()["node"]["committed"] - committed >= 9, 30,
-             "A's blocks saved to the pool")
+    ref = computed_and_saved(a, store, prompt)
     store.kill()
     before = loaded(b)
     got = completion(b, prompt, 8, timeout_s=60)  # its etcd record lingers: lookups time out
@@ -143,10 +141,7 @@ def test_a_store_gone_is_a_miss_and_a_recompute_and_it_rejoins(pool_pair: tuple)
     assert "did not answer a lookup" in b.log_path.read_text(errors="replace")
     store.start()  # an empty pool under the same name, back in etcd
     prompt2 = prompt_ids(200, seed=4000)
-    committed = store.status()["node"]["committed"]
-    ref2 = completion(a, prompt2, 8)
-    wait_for(lambda: store.status()["node"]["committed"] - committed >= 6, 30,
-             "A's blocks saved to the restarted store")
+    ref2 = computed_and_saved(a, store, prompt2)
     got2 = completion(b, prompt2, 8)
     assert_same_greedy(ref2, got2)
     wait_for(lambda: loaded(b) - before >= 6, 10, "B loading from the restarted store")
