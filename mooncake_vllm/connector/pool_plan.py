@@ -87,8 +87,8 @@ class PoolPlanner:
         self._prefetches: list[PoolPrefetch] = []
         self._places: list[PoolPlace] = []
         self._drops: list[str] = []
-        self.counts = {"lookups": 0, "hits": 0, "hit_blocks": 0, "timeouts": 0}
-        self._reported = {"lookups": 0, "hits": 0}  # what fill() has passed on
+        # Lookups begun and hits found since the last fill(): rank 0 exports them.
+        self._lookups = self._hits = 0
         self._lookup_s: list[float] = []  # lookup durations not yet passed on
 
     def _chain(self, request: Request) -> list[bytes]:
@@ -128,7 +128,7 @@ class PoolPlanner:
                     spent.append(time.monotonic() - t0)  # list.append: atomic
 
             fetch.lookup = self._pool.submit(timed)
-            self.counts["lookups"] += 1
+            self._lookups += 1
             wait([fetch.lookup], INLINE_LOOKUP_S)
         if fetch.hit is None and not self._decide(rid, fetch, now):
             return None
@@ -158,12 +158,10 @@ class PoolPlanner:
         if fetch.asked and len(fetch.reports) >= self.space.tp_size:
             fetch.hit = min(fetch.reports.values())
             if fetch.hit:
-                self.counts["hits"] += 1
-                self.counts["hit_blocks"] += fetch.hit
+                self._hits += 1
             return True
         if now - fetch.started < self.timeout_s:
             return False
-        self.counts["timeouts"] += 1
         logger.warning("request %s: the pool did not answer within %.1fs: computing the "
                        "prompt", rid, self.timeout_s)
         fetch.hit = 0
@@ -222,9 +220,8 @@ class PoolPlanner:
             self._drops.append(rid)
 
     def fill(self, meta: MooncakeMetadata) -> None:
-        meta.pool_lookups = self.counts["lookups"] - self._reported["lookups"]
-        meta.pool_hits = self.counts["hits"] - self._reported["hits"]
-        self._reported = {"lookups": self.counts["lookups"], "hits": self.counts["hits"]}
+        meta.pool_lookups, meta.pool_hits = self._lookups, self._hits
+        self._lookups = self._hits = 0
         n = len(self._lookup_s)
         meta.pool_lookup_s, self._lookup_s[:n] = self._lookup_s[:n], []
         meta.pool_prefetches, self._prefetches = self._prefetches, []

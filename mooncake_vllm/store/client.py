@@ -46,6 +46,7 @@ class Found:
 
 @dataclass
 class _Waiter:
+    endpoint: str  # the store asked: only its reply is taken
     event: threading.Event = field(default_factory=threading.Event)
     reply: Any = None
 
@@ -66,9 +67,6 @@ class PoolLookup:
         # Control endpoint -> until when it is not asked (a restarted node has a new one).
         self._silent: dict[str, float] = {}
         self._endpoints: dict[str, str] = {}  # store name -> its control endpoint, as last seen
-        self.stats = {"lookups": 0, "lookup_s": 0.0, "hits": 0, "misses": 0, "read_entries": 0,
-                      "read_bytes": 0, "written_entries": 0, "written_bytes": 0,
-                      "replicas_written": 0, "failures": 0}
         # The default tick: a question to a store not connected yet waits for the channel
         # thread's next turn once the connection is up.
         self.channel = ControlChannel(hostname, 0, self._on_reply, lambda: None, codec=m.CODEC,
@@ -112,7 +110,7 @@ class PoolLookup:
     def _on_reply(self, sender: bytes | str, msg: m.Message) -> None:
         with self._lock:
             waiter = self._waiting.get(msg.id)
-        if waiter is None or not isinstance(sender, str):
+        if waiter is None or sender != waiter.endpoint:
             log.debug("pool: dropped an unasked %s from %r", type(msg).__name__, sender)
             return
         waiter.reply = msg
@@ -121,7 +119,7 @@ class PoolLookup:
     def _ask_all(self, questions: Sequence[tuple[str, m.Message]]) -> dict[str, Any]:
         """Send every (endpoint, question) at once; their replies by id (missing: none in
         time)."""
-        waiters = {q.id: _Waiter() for _, q in questions}
+        waiters = {q.id: _Waiter(endpoint) for endpoint, q in questions}
         with self._lock:
             self._waiting.update(waiters)
         try:
@@ -139,7 +137,6 @@ class PoolLookup:
     # ------------------------------------------------------------------ lookup
     def lookup(self, keys: Sequence[bytes]) -> Found:
         """How many leading `keys` the pool holds: one batched Lookup per primary owner."""
-        started = time.monotonic()
         stores = self.live_stores()
         if not keys or not stores:
             return Found(0, [1] * len(keys))
@@ -162,8 +159,6 @@ class PoolLookup:
                 held = min(held, idx[reply.held])
             for i, c in zip(idx, reply.copies, strict=False):
                 copies[i] = c
-        self.stats["lookups"] += 1
-        self.stats["lookup_s"] += time.monotonic() - started
         return Found(held, copies)
 
     def close(self) -> None:
@@ -204,9 +199,6 @@ class PoolClient(PoolLookup):
         n = 0
         while n in landed:
             n += 1
-        self.stats["hits" if n else "misses"] += 1
-        self.stats["read_entries"] += n
-        self.stats["read_bytes"] += n * self.entry_bytes
         return n
 
     def _read_rounds(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
@@ -242,9 +234,9 @@ class PoolClient(PoolLookup):
                 self._went_silent(name, "read")
             if not isinstance(reply, m.Pinned) or not reply.addresses:
                 continue
-            got = idx[:len(reply.addresses)]
+            got = idx[:len(reply.addresses)]  # a store answering more than asked: cut
             batch = self._submit(stores[name], "read", [addresses[i] for i in got],
-                                 reply.addresses)
+                                 reply.addresses[:len(got)])
             batches.append((name, pins[name].id, got, batch))
         for name, pin_id, got, batch in batches:
             if batch is not None and self._finish(stores[name], batch):
@@ -279,8 +271,6 @@ class PoolClient(PoolLookup):
             written += done
             if not done:
                 break
-        self.stats["written_entries"] += written
-        self.stats["written_bytes"] += written * self.entry_bytes
         return written
 
     def _write_round(self, stores: dict[str, StoreInfo], keys: Sequence[bytes],
@@ -316,8 +306,6 @@ class PoolClient(PoolLookup):
             if batch is not None and self._finish(stores[t[0]], batch):
                 self.channel.send(stores[t[0]].control_endpoint, m.Commit(V, asks[t].id))
                 written += count
-                if t[1]:
-                    self.stats["replicas_written"] += count
             else:
                 left.pop(t, None)  # a store whose writes fail is not asked again now
         return written, left
@@ -347,7 +335,6 @@ class PoolClient(PoolLookup):
             return self.engine.submit(seg, op, list(local), list(remote),
                                       [self.entry_bytes] * len(local))
         except Exception as e:  # the native engine's errors: this store is a miss
-            self.stats["failures"] += 1
             log.warning("pool: %s with store %s could not start: %s", op, info.name, e)
             return None
 
@@ -356,7 +343,6 @@ class PoolClient(PoolLookup):
             self.engine.wait(batch)
             return True
         except TransferError as e:
-            self.stats["failures"] += 1
             log.warning("pool: transfer with store %s failed: %s", info.name, e)
             return False
         finally:
