@@ -100,8 +100,7 @@ class HealthChecker:
                 raise RuntimeError(f"connector not healthy: {why}")
             async with self.session.get(inst.url + "/metrics", timeout=self.timeout) as r:
                 if r.status == 200:
-                    for attr, value in parse_vllm_load(await r.text()).items():
-                        setattr(inst, attr, value)
+                    inst.note_reported_load(parse_vllm_load(await r.text()))
             if not inst.models:
                 async with self.session.get(inst.url + "/v1/models", timeout=self.timeout) as r:
                     if r.status == 200:

@@ -51,7 +51,10 @@ class Instance:
     # before it may have waited for that prefill.
     prefill_quiet_since: float = 0.0
     window: PrefillWindow = field(default_factory=PrefillWindow)
-    # Scraped from the instance's /metrics.
+    # Scraped from the instance's /metrics. `running`: requests running there that are not
+    # ours (vLLM's count less our decodes in flight at the scrape). Ours are counted exactly
+    # as they start and end; the scrape lags by up to a health interval, and taken whole it
+    # would keep a finished request of ours running for that long.
     running: float = 0.0
     waiting: float = 0.0
     kv_usage: float = 0.0
@@ -68,9 +71,9 @@ class Instance:
     warmed_up: bool = False
 
     def decode_load(self) -> float:
-        """Running requests (ours or reported, whichever is larger), waiting ones, and KV usage:
+        """Running requests (ours and others'), waiting ones, and KV usage:
         a decode instance whose KV is nearly full will preempt, so usage weighs heavily."""
-        return max(float(self.inflight_decode), self.running) + self.waiting + 8.0 * self.kv_usage
+        return self.decode_batch() + self.waiting + 8.0 * self.kv_usage
 
     def prefill_free_since(self, t: float) -> bool:
         """Whether no prefill of ours ran here since `t`: a decode gap begun at `t` and ending
@@ -78,8 +81,15 @@ class Instance:
         return self.queued_prefill_tokens == 0 and t >= self.prefill_quiet_since
 
     def decode_batch(self) -> float:
-        """Requests decoding here now: ours, or as reported, whichever is larger."""
-        return max(float(self.inflight_decode), self.running)
+        """Requests decoding here now: ours, and others' as last reported."""
+        return float(self.inflight_decode) + self.running
+
+    def note_reported_load(self, reported: dict[str, float]) -> None:
+        """What the instance's /metrics says, less our own requests (see `running`)."""
+        for attr, value in reported.items():
+            if attr == "running":
+                value = max(0.0, value - self.inflight_decode)
+            setattr(self, attr, value)
 
     def forget_cache_state(self) -> None:
         """After a restart or outage the instance's prefix cache and control endpoint may be

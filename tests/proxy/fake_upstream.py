@@ -39,6 +39,7 @@ class FakeInstance:
     # (status, body) answered to a decode half (do_remote_prefill) only: a failed KV load.
     fail_remote_prefill: tuple[int, bytes] | None = None
     hold: asyncio.Event | None = None
+    metrics_text: str = ""  # what GET /metrics answers
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -73,6 +74,8 @@ class FakeInstance:
         await self._record(request)
         if request.path == "/v1/models":
             return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+        if request.path == "/metrics":
+            return web.Response(text=self.metrics_text)
         return web.Response(text="")
 
     async def _tokenize(self, request: web.Request) -> web.Response:
