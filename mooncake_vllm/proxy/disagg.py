@@ -221,6 +221,8 @@ class RequestRun:
         self._chunks.append(now)
 
     def stream_ended(self) -> None:
+        if self._chunks:
+            (self.route.decode or self.route.prefill.instance).observe_output(self._tokens + 1)
         if self._outcome is not None and self._tokens:
             self.c.admission.record_itl(self._outcome,
                                         (self._chunks[-1] - self._chunks[0]) / self._tokens,

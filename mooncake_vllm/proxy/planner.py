@@ -5,11 +5,17 @@ Paths (with prefill and decode instances up):
   compute after prefix hits, plus the handoff measured on that P-D pair. ITL: D's decode step
   with one more request in its batch.
 - "local": D prefills the prompt itself. TTFT: D's own queue and compute, no handoff. ITL: D's
-  running decodes also wait for this prefill's tokens in their steps.
+  running decodes also wait for this prefill's tokens in their steps, and for the prefills
+  already queued there.
 - "pipelined": P prefills the head while D prefills the tail, one layer apart. TTFT: the later
   of the two halves, plus the handoff. ITL: D's running decodes wait for the tail, and the step
   that computes it waits, layer by layer, for the head's KV: for P's queue and the head too,
   unless D is gated on P's start (`pipeline_hold_s`).
+
+The ITL SLO bounds each request's mean inter-token latency (what the conductor observes per
+stream, and what `bench serve` counts): a prefill on D stalls each running decode once, and
+that decode's mean spreads the stall over its gaps (`d_itl_gaps`, learned from the streams D
+answered; 1, the stall counted whole, until one is seen).
 
 The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
 smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
@@ -54,6 +60,11 @@ class Prediction:
     d_tail_prefill_s: float = 0.0
     # How long the D step that computes the tail lasts: what D's running decodes wait.
     pipeline_hold_s: float = 0.0
+    # D's prefill work queued already (local prefills, pipelined tails): its running decodes
+    # wait for that too.
+    d_queued_prefill_s: float = 0.0
+    # The gaps of a typical decode on D, over which its mean ITL spreads one stall.
+    d_itl_gaps: float = 1.0
 
 
 def options(pr: Prediction, local: bool = True, pipelined: bool = True,
@@ -62,7 +73,9 @@ def options(pr: Prediction, local: bool = True, pipelined: bool = True,
     out: list[Option] = []
 
     def itl_with_prefill(held_s: float) -> float:
-        return pr.d_base_itl_s + (held_s if pr.d_running > 0 else 0.0)
+        if pr.d_running <= 0:
+            return pr.d_base_itl_s
+        return pr.d_base_itl_s + (held_s + pr.d_queued_prefill_s) / max(pr.d_itl_gaps, 1.0)
 
     if disaggregated:
         out.append(Option("disaggregated", pr.p_prefill_s + pr.handoff_s, pr.d_base_itl_s))

@@ -68,6 +68,10 @@ class Instance:
     # This instance's own prefill time (seconds = overhead + tokens / rate), and its decode ITL.
     ttft: TtftModel = field(default_factory=TtftModel)
     itl: ItlModel = field(default_factory=ItlModel)
+    # Output tokens of the streams relayed from here (a moving average; 0: none seen yet): a
+    # prefill here stalls each running decode once, and a decode's mean inter-token latency
+    # spreads that stall over its gaps.
+    output_tokens: float = 0.0
     warmed_up: bool = False
 
     def decode_load(self) -> float:
@@ -83,6 +87,16 @@ class Instance:
     def decode_batch(self) -> float:
         """Requests decoding here now: ours, and others' as last reported."""
         return float(self.inflight_decode) + self.running
+
+    def observe_output(self, tokens: int) -> None:
+        if tokens >= 1:
+            self.output_tokens = (float(tokens) if self.output_tokens == 0.0
+                                  else 0.9 * self.output_tokens + 0.1 * tokens)
+
+    def itl_gaps(self) -> float:
+        """The gaps between tokens of a typical decode here (1 until a stream is seen: a
+        stall then counts whole)."""
+        return max(1.0, self.output_tokens - 1.0)
 
     def note_reported_load(self, reported: dict[str, float]) -> None:
         """What the instance's /metrics says, less our own requests (see `running`)."""
@@ -114,6 +128,7 @@ class Instance:
                 "endpoint": self.kv_events.endpoint, **self.kv_events.stats},
             "ttft_overhead_s": a, "ttft_tokens_per_s": (1.0 / b) if b > 0 else None,
             "itl_base_s": self.itl.base(max(self.decode_batch(), 1.0)),
+            "output_tokens": self.output_tokens,
             "warmed_up": self.warmed_up,
             "model_shape": self.model_shape.to_dict() if self.model_shape else None,
         }

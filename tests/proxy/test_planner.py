@@ -18,7 +18,7 @@ from mooncake_vllm.proxy.model_shape import attention_tokens, shape_in_answer
 from mooncake_vllm.proxy.planner import Prediction, choose, options
 from mooncake_vllm.proxy.prompt import PromptHasher
 from mooncake_vllm.proxy.ttft_model import TtftModel
-from mooncake_vllm.proxy.upstreams import PrefillTicket
+from mooncake_vllm.proxy.upstreams import Instance, PrefillTicket
 
 # The tiny test model (testing/tiny_model.py), fp32, vLLM blocks of 32 tokens.
 TINY = ModelShape(num_layers=4, num_heads=8, head_dim=32, num_kv_heads=2, hidden_size=256,
@@ -72,6 +72,32 @@ def test_itl_slo_keeps_prefill_off_a_busy_decode() -> None:
     idle = _prediction(prompt_tokens=1200, pipeline_tokens=704)
     plan = choose(options(idle), None, 0.1)
     assert plan.option is not None and plan.option.path == "pipelined"
+
+
+def test_a_stall_on_d_is_spread_over_the_gaps_of_its_running_decodes() -> None:
+    """The ITL SLO bounds each request's mean gap: a 300 ms prefill on D stalls each running
+    decode once, which a decode of 31 gaps spreads to 10 ms; counted whole, it is refused.
+    Prefill already queued on D stalls them too."""
+    busy = {"d_running": 4.0, "d_base_itl_s": 0.02}
+    mid = _prediction(prompt_tokens=1200, pipeline_tokens=704, **busy)
+    assert choose(options(mid), None, 0.05).option.path == "disaggregated"  # type: ignore
+    spread = _prediction(prompt_tokens=1200, pipeline_tokens=704, d_itl_gaps=31.0, **busy)
+    plan = choose(options(spread), None, 0.05)
+    assert plan.option is not None and plan.option.path == "pipelined"
+    assert plan.option.predicted_itl_s == pytest.approx(0.02 + (1200 - 704) / 4000 / 31)
+    queued = _prediction(prompt_tokens=1200, pipeline_tokens=704, d_itl_gaps=31.0,
+                         d_queued_prefill_s=1.0, **busy)
+    assert choose(options(queued), None, 0.05).option.path == "disaggregated"  # type: ignore
+
+
+def test_a_decodes_gaps_are_learned_from_the_streams_relayed() -> None:
+    d = Instance("d", "http://127.0.0.1:1", "decode", "static")
+    assert d.itl_gaps() == 1.0  # nothing seen: a stall counts whole
+    for _ in range(50):
+        d.observe_output(33)
+    assert d.itl_gaps() == pytest.approx(32.0)
+    d.observe_output(1)  # a one-token answer moves the average, not a stall's whole weight
+    assert 28.0 < d.itl_gaps() < 32.0
 
 
 def test_a_pipelined_tail_holds_a_busy_decode_for_the_head() -> None:
