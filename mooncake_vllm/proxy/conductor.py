@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -275,7 +276,9 @@ class Conductor:
             # Ungated, D's step waits for the head from its start; gated, D starts its part
             # once P is computing the head's last chunk.
             pipeline_hold_s=0.0 if cfg.pipeline_gate else p_head_s,
-            d_queued_prefill_s=d.queued_prefill_tokens * spt_d, d_itl_gaps=d.itl_gaps())
+            d_other_stalls_s=spt_d * max(d.queued_prefill_tokens, d.prefill_tokens_since(
+                time.monotonic() - d.itl_gaps() * base_itl)),
+            d_itl_gaps=d.itl_gaps())
         opts = options(prediction, local=cfg.local_prefill_max_tokens is None
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
         if head and cfg.pipeline_prefill_min_tokens:  # the override: pipelined when it can be

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class Instance:
     # prefill here stalls each running decode once, and a decode's mean inter-token latency
     # spreads that stall over its gaps.
     output_tokens: float = 0.0
+    # (when, tokens) of the prefills of ours started here lately, newest last.
+    prefills_started: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=1024))
     warmed_up: bool = False
 
     def decode_load(self) -> float:
@@ -92,6 +96,15 @@ class Instance:
         if tokens >= 1:
             self.output_tokens = (float(tokens) if self.output_tokens == 0.0
                                   else 0.9 * self.output_tokens + 0.1 * tokens)
+
+    def prefill_tokens_since(self, t: float) -> int:
+        """Prompt tokens of the prefills of ours started here at or after `t`."""
+        total = 0
+        for when, tokens in reversed(self.prefills_started):
+            if when < t:
+                break
+            total += tokens
+        return total
 
     def itl_gaps(self) -> float:
         """The gaps between tokens of a typical decode here (1 until a stream is seen: a
@@ -147,6 +160,8 @@ class PrefillTicket:
         self._in_window = False
         inst.queued_prefill_tokens += tokens
         inst.inflight += 1
+        if tokens:
+            inst.prefills_started.append((time.monotonic(), tokens))
 
     async def enter_window(self, limit: int) -> None:
         """Wait until the instance's prefill window takes this request (`limit` 0: at once)."""

@@ -77,7 +77,7 @@ def test_itl_slo_keeps_prefill_off_a_busy_decode() -> None:
 def test_a_stall_on_d_is_spread_over_the_gaps_of_its_running_decodes() -> None:
     """The ITL SLO bounds each request's mean gap: a 300 ms prefill on D stalls each running
     decode once, which a decode of 31 gaps spreads to 10 ms; counted whole, it is refused.
-    Prefill already queued on D stalls them too."""
+    Other prefill on D within their lifetime stalls them too."""
     busy = {"d_running": 4.0, "d_base_itl_s": 0.02}
     mid = _prediction(prompt_tokens=1200, pipeline_tokens=704, **busy)
     assert choose(options(mid), None, 0.05).option.path == "disaggregated"  # type: ignore
@@ -86,7 +86,7 @@ def test_a_stall_on_d_is_spread_over_the_gaps_of_its_running_decodes() -> None:
     assert plan.option is not None and plan.option.path == "pipelined"
     assert plan.option.predicted_itl_s == pytest.approx(0.02 + (1200 - 704) / 4000 / 31)
     queued = _prediction(prompt_tokens=1200, pipeline_tokens=704, d_itl_gaps=31.0,
-                         d_queued_prefill_s=1.0, **busy)
+                         d_other_stalls_s=1.0, **busy)
     assert choose(options(queued), None, 0.05).option.path == "disaggregated"  # type: ignore
 
 
@@ -98,6 +98,15 @@ def test_a_decodes_gaps_are_learned_from_the_streams_relayed() -> None:
     assert d.itl_gaps() == pytest.approx(32.0)
     d.observe_output(1)  # a one-token answer moves the average, not a stall's whole weight
     assert 28.0 < d.itl_gaps() < 32.0
+
+
+def test_prefill_started_on_an_instance_is_remembered_for_a_decodes_lifetime() -> None:
+    d = Instance("d", "http://127.0.0.1:1", "decode", "static")
+    before = time.monotonic()
+    PrefillTicket(d, 300).close()  # done already: it stalled the decodes running then
+    PrefillTicket(d, 200)
+    assert d.prefill_tokens_since(before) == 500
+    assert d.prefill_tokens_since(time.monotonic() + 1) == 0
 
 
 def test_a_pipelined_tail_holds_a_busy_decode_for_the_head() -> None:
