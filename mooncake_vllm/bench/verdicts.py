@@ -8,7 +8,8 @@ and below vLLM's built-in MooncakeConnector on each; a fixed scenario in which o
 request misses both (its TTFT p50 would be of the admitted requests only). Goodput sweep: ours
 at least the single instance's goodput at every rate; at least 1.5x the built-in connector's
 at the highest rate that either sustains (SLO attainment of at least `SUSTAINED_ATTAINMENT`);
-ours' ITL p99 within the ITL SLO at every rate at which it admitted a request.
+ours' ITL p99 within the ITL SLO at every rate at which it admitted a request, judged over
+every gap and over each request's mean gap (the SLO's own measure).
 """
 
 from __future__ import annotations
@@ -113,11 +114,17 @@ def sweep_verdicts(systems: dict[str, Any], itl_slo_s: float | None) -> list[dic
                             why="built-in connector not run" if not peer
                             else "neither sustained any rate"))
 
-    admitted = {r: p.get("admitted_itl_p99_s") for r, p in ours.items()
-                if p.get("rejected", 0) < p.get("requests", 0)}
-    ok = None
-    if admitted and itl_slo_s is not None:
-        ok = all((v := _number(x)) is not None and v <= itl_slo_s for x in admitted.values())
-    out.append(_verdict("ITL p99 of ours within the ITL SLO at every rate it admits",
-                        admitted, ok, itl_slo_s=itl_slo_s))
+    # The issue's ITL bar, read two ways: the p99 of every gap between tokens, and the p99 of
+    # each request's mean gap, the measure the ITL SLO itself is set on and goodput counts.
+    for bar, key in (("ITL p99 of ours within the ITL SLO at every rate it admits",
+                      "admitted_itl_p99_s"),
+                     ("ITL p99 of ours, each request's mean gap (the SLO's measure), within "
+                      "the ITL SLO at every rate it admits", "tpot_p99_s")):
+        admitted = {r: p.get(key) for r, p in ours.items()
+                    if p.get("rejected", 0) < p.get("requests", 0)}
+        ok = None
+        if admitted and itl_slo_s is not None:
+            ok = all((v := _number(x)) is not None and v <= itl_slo_s
+                     for x in admitted.values())
+        out.append(_verdict(bar, admitted, ok, itl_slo_s=itl_slo_s))
     return out

@@ -129,9 +129,9 @@ def test_fixed_verdicts_are_the_issue_bars() -> None:
 
 
 def _point(rate: float, good: float, attain: float, itl_p99: float = 0.01,
-           rejected: int = 0) -> dict[str, float]:
+           rejected: int = 0, tpot_p99: float = 0.01) -> dict[str, float]:
     return {"rate": rate, "goodput_rps": good, "slo_attainment": attain, "requests": 10,
-            "rejected": rejected, "admitted_itl_p99_s": itl_p99}
+            "rejected": rejected, "admitted_itl_p99_s": itl_p99, "tpot_p99_s": tpot_p99}
 
 
 def test_sweep_verdicts() -> None:
@@ -149,6 +149,12 @@ def test_sweep_verdicts() -> None:
     assert builtin["rate"] == 4 and builtin["verdict"] == "pass"  # 3.8 >= 1.5 x 2.0
     itl = got["ITL p99 of ours within the ITL SLO at every rate it admits"]
     assert itl["verdict"] == "miss"  # 50 ms at 8/s against 20 ms
+    mean_gap = got["ITL p99 of ours, each request's mean gap (the SLO's measure), within the "
+                   "ITL SLO at every rate it admits"]
+    assert mean_gap["verdict"] == "pass"  # every request's mean gap 10 ms
+    systems["mooncake_vllm"]["sweep"][1] = _point(4, 3.8, 0.95, tpot_p99=0.03)
+    assert {v["bar"]: v for v in verdicts.sweep_verdicts(systems, itl_slo_s=0.02)}[
+        mean_gap["bar"]]["verdict"] == "miss"
     # a rate at which ours rejected everything has no ITL to judge
     systems["mooncake_vllm"]["sweep"][2] = _point(8, 0.0, 0.0, itl_p99=math.nan, rejected=10)
     got = {v["bar"]: v for v in verdicts.sweep_verdicts(systems, itl_slo_s=0.02)}
