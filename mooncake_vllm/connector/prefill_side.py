@@ -41,6 +41,7 @@ from mooncake_vllm.connector.pipeline_gate import Watchers
 from mooncake_vllm.connector.staging import Slot, StagingBuffer
 from mooncake_vllm.connector.stats import MooncakeStats, measuring_non_overlapped
 from mooncake_vllm.connector.step_schema import MooncakeMetadata
+from mooncake_vllm.connector.thread_dump import thread_stacks
 from mooncake_vllm.connector.tp_mapping import TPMismatch, decode_ranks_fed, head_runs_into
 from mooncake_vllm.connector.transfers import Outgoing
 
@@ -49,6 +50,9 @@ V = m.PROTOCOL_VERSION
 Send = Callable[[bytes | str, m.Message], None]
 # How often P repeats a pipelined transfer's progress to D (D's silence timeout is longer).
 PIPELINE_HEARTBEAT_S = 0.5
+# A transfer still writing this long after D registered is logged once, with what every
+# thread is doing: on one host it should take milliseconds past P's forward pass.
+SLOW_TRANSFER_S = 5.0
 # Bounds on what peers can make P remember.
 MAX_EARLY = 4096
 MAX_EARLY_BLOCKS = 1 << 20  # block ids held by early registrations, all together
@@ -465,6 +469,7 @@ class PrefillSide:
             self.out[tr.transfer_id].extend(tr.sibling(r) for r in sorted(others))
         tr.reg = reg
         tr.write_until = arrived + reg.wait_s
+        tr.registered_at = arrived
         tr.remote_ids = np.asarray(reg.block_ids, np.int64)
         for layer in range(len(tr.ready)):
             self._post(tr, layer)
@@ -620,6 +625,22 @@ class PrefillSide:
                     self._fail(tr, f"decode's wait of {tr.reg.wait_s:.1f}s is over before "
                                "every layer was written")
                     self._maybe_finish(tr)
+                elif (tr.reg is not None and not tr.notified and not tr.slow_reported
+                      and now - tr.registered_at >= SLOW_TRANSFER_S):
+                    tr.slow_reported = True
+                    self._report_slow(tr, now)
+
+    def _report_slow(self, tr: Outgoing, now: float) -> None:
+        """Where a slow transfer stands (lock held): computed (tokens per layer), posted
+        (blocks per layer), writes in flight, and what each thread is doing."""
+        since_done = f"{now - tr.last_done:.1f}s ago" if tr.last_done else "never"
+        logger.warning(
+            "transfer %s (request %s): still not done %.1fs after decode registered: "
+            "%d prompt tokens, computed per layer %s, blocks posted per layer %s, writes in "
+            "flight per layer %s, last write landed %s%s; threads: %s",
+            tr.transfer_id, tr.req_id, now - tr.registered_at, tr.num_prompt_tokens,
+            tr.ready, tr.sent, tr.layer_inflight, since_done,
+            f", failed: {tr.failed}" if tr.failed else "", thread_stacks())
 
 
 def _dest_for(group: list[Outgoing], rank: int) -> Outgoing | None:

@@ -48,6 +48,8 @@ class Outgoing:
     held: bool | None = None  # scheduler holds the blocks (ok flag) -> report when notified
     reg_deadline: float = 0.0
     write_until: float = float("inf")  # no write is posted after this (D's wait is over)
+    registered_at: float = 0.0  # when D's registration arrived
+    slow_reported: bool = False  # logged as slow once, with every thread's stack
     posted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

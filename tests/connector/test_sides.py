@@ -23,7 +23,7 @@ from mooncake_vllm.config import ConfigError, ConnectorConfig
 from mooncake_vllm.connector import messages as m
 from mooncake_vllm.connector.decode_side import DecodeSide
 from mooncake_vllm.connector.layout import KVLayout, memory_regions
-from mooncake_vllm.connector.prefill_side import MAX_EARLY, PrefillSide
+from mooncake_vllm.connector.prefill_side import MAX_EARLY, SLOW_TRANSFER_S, PrefillSide
 from mooncake_vllm.connector.stats import MooncakeStats
 from mooncake_vllm.connector.step_schema import MooncakeMetadata, RecvSpec, SaveSpec
 from mooncake_vllm.engine import TransferEngine
@@ -262,6 +262,27 @@ def test_prefill_posts_nothing_after_decodes_wait(pair: Pair) -> None:
     [(_, done)] = pair.p_replies()
     assert not done.ok and "wait of 2.0s" in done.reason
     assert not pair.d_kv["layer.0"][5].any()
+
+
+def test_a_slow_transfer_is_logged_once_with_where_it_stands(pair: Pair, caplog) -> None:
+    """A transfer still unfinished seconds after D registered says how far the forward pass
+    and the writes got, and what each thread is doing, once (a stall seen under load left
+    nothing in P's log for 46 s)."""
+    reg = pair.register("t11", "r-d", [5, 6], 2 * BS)
+    pair.p.on_message(D_ID, reg)
+    meta = MooncakeMetadata(saves=[SaveSpec("r-p", "t11", [1, 2], 0, 2 * BS, 2 * BS)])
+    pair.p.bind(meta, time.monotonic())
+    pair.p.save_layer(meta, 0)  # the forward pass stops after layer 0
+    registered = pair.p.out["t11"][0].registered_at
+    caplog.set_level(logging.WARNING, logger="vllm.mooncake_vllm.connector")
+    pair.p.tick(registered + SLOW_TRANSFER_S - 0.5)
+    assert "still not done" not in caplog.text
+    pair.p.tick(registered + SLOW_TRANSFER_S + 0.1)
+    pair.p.tick(registered + SLOW_TRANSFER_S + 1.0)
+    [line] = [r.getMessage() for r in caplog.records if "still not done" in r.getMessage()]
+    assert f"computed per layer [{2 * BS}, 0]" in line and "blocks posted per layer [2, 0]" \
+        in line, line
+    assert "[MainThread]" in line and "test_sides.py" in line, line  # every thread's stack
 
 
 def test_mismatched_engine_timeouts_are_refused_naming_both() -> None:
