@@ -22,6 +22,7 @@ class PrefillWindow:
 
     def __init__(self) -> None:
         self.in_flight = 0  # tokens admitted and not yet released
+        self.waited = 0  # requests that had to wait, since the start
         self.limit = 0
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
@@ -43,6 +44,7 @@ class PrefillWindow:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (tokens, fut)
         self._waiting.append(entry)
+        self.waited += 1
         try:
             await fut
         except asyncio.CancelledError:

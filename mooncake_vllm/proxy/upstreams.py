@@ -134,7 +134,8 @@ class Instance:
             "inflight_decode": self.inflight_decode,
             "queued_prefill_tokens": self.queued_prefill_tokens,
             "window_in_flight_tokens": self.window.in_flight,
-            "window_waiting": self.window.waiting, "running": self.running,
+            "window_waiting": self.window.waiting, "window_waited": self.window.waited,
+            "running": self.running,
             "waiting": self.waiting, "kv_usage": self.kv_usage,
             "prefix_blocks": len(self.prefix), "has_remote_control": bool(self.remote_control),
             "kv_events": None if self.kv_events is None else {
