@@ -276,8 +276,9 @@ class Conductor:
             # Ungated, D's step waits for the head from its start; gated, D starts its part
             # once P is computing the head's last chunk.
             pipeline_hold_s=0.0 if cfg.pipeline_gate else p_head_s,
-            d_other_stalls_s=spt_d * max(d.queued_prefill_tokens, d.prefill_tokens_since(
-                time.monotonic() - d.itl_gaps() * base_itl)),
+            d_queued_prefill_s=spt_d * d.queued_prefill_tokens,
+            d_prefill_share=spt_d * d.prefill_tokens_since(time.monotonic() - SHARE_WINDOW_S)
+            / SHARE_WINDOW_S,
             d_itl_gaps=d.itl_gaps())
         opts = options(prediction, local=cfg.local_prefill_max_tokens is None
                        or cfg.local_prefill_when_faster, pipelined=head > 0)
@@ -349,6 +350,10 @@ class Conductor:
         sample = max(seconds, 0.0)
         old = self.handoff_s.get(pair)
         self.handoff_s[pair] = sample if old is None else 0.8 * old + 0.2 * sample
+
+
+# Over how many seconds D's prefill share is measured: a few decodes' lifetimes.
+SHARE_WINDOW_S = 2.0
 
 
 def pipeline_cut(num_tokens: int, share: float, attention_tokens: float) -> float:

@@ -15,9 +15,12 @@ Paths (with prefill and decode instances up):
 The ITL SLO bounds each request's mean inter-token latency (what the conductor observes per
 stream, and what `bench serve` counts): a prefill on D stalls each running decode once, and
 that decode's mean spreads the stall over its gaps (`d_itl_gaps`, learned from the streams D
-answered; 1, the stall counted whole, until one is seen). A decode meets every stall of its
-lifetime, not only this one: the prefill D took over the last such lifetime stands for the
-stalls still to come (`d_other_stalls_s`).
+answered; 1, the stall counted whole, until one is seen), as is the prefill already queued
+there (`d_queued_prefill_s`). And a decode meets every stall of its lifetime, not only these:
+while D spends a share u of its time prefilling (`d_prefill_share`, measured over the last
+seconds), its decode steps come 1 / (1 - u) times as far apart. So the more prefill D takes,
+the dearer the next one, and D's share of prefill settles where its decodes' mean ITL meets
+the SLO.
 
 The plan keeps the paths whose predicted ITL meets the ITL SLO and takes the one with the
 smallest predicted TTFT (ties: disaggregated, then local, then pipelined, i.e. the one that
@@ -35,6 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PATHS = ("disaggregated", "local", "pipelined")
+# A measured prefill share is held below 1: past this D's decodes are taken to be ten times
+# slower, which no ITL SLO of use admits, and the ratio stays finite.
+MAX_PREFILL_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,10 @@ class Prediction:
     d_tail_prefill_s: float = 0.0
     # How long the D step that computes the tail lasts: what D's running decodes wait.
     pipeline_hold_s: float = 0.0
-    # Other prefill on D within a running decode's lifetime (local prefills, pipelined tails:
-    # what D took lately, or what is queued there if more): its decodes wait for that too.
-    d_other_stalls_s: float = 0.0
+    # Prefill queued on D already (local prefills, pipelined tails): its decodes wait for it.
+    d_queued_prefill_s: float = 0.0
+    # The share of D's time it spent prefilling lately (0 <= u < 1).
+    d_prefill_share: float = 0.0
     # The gaps of a typical decode on D, over which its mean ITL spreads one stall.
     d_itl_gaps: float = 1.0
 
@@ -77,7 +84,8 @@ def options(pr: Prediction, local: bool = True, pipelined: bool = True,
     def itl_with_prefill(held_s: float) -> float:
         if pr.d_running <= 0:
             return pr.d_base_itl_s
-        return pr.d_base_itl_s + (held_s + pr.d_other_stalls_s) / max(pr.d_itl_gaps, 1.0)
+        slowed = pr.d_base_itl_s / (1.0 - min(max(pr.d_prefill_share, 0.0), MAX_PREFILL_SHARE))
+        return slowed + (held_s + pr.d_queued_prefill_s) / max(pr.d_itl_gaps, 1.0)
 
     if disaggregated:
         out.append(Option("disaggregated", pr.p_prefill_s + pr.handoff_s, pr.d_base_itl_s))

@@ -77,7 +77,7 @@ def test_itl_slo_keeps_prefill_off_a_busy_decode() -> None:
 def test_a_stall_on_d_is_spread_over_the_gaps_of_its_running_decodes() -> None:
     """The ITL SLO bounds each request's mean gap: a 300 ms prefill on D stalls each running
     decode once, which a decode of 31 gaps spreads to 10 ms; counted whole, it is refused.
-    Other prefill on D within their lifetime stalls them too."""
+    Prefill queued on D stalls them too, and a D that has been prefilling steps slower."""
     busy = {"d_running": 4.0, "d_base_itl_s": 0.02}
     mid = _prediction(prompt_tokens=1200, pipeline_tokens=704, **busy)
     assert choose(options(mid), None, 0.05).option.path == "disaggregated"  # type: ignore
@@ -86,8 +86,19 @@ def test_a_stall_on_d_is_spread_over_the_gaps_of_its_running_decodes() -> None:
     assert plan.option is not None and plan.option.path == "pipelined"
     assert plan.option.predicted_itl_s == pytest.approx(0.02 + (1200 - 704) / 4000 / 31)
     queued = _prediction(prompt_tokens=1200, pipeline_tokens=704, d_itl_gaps=31.0,
-                         d_other_stalls_s=1.0, **busy)
+                         d_queued_prefill_s=1.0, **busy)
     assert choose(options(queued), None, 0.05).option.path == "disaggregated"  # type: ignore
+    # D prefilled 60% of the last seconds: its decode steps come 2.5 times as far apart,
+    # and one more prefill there is too many.
+    shared = _prediction(prompt_tokens=1200, pipeline_tokens=704, d_itl_gaps=31.0,
+                         d_prefill_share=0.6, **busy)
+    plan = choose(options(shared), None, 0.05)
+    assert plan.option is not None and plan.option.path == "disaggregated"
+    assert plan.option.predicted_itl_s == pytest.approx(0.02)  # no prefill of its own on D
+    assert max(o.predicted_itl_s for o in options(shared)) > 0.05
+    # A share measured at or past 1 stays finite.
+    assert all(o.predicted_itl_s < 1.0 for o in options(
+        _prediction(prompt_tokens=1200, d_prefill_share=3.0, **busy)))
 
 
 def test_a_decodes_gaps_are_learned_from_the_streams_relayed() -> None:
