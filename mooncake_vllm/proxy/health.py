@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,13 +40,16 @@ _GAUGES = {
 
 
 def parse_vllm_load(text: str) -> dict[str, float]:
-    """Sum each gauge of interest over its engines (labels)."""
+    """Sum each gauge of interest over its engines (labels). A sample that is not a finite
+    count (NaN, infinite, negative) is left out: one would make every prediction for the
+    instance infinite or negative."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         attr = _GAUGES.get(family.name)
         if attr is None:
             continue
-        vals = [s.value for s in family.samples if s.name == family.name]
+        vals = [s.value for s in family.samples
+                if s.name == family.name and math.isfinite(s.value) and s.value >= 0]
         if attr == "kv_usage":
             out[attr] = max(vals, default=0.0)
         else:

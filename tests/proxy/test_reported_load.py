@@ -15,7 +15,7 @@ from mooncake_vllm.proxy.metrics import ProxyMetrics
 from mooncake_vllm.proxy.upstreams import Registry, decode_slot
 
 
-def _running(n: int) -> str:
+def _running(n: int | str) -> str:
     return ("# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{engine="0",model_name="m"}} {n}\n')
 
@@ -40,6 +40,11 @@ def test_a_finished_request_of_ours_is_not_running_until_the_next_scrape() -> No
                     await checker.check(d)
                     assert d.decode_batch() == 3.0
                 assert d.decode_batch() == 2.0
+                # A count that is no count is left out, not taken.
+                for bad in ("NaN", "+Inf", "-5"):
+                    http.metrics_text = _running(bad)
+                    await checker.check(d)
+                    assert d.decode_batch() == 0.0, (bad, d.describe())
             finally:
                 await http.stop()
 
